@@ -1,0 +1,38 @@
+"""Test-time adaptation peer: TENT-style entropy minimisation of the normalisation layers' affine
+parameters on the single scan (Wang et al., ICLR 2021)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from segmentation.infer import predict
+
+
+def tent(net, image: np.ndarray, patch_size, device: torch.device, steps: int = 10, lr: float = 1e-3) -> np.ndarray:
+    """Class probabilities after adapting a copy of `net`'s norm affine parameters to `image` (C, z, y, x)."""
+    from monai.inferers import sliding_window_inference
+
+    model = copy.deepcopy(net).to(device)
+    model.eval()  # instance norm uses per-image statistics either way; eval keeps dropout off
+    params = []
+    for m in model.modules():
+        is_norm = isinstance(m, (torch.nn.InstanceNorm3d, torch.nn.BatchNorm3d, torch.nn.GroupNorm))
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(is_norm)
+            if is_norm:
+                params.append(p)
+    if not params:
+        raise ValueError("TENT needs normalisation layers with affine parameters")
+    opt = torch.optim.Adam(params, lr=lr)
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+    for _ in range(steps):
+        logits = model(x) if tuple(x.shape[2:]) == tuple(patch_size) else \
+            sliding_window_inference(x, patch_size, 2, model, overlap=0.25)
+        p = torch.softmax(logits, 1)
+        entropy = -(p * torch.log(p.clamp_min(1e-8))).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        entropy.backward()
+        opt.step()
+    return predict(model, image, patch_size, device)

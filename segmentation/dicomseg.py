@@ -1,0 +1,56 @@
+"""DICOM SEG export with highdicom, for inputs that came in as a DICOM series."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from segmentation.errors import InputError
+from segmentation.io import Volume, _atomic_write
+
+
+def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, str], path: str | os.PathLike,
+                    *, software_version: str, series_description: str = "ISL refined segmentation") -> Path:
+    """Write a label map on `source`'s grid as a DICOM SEG that references the source series.
+
+    Each label value present in `label_names` becomes one segment (numbered 1..n in label order).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if source.kind != "dicom" or not source.dicom_headers:
+        raise InputError(f"{source.source}: DICOM SEG needs a DICOM input; this one was {source.kind}")
+    if labels.shape != source.array.shape:
+        raise InputError(f"label map shape {labels.shape} differs from the source series {source.array.shape}")
+    values = sorted(v for v in label_names if v != 0)
+    segment_map = np.zeros(labels.shape, dtype=np.uint16)
+    descriptions = []
+    for number, value in enumerate(values, start=1):
+        segment_map[labels == value] = number
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label_names[value][:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="isl-refine", version=software_version, family=codes.cid7162.ArtificialIntelligence),
+        ))
+    seg = hd.seg.Segmentation(
+        source_images=source.dicom_headers,
+        pixel_array=segment_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=9001,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="isl-refine",
+        manufacturer_model_name="inference-specific learning",
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description=series_description,
+        omit_empty_frames=False,
+    )
+    return _atomic_write(Path(path), lambda tmp: seg.save_as(tmp))

@@ -1,0 +1,31 @@
+"""Per-label Dice and HD95 (MONAI's implementations), with the conventions stated."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, labels) -> dict[int, float]:
+    """Dice per foreground label; 1.0 when a label is absent from both (nothing to find, nothing found)."""
+    out = {}
+    for v in labels:
+        a, b = pred == v, truth == v
+        denom = int(a.sum()) + int(b.sum())
+        out[int(v)] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+    return out
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, labels, spacing_zyx) -> dict[int, float]:
+    """95th-percentile Hausdorff distance in mm per label; NaN when either side is empty."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    out = {}
+    for v in labels:
+        a = torch.from_numpy(pred == v)[None, None]
+        b = torch.from_numpy(truth == v)[None, None]
+        if not a.any() or not b.any():
+            out[int(v)] = float("nan")
+            continue
+        d = compute_hausdorff_distance(a, b, percentile=95, spacing=list(spacing_zyx))
+        out[int(v)] = float(d.item())
+    return out

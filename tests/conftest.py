@@ -1,0 +1,56 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ISL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(sub: str) -> Path:
+    """A folder of ../shared/data, or skip with the reason when this checkout has none (a fresh clone)."""
+    path = SHARED / sub
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (../shared/data comes with the project's CI, not with a clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hippocampus() -> Path:
+    return shared("hippocampus")
+
+
+@pytest.fixture(scope="session")
+def spinalcord() -> Path:
+    return shared("spinalcord")
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> Path:
+    """A small seeded phantom dataset in MSD layout (2 held-out cases first, then 6 training cases)."""
+    from worker.demo import make_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    make_dataset(root, n_train=6, n_test=2, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(phantom_dataset, tmp_path_factory) -> Path:
+    """A bundle trained for a few iterations on the phantoms: exercises every code path in seconds."""
+    import torch
+
+    from worker.train import BundleTrainConfig, train_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    cfg = BundleTrainConfig(holdout=2, name="tiny")
+    cfg.training.iterations = 30
+    cfg.registration.iterations = 20
+    train_bundle(phantom_dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,94 @@
+"""The `isl` command line on synthetic cases, run as a user would (a subprocess), plus the real golden case."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def isl(*args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "worker.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast():
+    t0 = time.perf_counter()
+    out = isl("--help")
+    assert out.returncode == 0 and "refine" in out.stdout
+    assert time.perf_counter() - t0 < 5.0  # lazy imports: no torch at start-up
+
+
+def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
+    from segmentation.io import read_image
+
+    scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
+    out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path / "out", "--atlas-dir", phantom_dataset,
+              "--atlases", 3, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    mask = read_image(tmp_path / "out" / "mask.nii.gz")
+    read_image(scan).geometry.check_same(mask.geometry, "mask vs input")
+    assert set(np.unique(mask.array)) <= {0, 1, 2}
+    assert set(report["volumes_ml"]) == {"head", "tail"}
+    voxels = np.count_nonzero(mask.array == 1)
+    assert report["volumes_ml"]["head"] == pytest.approx(voxels / 1000.0, abs=1e-3)
+    assert report["model_version"].startswith("tiny-")
+    for stage in ("read", "baseline", "registration", "finetune", "final", "write", "total"):
+        assert report["seconds"][stage] >= 0
+    assert 0 <= report["qa"]["folding_fraction"] < 0.05
+
+
+def test_missing_atlas_folder_is_a_clear_error(tiny_bundle, phantom_dataset, tmp_path):
+    scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
+    out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path, "--atlas-dir", tmp_path / "nope", "--device", "cpu")
+    assert out.returncode == 2
+    assert "atlas folder" in out.stderr and "does not exist" in out.stderr
+
+
+def test_corrupt_input_is_refused_with_exit_2(tiny_bundle, phantom_dataset, tmp_path):
+    data = (phantom_dataset / "imagesTr" / "phantom_000.nii.gz").read_bytes()
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(data[: len(data) // 3])
+    out = isl("refine", bad, "--model", tiny_bundle, "--out", tmp_path / "o", "--atlas-dir", phantom_dataset, "--device", "cpu")
+    assert out.returncode == 2 and "truncated" in out.stderr
+    assert not (tmp_path / "o" / "mask.nii.gz").exists()
+
+
+def test_evaluate_writes_the_contract(tiny_bundle, phantom_dataset, tmp_path):
+    out = isl("evaluate", "--dataset", phantom_dataset, "--model", tiny_bundle, "--json", tmp_path / "e.json",
+              "--cases", 1, "--atlases", 3, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    (case,) = result["cases"]
+    assert case["case"] == "phantom_000"  # the first case in sorted order that the model never saw
+    for m in ("baseline", "isl", "tta_flip", "tent", "atlas_fusion"):
+        assert set(case[f"dice_{m}"]) == {"head", "tail"}
+        assert 0.0 <= result["summary"][f"mean_dice_{m}"] <= 1.0
+    for key in ("wilcoxon_p_isl_vs_baseline", "median_seconds_isl_per_case", "peak_rss_mb"):
+        assert key in result["summary"]
+    assert (tmp_path / "e.png").stat().st_size > 10_000
+
+
+@pytest.mark.shared_data
+def test_golden_real_hippocampus_case(hippocampus, tmp_path):
+    """A real held-out case through the committed few-label bundle: exit 0 and a Dice floor."""
+    from segmentation.io import read_label_map, read_image
+    from segmentation.metrics import dice
+
+    model = ROOT / "models" / "hippocampus_few"
+    if not (model / "bundle.json").exists():
+        pytest.skip(f"{model} is not trained yet")
+    case = "hippocampus_001"
+    out = isl("refine", hippocampus / "imagesTr" / f"{case}.nii.gz", "--model", model, "--out", tmp_path,
+              "--atlas-dir", hippocampus, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    truth, _ = read_label_map(hippocampus / "labelsTr" / f"{case}.nii.gz", [1, 2])
+    scores = dice(read_image(tmp_path / "mask.nii.gz").array, truth.array, [1, 2])
+    assert np.mean(list(scores.values())) > 0.75, scores

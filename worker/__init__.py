@@ -1,0 +1,1 @@
+"""Composes segmentation and registration into the inference-specific learning pipeline, plus the CLI."""

@@ -1,0 +1,92 @@
+"""A model bundle: one folder holding the segmentation checkpoint, the registration checkpoint,
+`bundle.json` (labels, atlas case ids, training facts, metrics) and a model card."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from registration.model import Registrar
+from segmentation.bundle import SegmentationModel
+from segmentation.dataset import load_case, load_dataset
+from segmentation.errors import BundleError, DatasetError
+from segmentation.preprocess import centroid, crop
+
+log = logging.getLogger(__name__)
+SEG_FILE, REG_FILE, META_FILE, CARD_FILE = "model.pt", "registration.pt", "bundle.json", "MODEL_CARD.md"
+
+
+def atlas_roi(image: np.ndarray, label: np.ndarray, roi_size, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a labelled case (C, z, y, x) + (z, y, x) to the ROI centred on its label: image and one-hot (L, ...)."""
+    center = centroid(label > 0)
+    onehot = np.eye(n_labels, dtype=np.float32)[crop(label, center, roi_size).astype(np.int64)]
+    return crop(image, center, roi_size), np.ascontiguousarray(onehot.transpose(3, 0, 1, 2))
+
+
+@dataclass
+class Atlases:
+    """Labelled training cases cropped to the ROI around their label: images (N, C, ...), one-hot (N, L, ...)."""
+
+    case_ids: list[str]
+    images: torch.Tensor
+    onehot: torch.Tensor
+
+
+@dataclass
+class ISLBundle:
+    segmentation: SegmentationModel
+    registrar: Registrar
+    meta: dict
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def atlas_ids(self) -> list[str]:
+        return list(self.meta["atlases"])
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise BundleError(f"{path}: not a model bundle (no {META_FILE})")
+        meta = json.loads((path / META_FILE).read_text())
+        seg = SegmentationModel.load(path / SEG_FILE, device)
+        reg = Registrar.load(path / REG_FILE, device)
+        return cls(seg, reg, meta, path)
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.segmentation.save(self.path / SEG_FILE)
+        self.registrar.save(self.path / REG_FILE)
+        digest = hashlib.sha256()
+        for name in (SEG_FILE, REG_FILE):
+            digest.update((self.path / name).read_bytes())
+        self.meta["version"] = f"{self.meta.get('name', self.path.name)}-{digest.hexdigest()[:12]}"
+        (self.path / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
+        """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""
+        if atlas_dir is None:
+            raise DatasetError(f"model {self.version} refines with atlases {self.atlas_ids[:3]}...: give --atlas-dir, "
+                               f"the dataset folder that holds them")
+        atlas_dir = Path(atlas_dir)
+        if not atlas_dir.is_dir():
+            raise DatasetError(f"atlas folder {atlas_dir} does not exist (model {self.version} needs its atlas cases)")
+        ds = load_dataset(atlas_dir)
+        pre = self.segmentation.preprocessing
+        n_labels = len(self.segmentation.labels)
+        images, onehots = [], []
+        for case_id in self.atlas_ids:
+            vols, label, _ = load_case(ds, ds.case(case_id))
+            img, onehot = atlas_roi(pre.images(vols)[0], pre.label(label), pre.roi_size, n_labels)
+            images.append(img)
+            onehots.append(onehot)
+        return Atlases(self.atlas_ids, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(onehots)))

@@ -1,0 +1,123 @@
+"""`isl`: one thin command line over the Python API. Heavy imports happen inside each command so that
+`isl --help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def _setup(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_train(args) -> int:
+    _setup(args)
+    from worker.engine import pick_device
+    from worker.train import BundleTrainConfig, train_bundle
+
+    cfg = BundleTrainConfig(holdout=args.holdout, cases=args.cases, atlas_pool=args.atlas_pool, name=args.name)
+    cfg.training.iterations = args.iterations
+    cfg.training.seed = cfg.registration.seed = args.seed
+    cfg.registration.iterations = args.reg_iterations
+    train_bundle(args.dataset, args.out, cfg, pick_device(args.device))
+    return 0
+
+
+def cmd_refine(args) -> int:
+    _setup(args)
+    from worker.pipeline import refine_file
+
+    report = refine_file(args.input, args.model, args.out, atlas_dir=args.atlas_dir, atlases=args.atlases,
+                         device=args.device, series_uid=args.series_uid)
+    print(json.dumps({k: report[k] for k in ("output", "volumes_ml", "seconds", "model_version")}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    _setup(args)
+    from worker.evaluate import evaluate
+
+    result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases,
+                      device=args.device, atlases=args.atlases, figure=args.figure)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _setup(args)
+    from worker.demo import run_demo
+
+    return run_demo(args.out, minutes=args.minutes, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isl", description="Inference-specific learning for 3D segmentation")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model bundle (segmentation + registration) on a labelled dataset")
+    p.add_argument("--dataset", required=True, help="MSD / nnU-Net raw dataset folder")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--cases", type=int, default=None, help="train on the first N cases after the holdout")
+    p.add_argument("--holdout", type=int, default=0, help="never train on the first N cases in sorted order")
+    p.add_argument("--atlas-pool", type=int, default=40, help="training cases kept as atlases")
+    p.add_argument("--iterations", type=int, default=2500, help="segmentation training iterations")
+    p.add_argument("--reg-iterations", type=int, default=1000, help="registration training iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
+    _device_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("refine", help="refine the segmentation of one scan")
+    p.add_argument("input", nargs="+", help="NIfTI file, DICOM folder or .zip of a DICOM series (one per channel, in the model's order)")
+    p.add_argument("--model", required=True, help="model bundle folder")
+    p.add_argument("--out", required=True, help="output folder (mask + report.json)")
+    p.add_argument("--atlas-dir", default=None, help="dataset folder holding the bundle's atlas cases")
+    p.add_argument("--atlases", type=int, default=None, help="K atlases per scan (default: the config's)")
+    p.add_argument("--series-uid", default=None, help="which DICOM series, when the input holds several")
+    _device_arg(p)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("evaluate", help="baseline vs ISL vs peers on labelled cases the model never saw")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--atlas-dir", default=None, help="dataset folder holding the atlases (default: --dataset)")
+    p.add_argument("--cases", type=int, default=None, help="the first N eligible cases in sorted order")
+    p.add_argument("--atlases", type=int, default=None)
+    p.add_argument("--figure", default=None, help="PNG figure path (default: beside the JSON)")
+    _device_arg(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synthetic phantoms: train a small model, refine a held-out case")
+    p.add_argument("--out", default="isl-demo", help="output folder")
+    p.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    _device_arg(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from segmentation.errors import ISLError
+
+    try:
+        return args.func(args)
+    except ISLError as exc:
+        print(f"isl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Every knob of inference-specific learning, in one typed config whose defaults work on the shared
+hippocampus set (see docs/method.md for what each does and why it is set so)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from registration.instance import InstanceConfig
+
+
+class ISLConfig(BaseModel):
+    atlases: int = Field(8, ge=1, description="K: deformed training cases per scan")
+    # mask-weakly-supervised registration of the atlases toward the scan
+    registration: InstanceConfig = Field(default_factory=InstanceConfig)
+    reregister_steps: int = Field(10, ge=0, description="instance-optimisation steps of each feedback re-registration")
+    reregister_every: int = Field(20, ge=1, description="fine-tuning steps between re-registrations with the EMA mask")
+    # per-case fine-tuning
+    finetune_steps: int = Field(60, ge=0, description="upper bound on fine-tuning steps")
+    min_steps: int = Field(20, ge=0, description="fine-tuning steps before the stopping rule may stop")
+    finetune_lr: float = 3e-4
+    finetune_batch: int = Field(2, ge=1)
+    augment_strength: float = Field(0.5, ge=0, description="scales the training augmentation's probabilities")
+    # moving average of the predictions and the stopping rule
+    predict_every: int = Field(5, ge=1)
+    ema_decay: float = Field(0.7, ge=0, lt=1, description="EMA <- decay * EMA + (1 - decay) * prediction")
+    stop_tolerance: float = Field(0.005, ge=0, description="stop when 1 - Dice(EMA mask, previous EMA mask) stays below")
+    stop_patience: int = Field(2, ge=1)
+    # the final mask
+    final_flips: bool = Field(True, description="average the tuned network over 8 mirror flips for the final prediction")
+    fusion_weight: float = Field(0.3, ge=0, le=1, description="weight of the soft vote of warped atlas labels in the final mask")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
