@@ -17,29 +17,29 @@ class InstanceConfig(BaseModel):
 
 
 def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tensor,
-                      scan_mask: torch.Tensor, velocity: torch.Tensor, cfg: InstanceConfig) -> torch.Tensor:
-    """Refine coarse velocities (K, 3, ...) so that atlases (K, 1, ...) with labels (K, L-1, ...) match the scan
+                      scan_mask: torch.Tensor, displacement: torch.Tensor, cfg: InstanceConfig) -> torch.Tensor:
+    """Refine coarse displacements (K, 3, ...) so that atlases (K, 1, ...) with labels (K, L-1, ...) match the scan
     (1, 1, ...) and its current foreground probabilities (1, L-1, ...):
-    loss = (1 - NCC) + w_dice * (1 - Dice(warped label, scan mask)) + w_smooth * |grad v|^2."""
+    loss = (1 - NCC) + w_dice * (1 - Dice(warped label, scan mask)) + w_smooth * |grad u|^2.
+
+    Starts from the network's diffeomorphic field (`reg.integrate(velocity)`) and optimises the displacement
+    itself on the coarse grid the network predicts on: the same field at a fraction of the cost of
+    integrating at every step; the smoothness term and the QA folding figure keep it honest."""
     losses = Losses(reg.cfg.ncc_window)
     k = len(atlas_images)
-    # optimised on the coarse grid the network predicts on: the same field, a fraction of the cost
     moving, moving_labels = reg.coarse(atlas_images), reg.coarse(atlas_labels)
     fixed = reg.coarse(scan).expand(k, -1, -1, -1, -1)
     mask = reg.coarse(scan_mask).expand(k, -1, -1, -1, -1)
-    v = velocity.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=cfg.lr)
-    for p in reg.parameters():
-        p.requires_grad_(False)
+    u = displacement.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=cfg.lr)
     for _ in range(cfg.steps):
-        disp = reg.integrate(v)
-        loss = losses.image(reg.warp(moving, disp), fixed).mean() + cfg.w_smooth * losses.smooth(v)
+        loss = losses.image(reg.warp(moving, u), fixed).mean() + cfg.w_smooth * losses.smooth(u)
         if cfg.w_dice > 0:
-            loss = loss + cfg.w_dice * losses.overlap(reg.warp(moving_labels, disp), mask).mean()
+            loss = loss + cfg.w_dice * losses.overlap(reg.warp(moving_labels, u), mask).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return v.detach()
+    return u.detach()
 
 
 def folding_fraction(disp: torch.Tensor) -> float:

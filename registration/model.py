@@ -62,7 +62,10 @@ class Registrar(torch.nn.Module):
 
     def displacement(self, velocity: torch.Tensor, shape) -> torch.Tensor:
         """Full-resolution displacement (B, 3, *shape) in voxels from a coarse velocity."""
-        disp = self.integrate(velocity)
+        return self.upsample(self.integrate(velocity), shape)
+
+    def upsample(self, disp: torch.Tensor, shape) -> torch.Tensor:
+        """A coarse displacement (B, 3, ...) resized and rescaled to the full-resolution grid `shape`."""
         if self.cfg.downsample > 1:
             disp = self.resize(disp)
         if tuple(disp.shape[2:]) != tuple(shape):
@@ -102,8 +105,10 @@ class Losses:
         self.grad = ne.nn.modules.SpatialGradient(penalty="l2")
 
     def image(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """1 - NCC per batch item."""
-        return 1.0 - self.ncc(warped.clamp(0, 1), fixed.clamp(0, 1)).flatten(1).mean(1)
+        """1 - NCC per batch item. In float64: neurite's one-pass local variances can go slightly negative
+        in float32 on flat regions (zero padding), which its range check rejects."""
+        ncc = self.ncc(warped.clamp(0, 1).double(), fixed.clamp(0, 1).double())
+        return 1.0 - ncc.flatten(1).mean(1).to(warped.dtype)
 
     def overlap(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """1 - mean foreground Dice per batch item (inputs are one-hot or probabilities, foreground channels)."""

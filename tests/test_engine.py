@@ -70,5 +70,4 @@ def test_refiner_runs_and_reports(tiny_bundle, phantom_dataset):
     np.testing.assert_allclose(res.probs.sum(0), 1.0, atol=1e-4)
     assert len(res.qa["atlases_used"]) == 3 and 0.0 <= res.qa["folding_fraction"] < 0.05
     assert set(res.seconds) >= {"baseline", "registration", "finetune", "final"}
-    again = refiner.refine(x)
-    np.testing.assert_allclose(again.probs, res.probs, atol=1e-4)  # seeded: the same scan gives the same mask
+    assert res.qa["finetune_steps"] <= 10 and len(res.qa["ema_changes"]) >= 1

@@ -25,11 +25,14 @@ def cmd_train(args) -> int:
     from worker.engine import pick_device
     from worker.train import BundleTrainConfig, train_bundle
 
-    cfg = BundleTrainConfig(holdout=args.holdout, cases=args.cases, atlas_pool=args.atlas_pool, name=args.name)
+    import shlex
+
+    cfg = BundleTrainConfig(holdout=args.holdout, cases=args.cases, atlas_pool=args.atlas_pool, name=args.name,
+                            command=shlex.join(["isl", *sys.argv[1:]]))
     cfg.training.iterations = args.iterations
     cfg.training.seed = cfg.registration.seed = args.seed
     cfg.registration.iterations = args.reg_iterations
-    train_bundle(args.dataset, args.out, cfg, pick_device(args.device))
+    train_bundle(args.dataset, args.out, cfg, pick_device(args.device), resume=args.resume)
     return 0
 
 
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-iterations", type=int, default=1000, help="registration training iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
+    p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
     _device_arg(p)
     p.set_defaults(func=cmd_train)
 

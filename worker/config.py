@@ -16,8 +16,8 @@ class ISLConfig(BaseModel):
     reregister_steps: int = Field(10, ge=0, description="instance-optimisation steps of each feedback re-registration")
     reregister_every: int = Field(20, ge=1, description="fine-tuning steps between re-registrations with the EMA mask")
     # per-case fine-tuning
-    finetune_steps: int = Field(60, ge=0, description="upper bound on fine-tuning steps")
-    min_steps: int = Field(20, ge=0, description="fine-tuning steps before the stopping rule may stop")
+    finetune_steps: int = Field(40, ge=0, description="upper bound on fine-tuning steps")
+    min_steps: int = Field(15, ge=0, description="fine-tuning steps before the stopping rule may stop")
     finetune_lr: float = 3e-4
     finetune_batch: int = Field(2, ge=1)
     augment_strength: float = Field(0.5, ge=0, description="scales the training augmentation's probabilities")

@@ -115,11 +115,12 @@ class Refiner:
                 vs.append(v)
                 scores.append(-(image_loss + label_loss))
         order = torch.argsort(torch.cat(scores), descending=True)[:k]
-        return order, torch.cat(vs)[order]
-
-    def _warp_atlases(self, index, velocity, shape):
         with torch.no_grad():
-            disp = self.reg.displacement(velocity, shape)
+            return order, self.reg.integrate(torch.cat(vs)[order])
+
+    def _warp_atlases(self, index, coarse_disp, shape):
+        with torch.no_grad():
+            disp = self.reg.upsample(coarse_disp, shape)
             return self.reg.warp(self.atlas_images[index], disp), self.reg.warp(self.atlas_onehot[index], disp), disp
 
     # -- fine-tuning ------------------------------------------------------------------------------------
@@ -147,10 +148,10 @@ class Refiner:
             scan = x_roi[:, :1]
         with timer.stage("registration"):
             k = min(cfg.atlases, len(self.atlas_ids))
-            index, v0 = self._select(scan, torch.from_numpy(p_roi[1:])[None].to(self.device), k)
-            velocity = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:], scan,
-                                         torch.from_numpy(p_roi[1:])[None].to(self.device), v0, cfg.registration)
-            w_img, w_lab, disp = self._warp_atlases(index, velocity, scan.shape[2:])
+            index, u0 = self._select(scan, torch.from_numpy(p_roi[1:])[None].to(self.device), k)
+            field = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:], scan,
+                                      torch.from_numpy(p_roi[1:])[None].to(self.device), u0, cfg.registration)
+            w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
             n_labels = w_lab.shape[1]
             votes = torch.nn.functional.one_hot(w_lab.argmax(1), n_labels).sum(0)  # (z, y, x, L)
             atlas_vote = torch.nn.functional.one_hot(votes.argmax(-1), n_labels).permute(3, 0, 1, 2).float().cpu().numpy()
@@ -179,9 +180,9 @@ class Refiner:
                 if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
                     with timer.stage("reregistration"):
                         fb = cfg.registration.model_copy(update={"steps": cfg.reregister_steps})
-                        velocity = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:],
-                                                     scan, torch.from_numpy(ema.probs[1:])[None].to(self.device), velocity, fb)
-                        w_img, w_lab, disp = self._warp_atlases(index, velocity, scan.shape[2:])
+                        field = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:],
+                                                  scan, torch.from_numpy(ema.probs[1:])[None].to(self.device), field, fb)
+                        w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
         with timer.stage("final"):
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)

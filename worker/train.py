@@ -20,6 +20,7 @@ from segmentation.network import NetworkConfig
 from segmentation.preprocess import ChannelNorm, Preprocessing
 from segmentation.train import TrainConfig, train_network
 from worker.bundle import ISLBundle, atlas_roi
+from worker.card import dataset_metadata, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class BundleTrainConfig(BaseModel):
     training: TrainConfig = Field(default_factory=TrainConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
     name: str | None = None
+    command: str | None = Field(None, description="the command line that trained it, for the model card")
 
 
 def split(ds: Dataset, cfg: BundleTrainConfig) -> tuple[list[str], list[str]]:
@@ -71,7 +73,7 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
 
 
 def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainConfig, device: torch.device,
-                 progress=print) -> ISLBundle:
+                 progress=print, resume: bool = False) -> ISLBundle:
     t0 = time.perf_counter()
     ds = load_dataset(dataset_dir)
     held, train_ids = split(ds, cfg)
@@ -84,10 +86,19 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     images = [pre.images(v)[0] for v in volumes]
     label_arrays = [pre.label(lab) for lab in labels]
 
-    seg = SegmentationModel.create(cfg.network, pre, ds.labels)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / "segmentation.partial.pt"  # kept if a later stage fails; --resume picks it up
     t_seg = time.perf_counter()
-    curve = train_network(seg.network, images, label_arrays, pre.patch_size, cfg.training, device,
-                          lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: loss {loss:.4f}"))
+    if resume and stage.is_file():
+        seg = SegmentationModel.load(stage, device)
+        progress(f"resuming: segmentation network from {stage}")
+        curve = []
+    else:
+        seg = SegmentationModel.create(cfg.network, pre, ds.labels)
+        curve = train_network(seg.network, images, label_arrays, pre.patch_size, cfg.training, device,
+                              lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: loss {loss:.4f}"))
+        seg.save(stage)
     t_seg = time.perf_counter() - t_seg
 
     rng = np.random.default_rng(cfg.training.seed)
@@ -103,6 +114,7 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
 
     meta = {
         "name": cfg.name or Path(out_dir).name,
+        "command": cfg.command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"name": ds.name, "folder": ds.root.name, "labels": {str(k): v for k, v in ds.labels.items()},
                     "channels": ds.channel_names},
@@ -112,12 +124,14 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
         "label_notes": label_notes,
         "config": cfg.model_dump(mode="json"),
         "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
-                     "segmentation_final_loss": float(np.mean(curve[-100:])),
+                     "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
                      "registration_final_loss": float(np.mean(reg_curve[-100:])),
                      "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device),
                      "torch": torch.__version__},
     }
-    bundle = ISLBundle(seg, reg.cpu(), meta, Path(out_dir))
+    bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
     bundle.save()
+    stage.unlink(missing_ok=True)
+    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
     progress(f"wrote {out_dir} ({bundle.version})")
     return bundle

@@ -1,0 +1,61 @@
+"""Compare ISL configurations on a development split (never the test split) and print JSON.
+
+    python benchmarks/tune_isl.py --model models/hippocampus_few --dataset ../shared/data/hippocampus \
+        --first 68 --count 12 --configs '[{}, {"fusion_weight": 0.5}]'
+
+Cases are the `count` cases from sorted position `first` on that the model did not train on; for the
+hippocampus bundles, positions 68-159 are neither test cases (0-47) nor hippocampus_few's training cases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--first", type=int, default=68)
+    ap.add_argument("--count", type=int, default=12)
+    ap.add_argument("--configs", default="[{}]", help="JSON list of ISLConfig overrides")
+    args = ap.parse_args()
+
+    from segmentation.dataset import load_case, load_dataset
+    from segmentation.infer import predict
+    from segmentation.metrics import dice
+    from worker.config import ISLConfig
+    from worker.pipeline import load_refiner
+
+    ds = load_dataset(args.dataset)
+    refiner = load_refiner(args.model, args.dataset, ISLConfig(device="cpu"), "cpu")
+    used = set(refiner.bundle.meta["train_cases"]) | set(refiner.bundle.meta["atlases"])
+    ids = [c for c in sorted(c.case_id for c in ds.cases)[args.first:] if c not in used][: args.count]
+    fg = [v for v in refiner.bundle.segmentation.labels if v]
+    cases = []
+    for case_id in ids:
+        vols, lab, _ = load_case(ds, ds.case(case_id))
+        x, _ = refiner.pre.images(vols)
+        cases.append((x, refiner.pre.label(lab)))
+    score = lambda p, y: float(np.mean(list(dice(p.argmax(0), y, fg).values())))
+    out = {"model": refiner.bundle.version, "cases": ids,
+           "baseline": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device), y) for x, y in cases]),
+           "tta_flip": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips=True), y) for x, y in cases]),
+           "configs": []}
+    for overrides in json.loads(args.configs):
+        refiner.cfg = ISLConfig(device="cpu", **overrides)
+        t0 = time.perf_counter()
+        results = [refiner.refine(x) for x, _ in cases]
+        seconds = (time.perf_counter() - t0) / len(cases)
+        out["configs"].append({"overrides": overrides, "isl": np.mean([score(r.probs, y) for r, (_, y) in zip(results, cases)]),
+                               "atlas_vote": np.mean([score(r.atlas_vote, y) for r, (_, y) in zip(results, cases)]),
+                               "seconds_per_case": round(seconds, 2)})
+        print(json.dumps(out["configs"][-1]), flush=True)
+    print(json.dumps(out, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
