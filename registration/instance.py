@@ -13,7 +13,7 @@ class InstanceConfig(BaseModel):
     steps: int = 30
     lr: float = 0.05
     w_dice: float = 0.3
-    w_smooth: float = 0.5
+    w_smooth: float = 2.0
 
 
 def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tensor,

@@ -47,11 +47,14 @@ def cmd_refine(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import shlex
+
     _setup(args)
     from worker.evaluate import evaluate
 
     result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases,
-                      device=args.device, atlases=args.atlases, figure=args.figure)
+                      device=args.device, atlases=args.atlases, figure=args.figure,
+                      command=shlex.join(["isl", *sys.argv[1:]]))
     print(json.dumps(result["summary"], indent=2))
     return 0
 

@@ -187,6 +187,7 @@ class Refiner:
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)
             fused = w_lab.mean(0).cpu().numpy()
+            fused[0] += 1.0 - fused.sum(0)  # warping pads with zeros: what left the atlas grid is background
             refined_roi = (1 - cfg.fusion_weight) * ema.probs + cfg.fusion_weight * fused
             probs = paste(baseline.copy(), refined_roi, center)
             vote_full = paste(np.eye(len(baseline), dtype=np.float32)[baseline.argmax(0)].transpose(3, 0, 1, 2), atlas_vote, center)

@@ -92,7 +92,7 @@ def summarise(cases: list[dict]) -> dict:
 
 def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | None = None, device: str = "auto",
              atlases: int | None = None, figure: str | None = None, cfg: ISLConfig | None = None,
-             progress=print) -> dict:
+             progress=print, command: str | None = None) -> dict:
     ds = load_dataset(dataset_dir)
     cfg = cfg or ISLConfig(device=device)
     if atlases is not None:
@@ -109,7 +109,7 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
         progress(f"[{i + 1}/{len(ids)}] {case_id}: baseline {_mean_fg(row['dice_baseline']):.4f} isl {_mean_fg(row['dice_isl']):.4f} "
                  f"tta {_mean_fg(row['dice_tta_flip']):.4f} tent {_mean_fg(row['dice_tent']):.4f} "
                  f"fusion {_mean_fg(row['dice_atlas_fusion']):.4f} ({row['seconds_isl']:.1f} s)")
-    result = {"model": refiner.bundle.version, "dataset": str(dataset_dir), "device": str(refiner.device),
+    result = {"command": command, "model": refiner.bundle.version, "dataset": str(dataset_dir), "device": str(refiner.device),
               "config": cfg.model_dump(mode="json"), "cases": rows, "summary": summarise(rows)}
     json_out = Path(json_out)
     json_out.parent.mkdir(parents=True, exist_ok=True)
