@@ -148,9 +148,10 @@ class Refiner:
             scan = x_roi[:, :1]
         with timer.stage("registration"):
             k = min(cfg.atlases, len(self.atlas_ids))
-            index, u0 = self._select(scan, torch.from_numpy(p_roi[1:])[None].to(self.device), k)
+            mask = torch.from_numpy(p_roi[1:])[None].to(self.device)
+            index, u0 = self._select(scan, mask, k)
             field = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:], scan,
-                                      torch.from_numpy(p_roi[1:])[None].to(self.device), u0, cfg.registration)
+                                      mask, u0, cfg.registration)
             w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
             n_labels = w_lab.shape[1]
             votes = torch.nn.functional.one_hot(w_lab.argmax(1), n_labels).sum(0)  # (z, y, x, L)
