@@ -27,6 +27,7 @@ def main() -> None:
     from segmentation.dataset import load_case, load_dataset
     from segmentation.infer import predict
     from segmentation.metrics import dice
+    from segmentation.preprocess import paste
     from worker.config import ISLConfig
     from worker.pipeline import load_refiner
 
@@ -45,15 +46,23 @@ def main() -> None:
            "baseline": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device), y) for x, y in cases]),
            "tta_flip": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips=True), y) for x, y in cases]),
            "configs": []}
+    print(json.dumps({k: out[k] for k in ("baseline", "tta_flip")}, default=float), flush=True)
+    weights = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
     for overrides in json.loads(args.configs):
         refiner.cfg = ISLConfig(device="cpu", **overrides)
         t0 = time.perf_counter()
         results = [refiner.refine(x) for x, _ in cases]
         seconds = (time.perf_counter() - t0) / len(cases)
-        out["configs"].append({"overrides": overrides, "isl": np.mean([score(r.probs, y) for r, (_, y) in zip(results, cases)]),
-                               "atlas_vote": np.mean([score(r.atlas_vote, y) for r, (_, y) in zip(results, cases)]),
-                               "seconds_per_case": round(seconds, 2)})
-        print(json.dumps(out["configs"][-1]), flush=True)
+        row = {"overrides": overrides, "isl": np.mean([score(r.probs, y) for r, (_, y) in zip(results, cases)]),
+               "atlas_vote": np.mean([score(r.atlas_vote, y) for r, (_, y) in zip(results, cases)]),
+               "seconds_per_case": round(seconds, 2)}
+        # the final mix, recomputed offline: (1 - w) * {ema | network} + w * atlas fusion
+        for source in ("ema", "network"):
+            row[f"mix_{source}"] = {
+                w: round(float(np.mean([score(paste(r.baseline.copy(), (1 - w) * r.parts[source] + w * r.parts["atlas"], r.center), y)
+                                        for r, (_, y) in zip(results, cases)])), 5) for w in weights}
+        out["configs"].append(row)
+        print(json.dumps(row, default=float), flush=True)
     print(json.dumps(out, indent=2, default=float))
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from registration.instance import InstanceConfig, folding_fraction, instance_optimise
+from registration.instance import InstanceConfig, folding_fraction, instance_optimise, local_similarity
 from registration.model import Losses, RegistrationConfig, Registrar
 
 
@@ -60,6 +60,17 @@ def test_folding_fraction_detects_a_fold():
 
 
 @pytest.mark.shared_data
+def test_local_similarity_is_the_local_correlation():
+    g = torch.Generator().manual_seed(0)
+    scan = torch.rand(1, 1, 20, 22, 24, generator=g)
+    other = torch.rand(1, 1, 20, 22, 24, generator=g)
+    local = local_similarity(torch.cat([scan, 1 - scan, 0.5 * scan + 0.1, other]), scan, window=5)
+    assert local.shape == (4, 1, 20, 22, 24)
+    means = local.flatten(1).mean(1)
+    # border windows are smaller (zero padding) but still exact: identical, inverted, affine, unrelated
+    assert means[0] > 0.999 and means[1] < -0.999 and means[2] > 0.999 and abs(means[3]) < 0.05
+
+
 def test_real_pair_dice_rises_with_little_folding(hippocampus):
     """Two real hippocampus cases, the committed bundle's learned registration, then instance optimisation."""
     from pathlib import Path

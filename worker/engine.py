@@ -6,8 +6,8 @@ segmentation and registration packages:
 3. their velocities are instance-optimised with the weak-supervision Dice to the scan's current mask;
 4. a copy of the network is fine-tuned on the K deformed atlases; the scan's mask is an exponential
    moving average (EMA) of its predictions, fed back into re-registration, until the mask stops changing;
-5. the final mask mixes the tuned network's prediction with the soft vote of the warped atlas labels
-   and goes back to the native grid.
+5. the final mask mixes the tuned network's prediction with the fusion of the warped atlas labels,
+   each atlas weighted per voxel by its local similarity to the scan, and goes back to the native grid.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from registration.instance import folding_fraction, instance_optimise
+from registration.instance import folding_fraction, instance_optimise, local_similarity
 from registration.model import Losses
 from segmentation.augment import augmentation
 from segmentation.infer import predict, predict_logits
@@ -50,6 +50,10 @@ class ISLResult:
     atlas_vote: np.ndarray  # majority vote of the K registered atlas labels (before fine-tuning), as one-hot
     qa: dict
     seconds: dict[str, float]
+    # probabilities on the region of interest (centred at `center`) of each ingredient of the final mask:
+    # baseline, ema (moving average incl. the final prediction), network (final tuned prediction), atlas (fusion)
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+    center: tuple[int, ...] = ()
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -124,14 +128,40 @@ class Refiner:
             return self.reg.warp(self.atlas_images[index], disp), self.reg.warp(self.atlas_onehot[index], disp), disp
 
     # -- fine-tuning ------------------------------------------------------------------------------------
-    def _finetune_batch(self, images, onehot, transform, rng):
+    def _fuse(self, w_img: torch.Tensor, w_lab: torch.Tensor, scan: torch.Tensor) -> np.ndarray:
+        """Label fusion (L, ...) of the warped atlas labels (K, L, ...): at each voxel, atlas k weighs
+        softmax_k(beta * local NCC_k); beta = 0 is the plain mean (soft majority vote)."""
+        lab = w_lab.clone()
+        lab[:, 0] += 1.0 - lab.sum(1)  # warping pads with zeros: what left the atlas grid is background
+        if self.cfg.fusion_beta > 0:
+            sim = local_similarity(w_img[:, :1], scan, self.cfg.fusion_window)
+            weight = torch.softmax(self.cfg.fusion_beta * sim, 0)
+        else:
+            weight = torch.full_like(lab[:, :1], 1.0 / len(lab))
+        return (weight * lab).sum(0).cpu().numpy()
+
+    def _finetune_batch(self, images, onehot, transform, rng, scan=None, target=None):
+        """A batch of augmented deformed atlases, plus the augmented scan with its confident pseudo-label
+        (`target`: (1, z, y, x) class indices, L where not confident) when given."""
         xs, ys = [], []
         for i in rng.integers(0, len(images), size=self.cfg.finetune_batch):
             label = onehot[i].argmax(0, keepdim=True)
             sample = transform({"image": images[i].cpu(), "label": label.cpu()})
             xs.append(torch.as_tensor(sample["image"]))
             ys.append(torch.as_tensor(sample["label"]))
+        if scan is not None:
+            sample = transform({"image": scan.cpu(), "label": target})
+            xs.append(torch.as_tensor(sample["image"]))
+            ys.append(torch.as_tensor(sample["label"]))
         return torch.stack(xs).float().to(self.device), torch.stack(ys).long().to(self.device)
+
+    def _pseudo_label(self, ema: np.ndarray, fused: np.ndarray) -> torch.Tensor:
+        """The current estimate's class where it is confident, L (ignored) elsewhere."""
+        w = self.cfg.fusion_weight
+        estimate = (1 - w) * ema + w * fused
+        target = estimate.argmax(0)
+        target[estimate.max(0) < self.cfg.pseudo_confidence] = len(estimate)
+        return torch.from_numpy(target[None].astype(np.float32))
 
     def refine(self, image: np.ndarray) -> ISLResult:
         """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid."""
@@ -167,10 +197,20 @@ class Refiner:
             loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
             transform = augmentation(roi, crop=False, strength=cfg.augment_strength)
             transform.set_random_state(seed=cfg.seed)
+            fused = self._fuse(w_img, w_lab, scan)
+            n_labels = len(p_roi)
             for steps in range(1, cfg.finetune_steps + 1):
                 tuned.train()
-                xb, yb = self._finetune_batch(w_img, w_lab, transform, rng)
-                loss = loss_fn(tuned(xb), yb)
+                if cfg.scan_weight > 0:
+                    target = self._pseudo_label(ema.probs, fused)
+                    xb, yb = self._finetune_batch(w_img, w_lab, transform, rng, x_roi[0], target)
+                    logits = tuned(xb)
+                    n = cfg.finetune_batch
+                    loss = loss_fn(logits[:n], yb[:n]) + cfg.scan_weight * torch.nn.functional.cross_entropy(
+                        logits[n:], yb[n:, 0], ignore_index=n_labels)
+                else:
+                    xb, yb = self._finetune_batch(w_img, w_lab, transform, rng)
+                    loss = loss_fn(tuned(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -184,12 +224,11 @@ class Refiner:
                         field = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:],
                                                   scan, torch.from_numpy(ema.probs[1:])[None].to(self.device), field, fb)
                         w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
+                        fused = self._fuse(w_img, w_lab, scan)
         with timer.stage("final"):
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)
-            fused = w_lab.mean(0).cpu().numpy()
-            fused[0] += 1.0 - fused.sum(0)  # warping pads with zeros: what left the atlas grid is background
-            refined_roi = (1 - cfg.fusion_weight) * ema.probs + cfg.fusion_weight * fused
+            refined_roi = (1 - cfg.fusion_weight) * final_net + cfg.fusion_weight * fused
             probs = paste(baseline.copy(), refined_roi, center)
             vote_full = paste(np.eye(len(baseline), dtype=np.float32)[baseline.argmax(0)].transpose(3, 0, 1, 2), atlas_vote, center)
         timer.seconds["reregistration"] = timer.seconds.get("reregistration", 0.0)
@@ -198,4 +237,5 @@ class Refiner:
               "stopped_early": steps < cfg.finetune_steps, "ema_changes": [round(c, 5) for c in ema.changes],
               "folding_fraction": folding, "roi_center_voxel": list(center),
               "baseline_vs_refined_dice": mask_dice(baseline.argmax(0), probs.argmax(0))}
-        return ISLResult(probs, baseline, vote_full, qa, timer.seconds)
+        parts = {"baseline": p_roi, "ema": ema.probs, "network": final_net, "atlas": fused}
+        return ISLResult(probs, baseline, vote_full, qa, timer.seconds, parts, tuple(center))
