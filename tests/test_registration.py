@@ -59,7 +59,6 @@ def test_folding_fraction_detects_a_fold():
     assert folding_fraction(torch.zeros(1, 3, 8, 8, 8)) == 0.0
 
 
-@pytest.mark.shared_data
 def test_local_similarity_is_the_local_correlation():
     g = torch.Generator().manual_seed(0)
     scan = torch.rand(1, 1, 20, 22, 24, generator=g)
@@ -71,6 +70,7 @@ def test_local_similarity_is_the_local_correlation():
     assert means[0] > 0.999 and means[1] < -0.999 and means[2] > 0.999 and abs(means[3]) < 0.05
 
 
+@pytest.mark.shared_data
 def test_real_pair_dice_rises_with_little_folding(hippocampus):
     """Two real hippocampus cases, the committed bundle's learned registration, then instance optimisation."""
     from pathlib import Path

@@ -34,7 +34,7 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "",
         "## Metrics",
         "Measured by `isl evaluate` on held-out cases: `evaluation.json` beside this card holds every per-case figure"
-        " and the command that made it (absent until evaluated)."
+        " and the command that made it (absent until evaluated).",
         "",
         "## Intended use and limits",
         "Research and evaluation software; not a medical device. The refined mask is only as good as the atlases"

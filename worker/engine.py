@@ -198,7 +198,6 @@ class Refiner:
             transform = augmentation(roi, crop=False, strength=cfg.augment_strength)
             transform.set_random_state(seed=cfg.seed)
             fused = self._fuse(w_img, w_lab, scan)
-            n_labels = len(p_roi)
             for steps in range(1, cfg.finetune_steps + 1):
                 tuned.train()
                 if cfg.scan_weight > 0:
