@@ -56,8 +56,10 @@ def main() -> None:
         row = {"overrides": overrides, "isl": np.mean([score(r.probs, y) for r, (_, y) in zip(results, cases)]),
                "atlas_vote": np.mean([score(r.atlas_vote, y) for r, (_, y) in zip(results, cases)]),
                "seconds_per_case": round(seconds, 2)}
-        # the final mix, recomputed offline: (1 - w) * {ema | network} + w * atlas fusion
-        for source in ("ema", "network"):
+        # the final mix, recomputed offline: (1 - w) * {ema | network | start mask | mean of both} + w * atlas fusion
+        for r in results:
+            r.parts["network+start"] = 0.5 * (r.parts["network"] + r.parts["baseline"])
+        for source in ("ema", "network", "baseline", "network+start"):
             row[f"mix_{source}"] = {
                 w: round(float(np.mean([score(paste(r.baseline.copy(), (1 - w) * r.parts[source] + w * r.parts["atlas"], r.center), y)
                                         for r, (_, y) in zip(results, cases)])), 5) for w in weights}

@@ -51,21 +51,3 @@ def folding_fraction(disp: torch.Tensor) -> float:
         for d in range(3):
             jac[..., c, d] = grads[c][d] + (1.0 if c == d else 0.0)
     return float((np.linalg.det(jac) <= 0).mean())
-
-
-def local_similarity(warped: torch.Tensor, scan: torch.Tensor, window: int, eps: float = 1e-5) -> torch.Tensor:
-    """Local correlation coefficient map (K, 1, ...) in [-1, 1] of each warped atlas image (K, 1, ...) with the
-    scan (1, 1, ...), from neurite's box-filtered moments (its NCC module only returns the spatial mean).
-    In float64, as Losses.image; returned as float32."""
-    from neurite.nn.functional import box_filter
-
-    with torch.no_grad():
-        a = warped.clamp(0, 1).double()
-        b = scan.clamp(0, 1).double().expand_as(a)
-        sums = box_filter(torch.cat([a, b, a * a, b * b, a * b], 1), window_size=window)
-        sa, sb, saa, sbb, sab = sums.chunk(5, dim=1)
-        n = box_filter(torch.ones_like(a[:1]), window_size=window)  # fewer voxels near the border (zero padding)
-        cross = sab - sa * sb / n
-        var_a = (saa - sa * sa / n).clamp_min(0)
-        var_b = (sbb - sb * sb / n).clamp_min(0)
-        return (cross / torch.sqrt(var_a * var_b + eps)).float()

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from registration.instance import InstanceConfig, folding_fraction, instance_optimise, local_similarity
+from registration.fusion import fuse_labels, local_similarity
+from registration.instance import InstanceConfig, folding_fraction, instance_optimise
 from registration.model import Losses, RegistrationConfig, Registrar
 
 
@@ -68,6 +69,37 @@ def test_local_similarity_is_the_local_correlation():
     means = local.flatten(1).mean(1)
     # border windows are smaller (zero padding) but still exact: identical, inverted, affine, unrelated
     assert means[0] > 0.999 and means[1] < -0.999 and means[2] > 0.999 and abs(means[3]) < 0.05
+
+
+def _textured_case(shift=0):
+    """A smooth random texture with a blob label, both shifted by `shift` voxels along z."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 30, 30, 30, generator=g), 3, 1, 1)
+    image = (noise - noise.min()) / (noise.max() - noise.min())
+    blob = torch.from_numpy(_blob((30, 30, 30), (15, 15, 15), (6, 8, 5)))[None, None]
+    label = torch.cat([1 - blob, blob], 1)
+    return torch.roll(image, shift, 2), torch.roll(label, shift, 2)
+
+
+def test_fusion_without_search_is_the_local_ncc_softmax():
+    scan, _ = _textured_case()
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(3, 1, 30, 30, 30, generator=g)
+    labels = torch.softmax(torch.randn(3, 2, 30, 30, 30, generator=g), 1)
+    fused = fuse_labels(images, labels, scan, beta=30, window=5)
+    weight = torch.softmax(30 * local_similarity(images, scan, 5), 0)
+    assert torch.allclose(fused, (weight * labels).sum(0), atol=1e-5)
+    assert torch.allclose(fuse_labels(images, labels, scan, beta=0, window=5), labels.mean(0))
+
+
+def test_fusion_search_absorbs_a_one_voxel_misregistration():
+    scan, truth = _textured_case()
+    shifted_image, shifted_label = _textured_case(shift=1)  # an atlas registered one voxel off
+    images, labels = torch.cat([shifted_image, shifted_image]), torch.cat([shifted_label, shifted_label])
+    dice = lambda p: float(2 * (p.argmax(0) * truth[0, 1]).sum() / (p.argmax(0).sum() + truth[0, 1].sum()))
+    local = dice(fuse_labels(images, labels, scan, beta=30, window=5, search=0))
+    non_local = dice(fuse_labels(images, labels, scan, beta=30, window=5, search=1))
+    assert local < 0.95 and non_local > 0.99
 
 
 @pytest.mark.shared_data

@@ -13,6 +13,7 @@ class ISLConfig(BaseModel):
     atlases: int = Field(14, ge=1, description="K: deformed training cases per scan")
     # mask-weakly-supervised registration of the atlases toward the scan
     registration: InstanceConfig = Field(default_factory=InstanceConfig)
+    mask_flips: bool = Field(True, description="start the scan's mask (weak supervision, EMA) from the baseline averaged over 8 mirror flips")
     reregister_steps: int = Field(10, ge=0, description="instance-optimisation steps of each feedback re-registration")
     reregister_every: int = Field(20, ge=1, description="fine-tuning steps between re-registrations with the EMA mask")
     # per-case fine-tuning
@@ -33,5 +34,6 @@ class ISLConfig(BaseModel):
     fusion_weight: float = Field(0.8, ge=0, le=1, description="weight of the fused warped atlas labels in the final mask")
     fusion_beta: float = Field(30.0, ge=0, description="sharpness of the per-voxel atlas weights softmax(beta * local NCC); 0: plain mean")
     fusion_window: int = Field(5, ge=3, description="window (voxels) of the local NCC that weighs atlases in fusion")
+    fusion_search: int = Field(1, ge=0, le=3, description="search radius (voxels) of non-local fusion: each atlas also votes from its neighbouring voxels")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from registration.instance import folding_fraction, instance_optimise, local_similarity
+from registration.fusion import fuse_labels
+from registration.instance import folding_fraction, instance_optimise
 from registration.model import Losses
 from segmentation.augment import augmentation
 from segmentation.infer import predict, predict_logits
@@ -129,16 +130,11 @@ class Refiner:
 
     # -- fine-tuning ------------------------------------------------------------------------------------
     def _fuse(self, w_img: torch.Tensor, w_lab: torch.Tensor, scan: torch.Tensor) -> np.ndarray:
-        """Label fusion (L, ...) of the warped atlas labels (K, L, ...): at each voxel, atlas k weighs
-        softmax_k(beta * local NCC_k); beta = 0 is the plain mean (soft majority vote)."""
+        """Fused probabilities (L, ...) of the warped atlas labels (K, L, ...); see registration.fusion."""
         lab = w_lab.clone()
         lab[:, 0] += 1.0 - lab.sum(1)  # warping pads with zeros: what left the atlas grid is background
-        if self.cfg.fusion_beta > 0:
-            sim = local_similarity(w_img[:, :1], scan, self.cfg.fusion_window)
-            weight = torch.softmax(self.cfg.fusion_beta * sim, 0)
-        else:
-            weight = torch.full_like(lab[:, :1], 1.0 / len(lab))
-        return (weight * lab).sum(0).cpu().numpy()
+        cfg = self.cfg
+        return fuse_labels(w_img, lab, scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search).cpu().numpy()
 
     def _finetune_batch(self, images, onehot, transform, rng, scan=None, target=None):
         """A batch of augmented deformed atlases, plus the augmented scan with its confident pseudo-label
@@ -173,7 +169,8 @@ class Refiner:
             center = centroid(baseline.argmax(0) > 0)
             roi = self.pre.roi_size
             x_roi = torch.from_numpy(crop(image, center, roi))[None].to(self.device)
-            p_roi = crop(baseline, center, roi)
+            start = predict(self.net, image, self.pre.patch_size, self.device, flips=True) if cfg.mask_flips else baseline
+            p_roi = crop(start, center, roi)
             p_roi[0][crop(np.ones(image.shape[1:], bool), center, roi) == 0] = 1.0  # outside the image is background
             scan = x_roi[:, :1]
         with timer.stage("registration"):
@@ -197,7 +194,7 @@ class Refiner:
             loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
             transform = augmentation(roi, crop=False, strength=cfg.augment_strength)
             transform.set_random_state(seed=cfg.seed)
-            fused = self._fuse(w_img, w_lab, scan)
+            fused = self._fuse(w_img, w_lab, scan) if cfg.scan_weight > 0 else None  # the pseudo-label needs it
             for steps in range(1, cfg.finetune_steps + 1):
                 tuned.train()
                 if cfg.scan_weight > 0:
@@ -220,10 +217,14 @@ class Refiner:
                 if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
                     with timer.stage("reregistration"):
                         fb = cfg.registration.model_copy(update={"steps": cfg.reregister_steps})
+                        mask = torch.from_numpy(ema.probs[1:])[None].to(self.device)
                         field = instance_optimise(self.reg, self.atlas_images[index, :1], self.atlas_onehot[index, 1:],
-                                                  scan, torch.from_numpy(ema.probs[1:])[None].to(self.device), field, fb)
+                                                  scan, mask, field, fb)
                         w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
-                        fused = self._fuse(w_img, w_lab, scan)
+                        fused = self._fuse(w_img, w_lab, scan) if cfg.scan_weight > 0 else None
+        with timer.stage("fusion"):
+            if fused is None:
+                fused = self._fuse(w_img, w_lab, scan)
         with timer.stage("final"):
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)
