@@ -229,7 +229,7 @@ class Refiner:
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)
             refined_roi = (1 - cfg.fusion_weight) * final_net + cfg.fusion_weight * fused
-            probs = paste(baseline.copy(), refined_roi, center)
+            probs = paste(start.copy(), refined_roi, center)  # outside the ROI: the starting mask (flip-averaged)
             vote_full = paste(np.eye(len(baseline), dtype=np.float32)[baseline.argmax(0)].transpose(3, 0, 1, 2), atlas_vote, center)
         timer.seconds["reregistration"] = timer.seconds.get("reregistration", 0.0)
         timer.seconds["finetune"] -= timer.seconds["reregistration"]
