@@ -66,6 +66,28 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, minutes=args.minutes, device=args.device)
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import os
+
+    if args.device:
+        os.environ["ISL_DEVICE"] = args.device
+    from worker.tasks import app, settings
+
+    argv = ["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue, "--loglevel=INFO" if args.verbose else "--loglevel=WARNING"]
+    if args.name:
+        argv += ["-n", args.name]
+    app.worker_main(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isl", description="Inference-specific learning for 3D segmentation")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -111,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=3.0, help="training budget")
     _device_arg(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the HTTP API (settings from ISL_* environment variables; see the README)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one refinement worker (one per GPU) consuming the job queue")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides ISL_DEVICE")
+    p.add_argument("--name", default=None, help="Celery node name (default: celery@host)")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -159,9 +159,12 @@ class Refiner:
         target[estimate.max(0) < self.cfg.pseudo_confidence] = len(estimate)
         return torch.from_numpy(target[None].astype(np.float32))
 
-    def refine(self, image: np.ndarray) -> ISLResult:
-        """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid."""
+    def refine(self, image: np.ndarray, progress=None) -> ISLResult:
+        """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when
+        given, is called as the work advances (fraction of the whole, 0..1); an exception it raises aborts."""
         cfg, timer = self.cfg, Timer()
+        report = progress or (lambda stage, fraction: None)
+        report("baseline", 0.0)
         rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         with timer.stage("baseline"):
@@ -173,6 +176,7 @@ class Refiner:
             p_roi = crop(start, center, roi)
             p_roi[0][crop(np.ones(image.shape[1:], bool), center, roi) == 0] = 1.0  # outside the image is background
             scan = x_roi[:, :1]
+        report("registration", 0.05)
         with timer.stage("registration"):
             k = min(cfg.atlases, len(self.atlas_ids))
             mask = torch.from_numpy(p_roi[1:])[None].to(self.device)
@@ -184,6 +188,7 @@ class Refiner:
             votes = torch.nn.functional.one_hot(w_lab.argmax(1), n_labels).sum(0)  # (z, y, x, L)
             atlas_vote = torch.nn.functional.one_hot(votes.argmax(-1), n_labels).permute(3, 0, 1, 2).float().cpu().numpy()
             folding = folding_fraction(disp)
+        report("finetune", 0.3)
         ema = EMAMask(p_roi, cfg.ema_decay, cfg.stop_tolerance, cfg.stop_patience)
         steps = 0
         with timer.stage("finetune"):
@@ -210,6 +215,7 @@ class Refiner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                report("finetune", 0.3 + 0.55 * steps / max(cfg.finetune_steps, 1))
                 if steps % cfg.predict_every == 0:
                     p = predict_logits(tuned, x_roi, roi)[0].cpu().numpy()
                     if ema.update(p) and steps >= cfg.min_steps:
@@ -222,9 +228,11 @@ class Refiner:
                                                   scan, mask, field, fb)
                         w_img, w_lab, disp = self._warp_atlases(index, field, scan.shape[2:])
                         fused = self._fuse(w_img, w_lab, scan) if cfg.scan_weight > 0 else None
+        report("fusion", 0.85)
         with timer.stage("fusion"):
             if fused is None:
                 fused = self._fuse(w_img, w_lab, scan)
+        report("final", 0.95)
         with timer.stage("final"):
             final_net = predict_logits(tuned, x_roi, roi, flips=cfg.final_flips)[0].cpu().numpy()
             ema.update(final_net)

@@ -40,13 +40,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def refine_volumes(refiner: Refiner, volumes: list[Volume]) -> tuple[np.ndarray, np.ndarray, dict]:
+def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Refined and baseline label maps on the first volume's native grid, plus QA and stage timings."""
     pre = refiner.pre
     t0 = time.perf_counter()
     image, canonical = pre.images(volumes)
     t_pre = time.perf_counter() - t0
-    result = refiner.refine(image)
+    result = refiner.refine(image, progress)
     t0 = time.perf_counter()
     native = volumes[0].geometry
     refined, baseline = to_native(result.probs, canonical, native), to_native(result.baseline, canonical, native)
@@ -56,7 +56,7 @@ def refine_volumes(refiner: Refiner, volumes: list[Volume]) -> tuple[np.ndarray,
 
 def refine_file(inputs: str | Path | list, model_dir: str | Path, out_dir: str | Path, *, atlas_dir=None,
                 atlases: int | None = None, device: str = "auto", series_uid: str | None = None,
-                refiner: Refiner | None = None) -> dict:
+                refiner: Refiner | None = None, progress=None) -> dict:
     """Refine one scan given as a file/folder per channel; writes mask.nii.gz (and seg.dcm for DICOM
     input), baseline.nii.gz and report.json into `out_dir`, and returns the report."""
     t_start = time.perf_counter()
@@ -73,7 +73,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path, out_dir: str |
             cfg.atlases = atlases
         refiner = load_refiner(model_dir, atlas_dir, cfg, device)
     t_load = time.perf_counter() - t0
-    refined, baseline, info = refine_volumes(refiner, volumes)
+    refined, baseline, info = refine_volumes(refiner, volumes, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

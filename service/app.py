@@ -1,0 +1,252 @@
+"""The FastAPI application: upload a scan, follow its job, fetch the refined mask and its report.
+
+It validates, stores and queues; the GPU workers (`isl worker`) do the work. Never imports torch."""
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
+
+from service.jobs import FINAL, JobStore
+from service.queue import Queue
+from service.settings import Settings, hash_key
+from service.storage import JOB_ID, Storage, TooLarge
+
+GZIP, ZIP, DICM = b"\x1f\x8b", b"PK\x03\x04", b"DICM"
+
+
+class JobView(BaseModel):
+    """What a client sees of a job."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    queue_position: int | None = Field(None, description="0-based place in the queue while queued")
+    stage: str = Field("", description="engine stage while running: baseline, registration, finetune, fusion, final, writing")
+    progress: float = Field(0.0, description="0..1 while running; 1 when succeeded")
+    error: str = Field("", description="why it failed, in words a person can act on")
+    model: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    total: int
+    offset: int
+    limit: int
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+def _sniff(head: bytes) -> str | None:
+    if head.startswith(ZIP):
+        return "zip"
+    if head.startswith(GZIP):
+        return "nifti-gz"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"n+2\x00"):
+        return "nifti"
+    if len(head) >= 132 and head[128:132] == DICM:
+        return "dicom"
+    return None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    keys = settings.tenants_by_key_hash()  # refuses to start without keys unless in development mode
+    store, storage, queue = JobStore(settings.redis_url), Storage(settings.storage_root), Queue(settings)
+    from service import metrics
+
+    app = FastAPI(title="ISL refinement service", version="1",
+                  description="Upload a 3D scan; a GPU worker refines its segmentation by inference-specific "
+                              "learning; fetch the mask (NIfTI or DICOM SEG) and a report with volumes per label.")
+    header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                          description="your tenant's API key (or `Authorization: Bearer <key>`)")
+
+    def tenant(request: Request, key: Annotated[str | None, Depends(header)]) -> str:
+        if key is None:
+            auth = request.headers.get("authorization", "")
+            key = auth[7:] if auth.lower().startswith("bearer ") else None
+        name = keys.get(hash_key(key)) if key else None
+        if name is None:
+            raise HTTPException(401, "a valid API key is required (X-API-Key header or Authorization: Bearer)",
+                                headers={"WWW-Authenticate": 'Bearer realm="isl"'})
+        return name
+
+    Tenant = Annotated[str, Depends(tenant)]
+
+    def own_job(job_id: str, who: str) -> dict:
+        job = store.get(job_id) if JOB_ID.match(job_id) else None
+        if job is None or job["tenant"] != who:  # another tenant's job is indistinguishable from none
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    def view(job: dict) -> JobView:
+        base = f"/v1/jobs/{job['id']}"
+        links = {"self": base, "events": f"{base}/events"}
+        if job["state"] == "succeeded":
+            links.update(result=f"{base}/result", report=f"{base}/report")
+        return JobView(id=job["id"], state=job["state"], stage=job["stage"], progress=job["progress"],
+                       error=job["error"], model=job["options"]["model"], created=job["created"],
+                       started=job["started"], finished=job["finished"],
+                       queue_position=store.position(job["id"]) if job["state"] == "queued" else None, links=links)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length and length.isdigit() and int(length) > settings.max_upload_bytes + (1 << 20):
+            return JSONResponse({"detail": f"upload of {length} bytes exceeds the limit of {settings.max_upload_bytes}"}, 413)
+        return await call_next(request)
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobView,
+              responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
+              summary="Upload a scan and queue its refinement")
+    def submit(who: Tenant, response: Response,
+               files: Annotated[list[UploadFile], File(description="one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series")],
+               model: Annotated[str | None, Form(description="model bundle name (GET /v1/models)")] = None,
+               atlases: Annotated[int | None, Form(ge=1, le=64, description="K atlases per scan")] = None,
+               priority: Annotated[int, Form(ge=0, le=9, description="0 (first) .. 9 (last)")] = 5,
+               idempotency_key: Annotated[str | None, Header(max_length=200, description="a retried upload with the same key returns the same job")] = None) -> JobView:
+        model = model or settings.default_model
+        if model not in _models(settings):
+            raise HTTPException(422, f"unknown model {model!r}; available: {sorted(_models(settings))}")
+        if idempotency_key:
+            existing = store.r.get(f"isl:idem:{who}:{idempotency_key}")
+            job = store.get(existing) if existing else None
+            if job:
+                response.headers["Location"] = f"/v1/jobs/{job['id']}"
+                return view(job)
+        staging = settings.storage_root / "staging" / f"{time.time_ns()}"
+        try:
+            inputs = _receive(files, staging, storage, settings.max_upload_bytes)
+            job, created = store.create(who, inputs, {"model": model, "atlases": atlases, "priority": priority},
+                                        idempotency_key)
+            if created:
+                target = storage.job_dir(job["id"]) / "input"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging.rename(target)
+                metrics.UPLOADED.inc(sum(i["bytes"] for i in inputs))
+                queue.send(job["id"], priority)
+        finally:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        response.headers["Location"] = f"/v1/jobs/{job['id']}"
+        return view(job)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}}, summary="A job's state")
+    def get_job(job_id: str, who: Tenant) -> JobView:
+        return view(own_job(job_id, who))
+
+    @app.get("/v1/jobs", response_model=JobList, summary="Your jobs, newest first")
+    def list_jobs(who: Tenant, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
+        jobs, total = store.list(who, offset, limit)
+        return JobList(jobs=[view(j) for j in jobs], total=total, offset=offset, limit=limit)
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}},
+                summary="Cancel a job: a queued job never runs; a running one stops at its next step")
+    def cancel(job_id: str, who: Tenant) -> JobView:
+        job = own_job(job_id, who)
+        if job["state"] == "queued":
+            job = store.update(job_id, state="cancelled", cancel_requested=True, finished=time.time())
+        elif job["state"] == "running":
+            job = store.update(job_id, cancel_requested=True)
+        return view(job)
+
+    def finished_job(job_id: str, who: str) -> dict:
+        job = own_job(job_id, who)
+        if job["state"] != "succeeded":
+            raise HTTPException(409, f"job {job_id} is {job['state']}; results exist once it has succeeded")
+        return job
+
+    @app.get("/v1/jobs/{job_id}/result", responses={404: {"model": Problem}, 409: {"model": Problem}},
+             summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG; its checksum is verified first")
+    def result(job_id: str, who: Tenant, format: Literal["nifti", "dicom-seg"] = "nifti") -> FileResponse:
+        job = finished_job(job_id, who)
+        key = "mask" if format == "nifti" else "dicom_seg"
+        entry = job["result"]["files"].get(key)
+        if entry is None:
+            raise HTTPException(404, f"job {job_id} has no {format} result (DICOM SEG needs a DICOM input)")
+        path = storage.job_dir(job_id) / "output" / entry["path"]
+        if not storage.verify(path, entry["sha256"]):
+            raise HTTPException(500, f"the stored result of job {job_id} fails its checksum; it is not served")
+        media = "application/gzip" if format == "nifti" else "application/dicom"
+        return FileResponse(path, media_type=media, filename=entry["path"], headers={"Digest": f"sha-256={entry['sha256']}"})
+
+    @app.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem}},
+             summary="Volumes per label (mL), QA, timings per stage, model version and the result's checksum")
+    def report(job_id: str, who: Tenant) -> dict:
+        finished_job(job_id, who)
+        return json.loads((storage.job_dir(job_id) / "output" / "report.json").read_text())
+
+    @app.get("/v1/models", summary="Model bundles the workers can run")
+    def models(who: Tenant) -> dict:
+        return {"default": settings.default_model, "models": _models(settings)}
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Redis and storage are reachable", responses={503: {"model": Problem}})
+    def readyz() -> JSONResponse:
+        checks = {"redis": store.ping(), "storage": storage.reachable()}
+        return JSONResponse({"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def prometheus(who: Tenant) -> Response:
+        return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE)
+
+    app.state.settings, app.state.store, app.state.storage = settings, store, storage
+    return app
+
+
+def _models(settings: Settings) -> dict[str, dict]:
+    out = {}
+    for meta in sorted(Path(settings.models_dir).glob("*/bundle.json")):
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        out[meta.parent.name] = {"version": info.get("version"), "labels": info.get("labels")}
+    return out
+
+
+def _receive(files: list[UploadFile], staging: Path, storage: Storage, limit: int) -> list[dict]:
+    """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is
+    not one NIfTI, one zip, or DICOM files of a series."""
+    if not files:
+        raise HTTPException(422, "no file uploaded (multipart field 'files')")
+    kinds, inputs, total = [], [], 0
+    for i, up in enumerate(files):
+        head = up.file.read(512)
+        up.file.seek(0)
+        kind = _sniff(head)
+        if kind is None:
+            raise HTTPException(422, f"{up.filename!r}: not a NIfTI, DICOM or zip file (judged by its bytes, not its name)")
+        kinds.append(kind)
+        name = {"nifti-gz": "image.nii.gz", "nifti": "image.nii", "zip": "series.zip"}.get(kind, f"dicom/{i:05d}.dcm")
+        try:
+            size, digest = storage.write_stream(staging / name, iter(lambda: up.file.read(1 << 20), b""), limit - total)
+        except TooLarge:
+            raise HTTPException(413, f"upload exceeds the limit of {limit} bytes") from None
+        total += size
+        inputs.append({"name": up.filename, "kind": kind, "path": name, "bytes": size, "sha256": digest})
+    if len(files) > 1 and set(kinds) != {"dicom"}:
+        raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
+    if kinds[0] in ("nifti", "nifti-gz"):
+        from segmentation.errors import InputError
+        from segmentation.io import read_image
+
+        try:
+            read_image(staging / inputs[0]["path"])
+        except InputError as exc:
+            raise HTTPException(422, f"{files[0].filename!r}: {exc}") from None
+    return inputs

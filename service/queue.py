@@ -1,0 +1,37 @@
+"""The service's side of the Celery queue: it only sends job ids by task name (it never imports the worker)."""
+from __future__ import annotations
+
+from celery import Celery
+
+from service.settings import Settings
+
+TASK = "isl.refine"
+
+
+def celery_config(settings: Settings) -> dict:
+    """Shared by the sender and the workers: JSON only, late acks, one job at a time per worker."""
+    return {
+        "broker_url": settings.redis_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_time_limit": settings.job_time_limit_s,
+        "task_soft_time_limit": max(1, settings.job_time_limit_s - 60),
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s,
+                                     "queue_order_strategy": "priority"},
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+    }
+
+
+class Queue:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = Celery("isl-service")
+        self.app.conf.update(celery_config(settings))
+
+    def send(self, job_id: str, priority: int = 5) -> None:
+        self.app.send_task(TASK, args=[job_id], queue=self.settings.queue, priority=priority)

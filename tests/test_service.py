@@ -1,0 +1,239 @@
+"""The service end to end, against real components: a private redis-server on a free port, a real
+`isl worker` process (Celery, prefork) and the API served by uvicorn (`isl serve`) on a port, over HTTP."""
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.settings import hash_key
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout, what):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    wait_until(lambda: _pings(redis.Redis(port=port)), 20, "redis-server")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def service(redis_url, tiny_bundle, phantom_dataset, tmp_path_factory):
+    """API + one worker; yields (base url, env)."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", ISL_REDIS_URL=redis_url,
+               ISL_STORAGE_ROOT=str(tmp_path_factory.mktemp("storage")), ISL_MODELS_DIR=str(tiny_bundle.parent),
+               ISL_DEFAULT_MODEL=tiny_bundle.name, ISL_ATLAS_DIR=str(phantom_dataset), ISL_DEVICE="cpu",
+               ISL_API_KEYS=",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()))
+    logs = tmp_path_factory.mktemp("logs")
+    run = lambda name, *args: subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env,
+                                               stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+    procs = [run("api", "serve", "--port", str(port)), run("worker", "worker", "--name", "w1@test")]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ok(base + "/healthz"), 60, "the API")
+        yield base, env
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs.iterdir():
+            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+
+
+def _ok(url) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def client(tenant="alpha") -> httpx.Client:
+    return httpx.Client(headers={"X-API-Key": KEYS[tenant]}, timeout=30)
+
+
+def submit(base, path, tenant="alpha", **headers):
+    with client(tenant) as c, open(path, "rb") as fh:
+        return c.post(base + "/v1/jobs", files={"files": (path.name, fh)}, headers=headers)
+
+
+def wait_final(base, job_id, tenant="alpha", timeout=240):
+    with client(tenant) as c:
+        return wait_until(lambda: (j := c.get(f"{base}/v1/jobs/{job_id}").json())["state"] in
+                          ("succeeded", "failed", "cancelled") and j, timeout, f"job {job_id}")
+
+
+def scan(phantom_dataset, i=0) -> Path:
+    return sorted((phantom_dataset / "imagesTr").glob("*.nii.gz"))[i]
+
+
+def test_credentials_are_required(service):
+    base, _ = service
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(base + "/v1/jobs", headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), r.text
+    assert httpx.get(base + "/v1/jobs", headers={"Authorization": f"Bearer {KEYS['beta']}"}).status_code == 200
+    assert httpx.get(base + "/readyz").json() == {"ready": True, "redis": True, "storage": True}
+
+
+def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset, tmp_path):
+    from segmentation.io import read_image
+    from worker.pipeline import refine_file
+
+    base, _ = service
+    r = submit(base, scan(phantom_dataset))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    job = wait_final(base, job_id)
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 1.0 and job["started"] >= job["created"]
+    with client() as c:
+        res = c.get(f"{base}/v1/jobs/{job_id}/result")
+        report = c.get(f"{base}/v1/jobs/{job_id}/report").json()
+        assert c.get(f"{base}/v1/jobs/{job_id}/result", params={"format": "dicom-seg"}).status_code == 404
+    assert res.status_code == 200
+    (tmp_path / "served.nii.gz").write_bytes(res.content)
+    assert res.headers["digest"] == f"sha-256={report['files']['mask']['sha256']}"
+    assert set(report["volumes_ml"]) and report["model_version"]
+    local = refine_file(scan(phantom_dataset), tiny_bundle, tmp_path / "local", atlas_dir=phantom_dataset, device="cpu")
+    served, expected = read_image(tmp_path / "served.nii.gz"), read_image(tmp_path / "local" / "mask.nii.gz")
+    assert np.array_equal(served.array, expected.array)
+    assert local["volumes_ml"] == report["volumes_ml"]
+
+
+def test_other_tenants_see_nothing(service, phantom_dataset):
+    base, _ = service
+    job_id = submit(base, scan(phantom_dataset, 1)).json()["id"]
+    with client("beta") as c:
+        for method, path in (("GET", ""), ("GET", "/result"), ("GET", "/report"), ("DELETE", "")):
+            r = c.request(method, f"{base}/v1/jobs/{job_id}{path}")
+            assert r.status_code == 404, (method, path, r.text)
+        assert job_id not in [j["id"] for j in c.get(base + "/v1/jobs").json()["jobs"]]
+    assert wait_final(base, job_id)["state"] == "succeeded"
+
+
+def test_idempotent_retry_returns_the_same_job(service, phantom_dataset):
+    base, _ = service
+    first = submit(base, scan(phantom_dataset), **{"Idempotency-Key": "upload-42"})
+    again = submit(base, scan(phantom_dataset), **{"Idempotency-Key": "upload-42"})
+    other = submit(base, scan(phantom_dataset), tenant="beta", **{"Idempotency-Key": "upload-42"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    wait_final(base, first.json()["id"])
+    wait_final(base, other.json()["id"], tenant="beta")
+
+
+def test_cancelled_queued_job_never_runs(service, phantom_dataset):
+    base, _ = service
+    running = submit(base, scan(phantom_dataset)).json()["id"]
+    queued = submit(base, scan(phantom_dataset, 1)).json()
+    assert queued["state"] == "queued" and queued["queue_position"] is not None
+    with client() as c:
+        assert c.delete(f"{base}/v1/jobs/{queued['id']}").json()["state"] == "cancelled"
+    assert wait_final(base, running)["state"] == "succeeded"
+    time.sleep(1)
+    with client() as c:
+        job = c.get(f"{base}/v1/jobs/{queued['id']}").json()
+    assert job["state"] == "cancelled" and job["started"] is None
+
+
+def test_bad_uploads_get_a_reason(service, phantom_dataset, tmp_path):
+    base, _ = service
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(scan(phantom_dataset).read_bytes()[:400])
+    junk = tmp_path / "scan.nii.gz"
+    junk.write_bytes(b"this is not an image at all" * 40)
+    not_gz = tmp_path / "empty.nii.gz"
+    not_gz.write_bytes(gzip.compress(b"\0" * 100))
+    for path in (truncated, junk, not_gz):
+        r = submit(base, path)
+        assert r.status_code == 422, (path.name, r.status_code, r.text)
+        assert path.name in r.json()["detail"]
+    with client() as c:
+        assert c.post(base + "/v1/jobs", files={"files": ("a.nii.gz", scan(phantom_dataset).read_bytes())},
+                      data={"model": "nope"}).status_code == 422
+
+
+def test_metrics_and_models(service):
+    base, _ = service
+    with client() as c:
+        text = c.get(base + "/metrics").text
+        models = c.get(base + "/v1/models").json()
+    assert 'isl_jobs{state="succeeded"}' in text and "isl_uploaded_bytes_total" in text
+    assert "isl_worker_heartbeat_age_seconds{" in text
+    assert models["default"] in models["models"]
+
+
+def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
+    from service.jobs import JobStore
+
+    store = JobStore(redis_url)
+    job, _ = store.create("alpha", [], {"model": "tiny"})
+    for _ in range(3):
+        assert store.deliver(job["id"], max_deliveries=3)[1] == "run"
+    final, action = store.deliver(job["id"], max_deliveries=3)
+    assert action == "poison" and final["state"] == "failed" and "3 times" in final["error"]
+    assert store.deliver(job["id"], max_deliveries=3)[1] == "skip"
+
+
+def test_service_refuses_to_start_without_keys():
+    from service.settings import DEV_KEY, Settings
+
+    with pytest.raises(ValueError, match="no API keys"):
+        Settings(api_keys="").tenants_by_key_hash()
+    with pytest.raises(ValueError, match="development key"):
+        Settings(api_keys=f"a:{hash_key(DEV_KEY)}").tenants_by_key_hash()
+    with pytest.raises(ValueError, match="not tenant"):
+        Settings(api_keys="a:1234").tenants_by_key_hash()
+    assert Settings(api_keys="", dev_mode=True).tenants_by_key_hash() == {hash_key(DEV_KEY): "dev"}
+
+
+def test_service_never_imports_torch():
+    code = "import sys, service.app, service.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
