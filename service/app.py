@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
@@ -150,6 +150,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_jobs(who: Tenant, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
         jobs, total = store.list(who, offset, limit)
         return JobList(jobs=[view(j) for j in jobs], total=total, offset=offset, limit=limit)
+
+    @app.get("/v1/jobs/{job_id}/events", responses={404: {"model": Problem}, 200: {"content": {"text/event-stream": {}}}},
+             summary="Progress as server-sent events: one `job` event (a JobView) per change, ending at a final state")
+    async def events(job_id: str, who: Tenant, request: Request) -> StreamingResponse:
+        own_job(job_id, who)
+
+        async def stream():
+            import asyncio
+
+            last, idle = None, 0.0
+            while not await request.is_disconnected():
+                current = await asyncio.to_thread(store.get, job_id)
+                payload = view(current).model_dump_json()
+                if payload != last:
+                    last, idle = payload, 0.0
+                    yield f"event: job\ndata: {payload}\n\n"
+                    if current["state"] in FINAL:
+                        return
+                elif idle >= 15:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.5)
+                idle += 0.5
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}},
                 summary="Cancel a job: a queued job never runs; a running one stops at its next step")

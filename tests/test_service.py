@@ -147,11 +147,28 @@ def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset
     assert local["volumes_ml"] == report["volumes_ml"]
 
 
+def test_events_stream_progress_until_the_end(service, phantom_dataset):
+    import json
+
+    base, _ = service
+    job_id = submit(base, scan(phantom_dataset)).json()["id"]
+    states, stages = [], []
+    with client() as c, c.stream("GET", f"{base}/v1/jobs/{job_id}/events", timeout=240) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                job = json.loads(line[6:])
+                states.append(job["state"])
+                stages.append(job["stage"])
+    assert states[-1] == "succeeded" and "running" in states, states
+    assert {"registration", "finetune", "fusion"} & set(stages), stages
+
+
 def test_other_tenants_see_nothing(service, phantom_dataset):
     base, _ = service
     job_id = submit(base, scan(phantom_dataset, 1)).json()["id"]
     with client("beta") as c:
-        for method, path in (("GET", ""), ("GET", "/result"), ("GET", "/report"), ("DELETE", "")):
+        for method, path in (("GET", ""), ("GET", "/result"), ("GET", "/report"), ("GET", "/events"), ("DELETE", "")):
             r = c.request(method, f"{base}/v1/jobs/{job_id}{path}")
             assert r.status_code == 404, (method, path, r.text)
         assert job_id not in [j["id"] for j in c.get(base + "/v1/jobs").json()["jobs"]]

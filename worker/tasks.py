@@ -77,12 +77,13 @@ def refine_job(job_id: str) -> None:
     job_dir = storage.job_dir(job_id)
     out_tmp, out = job_dir / "output.part", job_dir / "output"
     shutil.rmtree(out_tmp, ignore_errors=True)
-    last = {"t": 0.0}
+    last = {"t": 0.0, "stage": ""}
 
     def progress(stage: str, fraction: float) -> None:
-        if time.monotonic() - last["t"] < 0.5 and fraction < 1:
+        """Throttled to two Redis writes a second, except when the stage changes."""
+        if stage == last["stage"] and time.monotonic() - last["t"] < 0.5:
             return
-        last["t"] = time.monotonic()
+        last.update(t=time.monotonic(), stage=stage)
         current = store.update(job_id, stage=stage, progress=round(fraction, 3))
         if current["cancel_requested"]:
             raise Cancelled()
