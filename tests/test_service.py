@@ -227,6 +227,34 @@ def test_metrics_and_models(service):
     assert models["default"] in models["models"]
 
 
+def test_isl_submit_uploads_in_parallel_resumes_and_reports_failures(service, phantom_dataset, tmp_path):
+    import json
+
+    base, env = service
+    good = [scan(phantom_dataset, 0), scan(phantom_dataset, 1)]
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a scan" * 100)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "worker.cli", "submit", "--server", base, "--out", str(out), "--parallel", "2",
+           "--no-progress"]
+    env = {k: v for k, v in env.items() if not k.startswith("ISL_")} | {"ISL_API_KEY": KEYS["alpha"]}
+    first = subprocess.run(cmd + [*map(str, good), str(junk)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 1, first.stderr
+    assert "junk: failed" in first.stderr and "422" in first.stderr
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["succeeded"] == 2 and summary["failed"] == 1
+    for p in good:
+        case = out / p.name[: -len(".nii.gz")]
+        assert (case / "mask.nii.gz").is_file() and json.loads((case / "report.json").read_text())["volumes_ml"]
+    with client() as c:
+        before = c.get(base + "/v1/jobs").json()["total"]
+    again = subprocess.run(cmd + list(map(str, good)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 2
+    with client() as c:
+        assert c.get(base + "/v1/jobs").json()["total"] == before  # nothing queued twice
+
+
 def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
     from service.jobs import JobStore
 

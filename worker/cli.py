@@ -88,6 +88,27 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    import os
+
+    from service.client import submit_batch
+
+    key = args.api_key or os.environ.get("ISL_API_KEY")
+    if not key:
+        print("isl submit: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
+        return 2
+    summary = submit_batch(args.paths, args.server, key, args.out, parallel=args.parallel, model=args.model,
+                           atlases=args.atlases, priority=args.priority, timeout=args.timeout,
+                           progress=not args.no_progress)
+    counts = {}
+    for name, r in summary.items():
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+        if r["state"] not in ("succeeded", "skipped"):
+            print(f"{name}: {r['state']}: {r['error']}", file=sys.stderr)
+    print(json.dumps({"cases": len(summary), **counts, "out": args.out}))
+    return 0 if all(r["state"] in ("succeeded", "skipped") for r in summary.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isl", description="Inference-specific learning for 3D segmentation")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -139,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="batch client: upload scans to a server, wait, download results (resumable)")
+    p.add_argument("paths", nargs="+", help="NIfTI files, .zip DICOM series or DICOM folders, one case each")
+    p.add_argument("--server", required=True, help="service base URL, e.g. http://isl.hospital:8000")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
+    p.add_argument("--out", required=True, help="results folder: OUT/<case>/mask.nii.gz and report.json")
+    p.add_argument("--parallel", type=int, default=4, help="uploads and waits in flight at once")
+    p.add_argument("--model", default=None)
+    p.add_argument("--atlases", type=int, default=None)
+    p.add_argument("--priority", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each case")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("worker", help="run one refinement worker (one per GPU) consuming the job queue")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides ISL_DEVICE")

@@ -1,0 +1,168 @@
+"""A small Python client of the service, and the batch submission behind `isl submit`.
+
+    from service.client import Client
+    c = Client("http://isl.hospital:8000", api_key)
+    job = c.submit("scan.nii.gz")            # or a .zip / a folder of DICOM files
+    job = c.wait(job["id"])                  # polls until succeeded, failed or cancelled
+    c.download(job["id"], "mask.nii.gz")     # checksum verified against the report
+
+Torch-free and dependency-light (httpx), so hospital scripts can use it on any machine."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import httpx
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class ServiceError(Exception):
+    """The service refused a request; the message carries its status and reason."""
+
+
+class Client:
+    def __init__(self, server: str, api_key: str, timeout: float = 60.0):
+        self.http = httpx.Client(base_url=server.rstrip("/"), headers={"X-API-Key": api_key}, timeout=timeout)
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text[:300]
+            raise ServiceError(f"{r.request.method} {r.request.url.path}: {r.status_code} {detail}")
+        return r
+
+    def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
+               idempotency_key: str | None = None) -> dict:
+        """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if not files:
+            raise ServiceError(f"{path}: nothing to upload")
+        data = {k: str(v) for k, v in {"model": model, "atlases": atlases, "priority": priority}.items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        handles = [open(p, "rb") for p in files]
+        try:
+            r = self.http.post("/v1/jobs", files=[("files", (p.name, h)) for p, h in zip(files, handles)], data=data,
+                               headers=headers)
+        finally:
+            for h in handles:
+                h.close()
+        return self._check(r).json()
+
+    def get(self, job_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def wait(self, job_id: str, poll: float = 1.0, timeout: float | None = None) -> dict:
+        t0 = time.monotonic()
+        while True:
+            job = self.get(job_id)
+            if job["state"] in FINAL:
+                return job
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(poll)
+
+    def report(self, job_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/report")).json()
+
+    def download(self, job_id: str, dest: str | Path, format: str = "nifti") -> Path:
+        """Save the result atomically after checking its sha256 against the report."""
+        dest = Path(dest)
+        r = self._check(self.http.get(f"/v1/jobs/{job_id}/result", params={"format": format}))
+        expected = self.report(job_id)["files"]["mask" if format == "nifti" else "dicom_seg"]["sha256"]
+        if hashlib.sha256(r.content).hexdigest() != expected:
+            raise ServiceError(f"job {job_id}: the downloaded result does not match its checksum")
+        tmp = dest.with_name(f".{dest.name}.part")
+        tmp.write_bytes(r.content)
+        os.replace(tmp, dest)
+        return dest
+
+    def cancel(self, job_id: str) -> dict:
+        return self._check(self.http.delete(f"/v1/jobs/{job_id}")).json()
+
+
+def _fingerprint(path: Path, options: dict) -> str:
+    """Same input and options -> same idempotency key, so a re-run never queues a case twice."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *, parallel: int = 4,
+                 model: str | None = None, atlases: int | None = None, priority: int = 5,
+                 timeout: float | None = None, progress: bool = True) -> dict:
+    """Upload every case (at most `parallel` at once), wait, download mask + report into OUT/<case>/.
+    Resumable: a case whose result is already in OUT is skipped; an interrupted one is found again by its
+    idempotency key. Returns {case: {"state", "job", "error"}}."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"model": model, "atlases": atlases, "priority": priority}
+    cases = {}
+    for p in map(Path, paths):
+        name = case_name(p)
+        if name in cases:
+            raise ServiceError(f"two inputs are both named {name!r}; rename one")
+        cases[name] = p
+    client = Client(server, api_key)
+    lock = threading.Lock()
+    summary: dict[str, dict] = {}
+    bar = tqdm(total=len(cases), unit="case", disable=not progress, file=sys.stderr)
+
+    def one(name: str, path: Path) -> dict:
+        folder = out / name
+        if (folder / "report.json").is_file() and (folder / "mask.nii.gz").is_file():
+            return {"state": "skipped", "job": json.loads((folder / "report.json").read_text()).get("job_id", ""), "error": ""}
+        if not path.exists():
+            return {"state": "failed", "job": "", "error": f"{path} does not exist"}
+        key = _fingerprint(path, options)
+        job = client.submit(path, model=model, atlases=atlases, priority=priority, idempotency_key=key)
+        if job["state"] in ("failed", "cancelled"):  # an earlier run's job for this input ended badly: try anew
+            job = client.submit(path, model=model, atlases=atlases, priority=priority,
+                                idempotency_key=f"{key}:after:{job['id']}")
+        job = client.wait(job["id"], timeout=timeout)
+        if job["state"] != "succeeded":
+            return {"state": job["state"], "job": job["id"], "error": job["error"]}
+        folder.mkdir(exist_ok=True)
+        client.download(job["id"], folder / "mask.nii.gz")
+        report = client.report(job["id"]) | {"job_id": job["id"]}
+        tmp = folder / ".report.json.part"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, folder / "report.json")  # last: its presence marks the case done
+        return {"state": "succeeded", "job": job["id"], "error": ""}
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {pool.submit(one, n, p): n for n, p in cases.items()}
+        for f in as_completed(futures):
+            name = futures[f]
+            try:
+                result = f.result()
+            except (ServiceError, httpx.HTTPError, TimeoutError) as exc:
+                result = {"state": "failed", "job": "", "error": str(exc)}
+            with lock:
+                summary[name] = result
+                bar.update(1)
+                bar.set_postfix_str(f"{name}: {result['state']}")
+    bar.close()
+    return dict(sorted(summary.items()))
