@@ -266,12 +266,12 @@ def _receive(files: list[UploadFile], staging: Path, storage: Storage, limit: in
         inputs.append({"name": up.filename, "kind": kind, "path": name, "bytes": size, "sha256": digest})
     if len(files) > 1 and set(kinds) != {"dicom"}:
         raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
-    if kinds[0] in ("nifti", "nifti-gz"):
-        from segmentation.errors import InputError
-        from segmentation.io import read_image
+    from service.validate import Invalid, validate
 
-        try:
-            read_image(staging / inputs[0]["path"])
-        except InputError as exc:
-            raise HTTPException(422, f"{files[0].filename!r}: {exc}") from None
+    target = staging / ("dicom" if kinds[0] == "dicom" else inputs[0]["path"])
+    try:
+        validate(target)
+    except Invalid as exc:
+        names = files[0].filename if len(files) == 1 else f"the {len(files)} DICOM files"
+        raise HTTPException(422, f"{names!r}: {exc}") from None
     return inputs

@@ -164,6 +164,29 @@ def test_events_stream_progress_until_the_end(service, phantom_dataset):
     assert {"registration", "finetune", "fusion"} & set(stages), stages
 
 
+def test_dicom_series_comes_back_as_dicom_seg(service, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    base, _ = service
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    files = sorted(series.iterdir())
+    with client() as c:
+        handles = [open(f, "rb") for f in files]
+        r = c.post(base + "/v1/jobs", files=[("files", (f.name, h)) for f, h in zip(files, handles)])
+        for h in handles:
+            h.close()
+        assert r.status_code == 202, r.text
+        job = wait_final(base, r.json()["id"])
+        assert job["state"] == "succeeded", job
+        seg = c.get(f"{base}/v1/jobs/{job['id']}/result", params={"format": "dicom-seg"})
+    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+    (tmp_path / "seg.dcm").write_bytes(seg.content)
+    dataset = hd.seg.segread(tmp_path / "seg.dcm")
+    source = pydicom.dcmread(files[0])
+    assert dataset.StudyInstanceUID == source.StudyInstanceUID and dataset.Modality == "SEG"
+
+
 def test_other_tenants_see_nothing(service, phantom_dataset):
     base, _ = service
     job_id = submit(base, scan(phantom_dataset, 1)).json()["id"]
@@ -208,7 +231,12 @@ def test_bad_uploads_get_a_reason(service, phantom_dataset, tmp_path):
     junk.write_bytes(b"this is not an image at all" * 40)
     not_gz = tmp_path / "empty.nii.gz"
     not_gz.write_bytes(gzip.compress(b"\0" * 100))
-    for path in (truncated, junk, not_gz):
+    slip = tmp_path / "slip.zip"
+    import zipfile
+
+    with zipfile.ZipFile(slip, "w") as z:
+        z.writestr("../../evil.dcm", b"\0" * 128 + b"DICM" + b"\0" * 100)
+    for path in (truncated, junk, not_gz, slip):
         r = submit(base, path)
         assert r.status_code == 422, (path.name, r.status_code, r.text)
         assert path.name in r.json()["detail"]
