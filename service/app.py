@@ -3,7 +3,9 @@
 It validates, stores and queues; the GPU workers (`isl worker`) do the work. Never imports torch."""
 
 import json
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -41,6 +43,14 @@ class JobList(BaseModel):
     total: int
     offset: int
     limit: int
+
+
+class BatchView(BaseModel):
+    id: str
+    created: float
+    counts: dict[str, int] = Field(description="jobs per state")
+    done: bool = Field(description="every job has ended (succeeded, failed or cancelled)")
+    jobs: list[JobView]
 
 
 class Problem(BaseModel):
@@ -124,23 +134,69 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if job:
                 response.headers["Location"] = f"/v1/jobs/{job['id']}"
                 return view(job)
-        staging = settings.storage_root / "staging" / f"{time.time_ns()}"
+        staging = settings.storage_root / "staging" / uuid.uuid4().hex
         try:
             inputs = _receive(files, staging, storage, settings.max_upload_bytes)
-            job, created = store.create(who, inputs, {"model": model, "atlases": atlases, "priority": priority},
-                                        idempotency_key)
-            if created:
-                target = storage.job_dir(job["id"]) / "input"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                staging.rename(target)
-                metrics.UPLOADED.inc(sum(i["bytes"] for i in inputs))
-                queue.send(job["id"], priority)
+            job = enqueue(who, staging, inputs, {"model": model, "atlases": atlases, "priority": priority}, idempotency_key)
         finally:
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
         response.headers["Location"] = f"/v1/jobs/{job['id']}"
         return view(job)
+
+    def enqueue(who: str, staged: Path, inputs: list[dict], options: dict, idempotency_key: str | None = None) -> dict:
+        """Job record, input moved into the job's folder, job id on the queue."""
+        job, created = store.create(who, inputs, options, idempotency_key)
+        if created:
+            target = storage.job_dir(job["id"]) / "input"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(target)
+            metrics.UPLOADED.inc(sum(i["bytes"] for i in inputs))
+            queue.send(job["id"], options["priority"])
+        return job
+
+    @app.post("/v1/batches", status_code=202, response_model=BatchView,
+              responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
+              summary="Upload several cases at once (one NIfTI or one .zip DICOM series per file); all or none are queued")
+    def submit_batch(who: Tenant, response: Response,
+                     files: Annotated[list[UploadFile], File(description="one case per file: NIfTI or .zip of a DICOM series")],
+                     model: Annotated[str | None, Form()] = None,
+                     atlases: Annotated[int | None, Form(ge=1, le=64)] = None,
+                     priority: Annotated[int, Form(ge=0, le=9)] = 5) -> BatchView:
+        model = model or settings.default_model
+        if model not in _models(settings):
+            raise HTTPException(422, f"unknown model {model!r}; available: {sorted(_models(settings))}")
+        if len(files) > 500:
+            raise HTTPException(422, f"a batch holds at most 500 cases, not {len(files)}")
+        root = settings.storage_root / "staging" / uuid.uuid4().hex
+        try:
+            staged, total = [], 0
+            for i, f in enumerate(files):
+                inputs = _receive([f], root / str(i), storage, settings.max_upload_bytes - total)
+                total += inputs[0]["bytes"]
+                staged.append((root / str(i), inputs))
+            options = {"model": model, "atlases": atlases, "priority": priority}
+            jobs = [enqueue(who, folder, inputs, options) for folder, inputs in staged]
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        batch = store.create_batch(who, [j["id"] for j in jobs])
+        response.headers["Location"] = f"/v1/batches/{batch['id']}"
+        return batch_view(batch)
+
+    def batch_view(batch: dict) -> BatchView:
+        jobs = [view(j) for j in (store.get(i) for i in batch["jobs"]) if j]
+        counts = {}
+        for j in jobs:
+            counts[j.state] = counts.get(j.state, 0) + 1
+        return BatchView(id=batch["id"], created=batch["created"], counts=counts, done=all(j.state in FINAL for j in jobs),
+                         jobs=jobs)
+
+    @app.get("/v1/batches/{batch_id}", response_model=BatchView, responses={404: {"model": Problem}},
+             summary="A batch's jobs and how many are in each state")
+    def get_batch(batch_id: str, who: Tenant) -> BatchView:
+        batch = store.get_batch(batch_id) if JOB_ID.match(batch_id) else None
+        if batch is None or batch["tenant"] != who:
+            raise HTTPException(404, f"no batch {batch_id}")
+        return batch_view(batch)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}}, summary="A job's state")
     def get_job(job_id: str, who: Tenant) -> JobView:

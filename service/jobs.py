@@ -48,6 +48,15 @@ class JobStore:
         pipe.execute()
         return job, True
 
+    def create_batch(self, tenant: str, job_ids: list[str]) -> dict:
+        batch = {"id": uuid.uuid4().hex, "tenant": tenant, "jobs": job_ids, "created": now()}
+        self.r.set(f"{P}batch:{batch['id']}", json.dumps(batch))
+        return batch
+
+    def get_batch(self, batch_id: str) -> dict | None:
+        raw = self.r.get(f"{P}batch:{batch_id}")
+        return json.loads(raw) if raw else None
+
     def get(self, job_id: str) -> dict | None:
         raw = self.r.get(f"{P}job:{job_id}")
         return json.loads(raw) if raw else None

@@ -187,6 +187,26 @@ def test_dicom_series_comes_back_as_dicom_seg(service, tmp_path):
     assert dataset.StudyInstanceUID == source.StudyInstanceUID and dataset.Modality == "SEG"
 
 
+def test_batches_queue_all_or_nothing(service, phantom_dataset, tmp_path):
+    base, _ = service
+    cases = [scan(phantom_dataset, 0), scan(phantom_dataset, 1)]
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a scan" * 50)
+    with client() as c:
+        before = c.get(base + "/v1/jobs").json()["total"]
+        bad = c.post(base + "/v1/batches", files=[("files", (p.name, p.read_bytes())) for p in [*cases, junk]])
+        assert bad.status_code == 422 and "junk.nii.gz" in bad.json()["detail"]
+        assert c.get(base + "/v1/jobs").json()["total"] == before  # nothing of the refused batch was queued
+        r = c.post(base + "/v1/batches", files=[("files", (p.name, p.read_bytes())) for p in cases])
+        assert r.status_code == 202, r.text
+        batch_id = r.json()["id"]
+        assert r.headers["location"] == f"/v1/batches/{batch_id}" and len(r.json()["jobs"]) == 2
+        batch = wait_until(lambda: (b := c.get(f"{base}/v1/batches/{batch_id}").json())["done"] and b, 240, "the batch")
+        assert batch["counts"] == {"succeeded": 2}
+    with client("beta") as c:
+        assert c.get(f"{base}/v1/batches/{batch_id}").status_code == 404
+
+
 def test_other_tenants_see_nothing(service, phantom_dataset):
     base, _ = service
     job_id = submit(base, scan(phantom_dataset, 1)).json()["id"]
