@@ -1,9 +1,7 @@
 """The service end to end, against real components: a private redis-server on a free port, a real
 `isl worker` process (Celery, prefork) and the API served by uvicorn (`isl serve`) on a port, over HTTP."""
 import gzip
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,83 +12,34 @@ import numpy as np
 import pytest
 
 from service.settings import hash_key
+from worker.localstack import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout, what):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
+def stack(tiny_bundle, phantom_dataset, tmp_path_factory):
+    """redis-server + `isl serve` + one `isl worker`, as subprocesses (worker/localstack.py)."""
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
+    from worker.localstack import LocalStack
 
-    wait_until(lambda: _pings(redis.Redis(port=port)), 20, "redis-server")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-
-
-def _pings(client) -> bool:
-    try:
-        return client.ping()
-    except Exception:
-        return False
+    with LocalStack(tmp_path_factory.mktemp("stack"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEYS) as s:
+        try:
+            yield s
+        finally:
+            print(s.logs())
 
 
 @pytest.fixture(scope="module")
-def service(redis_url, tiny_bundle, phantom_dataset, tmp_path_factory):
-    """API + one worker; yields (base url, env)."""
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", ISL_REDIS_URL=redis_url,
-               ISL_STORAGE_ROOT=str(tmp_path_factory.mktemp("storage")), ISL_MODELS_DIR=str(tiny_bundle.parent),
-               ISL_DEFAULT_MODEL=tiny_bundle.name, ISL_ATLAS_DIR=str(phantom_dataset), ISL_DEVICE="cpu",
-               ISL_API_KEYS=",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()))
-    logs = tmp_path_factory.mktemp("logs")
-    run = lambda name, *args: subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env,
-                                               stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
-    procs = [run("api", "serve", "--port", str(port)), run("worker", "worker", "--name", "w1@test")]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _ok(base + "/healthz"), 60, "the API")
-        yield base, env
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in logs.iterdir():
-            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+def service(stack):
+    return stack.url, stack.env
 
 
-def _ok(url) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+@pytest.fixture(scope="module")
+def redis_url(stack):
+    return stack.env["ISL_REDIS_URL"]
 
 
 def client(tenant="alpha") -> httpx.Client:

@@ -1,0 +1,111 @@
+"""The whole service on one machine, as subprocesses: a private redis-server on a free port, the API
+(`isl serve`) and N workers (`isl worker`). Used by the end-to-end tests and the service benchmarks; handy
+for trying the service without Docker."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.settings import hash_key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class LocalStack:
+    """`with LocalStack(folder, models_dir, model, atlas_dir, keys={"t": "key"}, workers=1) as stack:` gives
+    stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit."""
+
+    def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
+                 workers: int = 1, threads_per_worker: int = 1):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+        self.folder, self.procs = Path(folder), []
+        self.redis_port, self.api_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_worker),
+                        ISL_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                        ISL_STORAGE_ROOT=str(self.folder / "storage"), ISL_MODELS_DIR=str(models_dir),
+                        ISL_DEFAULT_MODEL=model, ISL_DEVICE="cpu",
+                        ISL_API_KEYS=",".join(f"{t}:{hash_key(k)}" for t, k in keys.items()))
+        if atlas_dir is not None:
+            self.env["ISL_ATLAS_DIR"] = str(atlas_dir)
+        self.n_workers = workers
+
+    def _run(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        return self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack"])
+
+    def __enter__(self) -> LocalStack:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._run("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
+                            "--appendonly", "no", "--dir", str(self.folder)])
+        import redis
+
+        client = redis.Redis(port=self.redis_port)
+
+        def pings():
+            try:
+                return client.ping()
+            except redis.RedisError:
+                return False
+
+        wait_until(pings, 20, "redis-server")
+        self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
+        for i in range(self.n_workers):
+            self.start_worker(f"w{i + 1}")
+        wait_until(lambda: _answers(self.url + "/healthz"), 60, "the API")
+        self.wait_for_workers(self.n_workers)
+        return self
+
+    def wait_for_workers(self, n: int, timeout: float = 60) -> None:
+        """Until n workers have sent a heartbeat (they are then consuming)."""
+        import redis
+
+        client = redis.Redis(port=self.redis_port)
+        wait_until(lambda: len(list(client.scan_iter("isl:worker:*"))) >= n, timeout, f"{n} worker heartbeats")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.folder.glob("*.log")))
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
