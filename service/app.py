@@ -32,6 +32,7 @@ class JobView(BaseModel):
     progress: float = Field(0.0, description="0..1 while running; 1 when succeeded")
     error: str = Field("", description="why it failed, in words a person can act on")
     model: str
+    worker: str = Field("", description="the worker node that ran (or runs) it")
     created: float
     started: float | None = None
     finished: float | None = None
@@ -105,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if job["state"] == "succeeded":
             links.update(result=f"{base}/result", report=f"{base}/report")
         return JobView(id=job["id"], state=job["state"], stage=job["stage"], progress=job["progress"],
-                       error=job["error"], model=job["options"]["model"], created=job["created"],
+                       error=job["error"], model=job["options"]["model"], worker=job.get("worker", ""), created=job["created"],
                        started=job["started"], finished=job["finished"],
                        queue_position=store.position(job["id"]) if job["state"] == "queued" else None, links=links)
 

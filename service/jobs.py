@@ -40,7 +40,7 @@ class JobStore:
                 self.r.set(idem, job_id, ex=7 * 86400)
         job = {"id": job_id, "tenant": tenant, "state": "queued", "stage": "", "progress": 0.0, "error": "",
                "created": now(), "started": None, "finished": None, "inputs": inputs, "options": options,
-               "result": None, "deliveries": 0, "cancel_requested": False}
+               "result": None, "deliveries": 0, "cancel_requested": False, "worker": ""}
         pipe = self.r.pipeline()
         pipe.set(f"{P}job:{job_id}", json.dumps(job))
         pipe.zadd(f"{P}tenant:{tenant}", {job_id: job["created"]})
@@ -102,7 +102,7 @@ class JobStore:
         return out
 
     # -- worker side -----------------------------------------------------------------------------------
-    def deliver(self, job_id: str, max_deliveries: int) -> tuple[dict | None, str]:
+    def deliver(self, job_id: str, max_deliveries: int, worker: str = "") -> tuple[dict | None, str]:
         """Called when a worker receives a job: counts the delivery and says what to do:
         'run', 'skip' (final or cancelled already), or 'poison' (delivered too often: now failed)."""
         job = self.get(job_id)
@@ -117,4 +117,4 @@ class JobStore:
             reason = (f"the job stopped its worker {n - 1} times (delivered {n - 1} times without finishing); "
                       "it is not retried again: check the input, or the worker's logs and memory")
             return self.update(job_id, state="failed", error=reason, finished=now(), deliveries=n - 1), "poison"
-        return self.update(job_id, state="running", started=now(), deliveries=n, stage="starting"), "run"
+        return self.update(job_id, state="running", started=now(), deliveries=n, stage="starting", worker=worker), "run"

@@ -1,6 +1,7 @@
 """The service end to end, against real components: a private redis-server on a free port, a real
 `isl worker` process (Celery, prefork) and the API served by uvicorn (`isl serve`) on a port, over HTTP."""
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def test_credentials_are_required(service):
 
 
 def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset, tmp_path):
+    import json
+
     from segmentation.io import read_image
-    from worker.pipeline import refine_file
 
     base, _ = service
     r = submit(base, scan(phantom_dataset))
@@ -90,7 +92,14 @@ def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset
     (tmp_path / "served.nii.gz").write_bytes(res.content)
     assert res.headers["digest"] == f"sha-256={report['files']['mask']['sha256']}"
     assert set(report["volumes_ml"]) and report["model_version"]
-    local = refine_file(scan(phantom_dataset), tiny_bundle, tmp_path / "local", atlas_dir=phantom_dataset, device="cpu")
+    # `isl refine` with the worker's settings (one CPU thread: float sums depend on the thread count)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISL_")} | {"OMP_NUM_THREADS": "1"}
+    cli = subprocess.run([sys.executable, "-m", "worker.cli", "refine", str(scan(phantom_dataset)), "--model",
+                          str(tiny_bundle), "--out", str(tmp_path / "local"), "--atlas-dir", str(phantom_dataset),
+                          "--device", "cpu", "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    local = json.loads((tmp_path / "local" / "report.json").read_text())
     served, expected = read_image(tmp_path / "served.nii.gz"), read_image(tmp_path / "local" / "mask.nii.gz")
     assert np.array_equal(served.array, expected.array)
     assert local["volumes_ml"] == report["volumes_ml"]
@@ -250,6 +259,17 @@ def test_isl_submit_uploads_in_parallel_resumes_and_reports_failures(service, ph
     assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 2
     with client() as c:
         assert c.get(base + "/v1/jobs").json()["total"] == before  # nothing queued twice
+
+
+def test_two_workers_share_one_queue(stack, phantom_dataset):
+    """Runs late in the module: the stack keeps its second worker afterwards."""
+    base = stack.url
+    stack.start_worker("w2")
+    stack.wait_for_workers(2)
+    ids = [submit(base, scan(phantom_dataset, k % 2)).json()["id"] for k in range(6)]
+    jobs = [wait_final(base, i) for i in ids]
+    assert all(j["state"] == "succeeded" for j in jobs), jobs
+    assert {j["worker"] for j in jobs} == {"w1@localstack", "w2@localstack"}
 
 
 def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):

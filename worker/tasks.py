@@ -67,10 +67,10 @@ def _input_path(job_dir) -> list:
     return [folder / "dicom"]
 
 
-@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
-def refine_job(job_id: str) -> None:
+@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, bind=True)
+def refine_job(self, job_id: str) -> None:
     store, storage = JobStore(settings.redis_url), Storage(settings.storage_root)
-    job, action = store.deliver(job_id, settings.max_deliveries)
+    job, action = store.deliver(job_id, settings.max_deliveries, worker=self.request.hostname or "")
     if action != "run":
         log.info("job %s: %s", job_id, action)
         return
