@@ -33,6 +33,7 @@ class JobView(BaseModel):
     error: str = Field("", description="why it failed, in words a person can act on")
     model: str
     worker: str = Field("", description="the worker node that ran (or runs) it")
+    push: str = Field("", description="for DICOMweb jobs with ISL_STOW_URL set: 'ok', or why pushing the DICOM SEG failed")
     created: float
     started: float | None = None
     finished: float | None = None
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if job["state"] == "succeeded":
             links.update(result=f"{base}/result", report=f"{base}/report")
         return JobView(id=job["id"], state=job["state"], stage=job["stage"], progress=job["progress"],
-                       error=job["error"], model=job["options"]["model"], worker=job.get("worker", ""), created=job["created"],
+                       error=job["error"], model=job["options"]["model"], worker=job.get("worker", ""), push=job.get("push", ""), created=job["created"],
                        started=job["started"], finished=job["finished"],
                        queue_position=store.position(job["id"]) if job["state"] == "queued" else None, links=links)
 
@@ -268,6 +269,65 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def report(job_id: str, who: Tenant) -> dict:
         finished_job(job_id, who)
         return json.loads((storage.job_dir(job_id) / "output" / "report.json").read_text())
+
+    @app.post("/dicomweb/studies", tags=["DICOMweb"],
+              responses={400: {"model": Problem}, 401: {"model": Problem}, 413: {"model": Problem},
+                         415: {"model": Problem}, 422: {"model": Problem}},
+              summary="DICOMweb STOW-RS: store a study (multipart/related of application/dicom); each series becomes a job",
+              description="For PACS and DICOM routers. The job ids come back in the `X-ISL-Jobs` header and as "
+                          "RetrieveURL (0008,1190) values; each result is available as DICOM SEG and, when "
+                          "`ISL_STOW_URL` is set, pushed there by the worker.")
+    async def stow(request: Request, who: Tenant) -> JSONResponse:
+        import asyncio
+
+        from service.stow import BadRequest, receive_parts
+        from service.validate import Invalid, group_series, validate
+
+        root = settings.storage_root / "staging" / uuid.uuid4().hex
+        try:
+            try:
+                await receive_parts(request.stream(), request.headers.get("content-type", ""), root / "parts",
+                                    settings.max_upload_bytes)
+            except BadRequest as exc:
+                raise HTTPException(415 if "Content-Type" in str(exc) or "accepted" in str(exc) else 400, str(exc)) from None
+            except OverflowError as exc:
+                raise HTTPException(413, str(exc)) from None
+            try:
+                series, instances = await asyncio.to_thread(group_series, root / "parts")
+            except Invalid as exc:
+                raise HTTPException(422, f"the study could not be read: {exc}") from None
+            if not series:
+                raise HTTPException(422, "no DICOM image series among the parts")
+            staged = []
+            for i, (uid, files) in enumerate(sorted(series.items())):
+                folder = root / f"s{i}" / "dicom"
+                folder.mkdir(parents=True)
+                inputs = []
+                for k, f in enumerate(files):
+                    dest = folder / f"{k:05d}.dcm"
+                    Path(f).rename(dest)
+                    inputs.append({"name": f"{uid}/{k:05d}", "kind": "dicom", "path": f"dicom/{dest.name}",
+                                   "bytes": dest.stat().st_size, "sha256": storage.sha256(dest)})
+                try:
+                    await asyncio.to_thread(validate, folder)
+                except Invalid as exc:
+                    raise HTTPException(422, f"series {uid}: {exc}") from None
+                staged.append((root / f"s{i}", inputs))
+            options = {"model": settings.default_model, "atlases": None, "priority": 5, "stow": True}
+            jobs = [enqueue(who, folder, inputs, options) for folder, inputs in staged]
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        urls = [str(request.url_for("get_job", job_id=j["id"])) for j in jobs]
+        taken = {f for files in series.values() for f in files}
+        ref = lambda cls, inst: {"00081150": {"vr": "UI", "Value": [cls]}, "00081155": {"vr": "UI", "Value": [inst]}}
+        stored = [ref(*instances[f]) for f in sorted(taken) if f in instances]
+        failed = [ref(*uids) | {"00081197": {"vr": "US", "Value": [0x0110]}} for f, uids in sorted(instances.items())
+                  if f not in taken]  # not an image slice of any series: processing failure (0110H)
+        body = {"00081190": {"vr": "UR", "Value": urls}, "00081199": {"vr": "SQ", "Value": stored}}
+        if failed:
+            body["00081198"] = {"vr": "SQ", "Value": failed}
+        return JSONResponse(body, 202 if failed else 200, media_type="application/dicom+json",
+                            headers={"X-ISL-Jobs": ",".join(j["id"] for j in jobs)})
 
     @app.get("/v1/models", summary="Model bundles the workers can run")
     def models(who: Tenant) -> dict:

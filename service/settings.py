@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="a job delivered this many times without finishing ends failed")
     job_time_limit_s: int = Field(1800, description="hard time limit of one job (below the visibility timeout)")
     visibility_timeout_s: int = Field(7200, description="Redis redelivers an unacknowledged job after this long")
+    stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM inputs are pushed to; empty: none")
+    stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
     device: str = Field("auto", description="worker device: auto, cpu or cuda")
 
     def tenants_by_key_hash(self) -> dict[str, str]:

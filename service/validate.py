@@ -39,6 +39,42 @@ def validate(path: Path, timeout: float = 120) -> dict:
     return result
 
 
+def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(series instance UID -> file paths of its slices, file path -> [SOP class UID, SOP instance UID]) of the
+    DICOM files under `folder`, read in the limited child."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "service.validate", "--series", str(folder)], capture_output=True,
+                             text=True, timeout=timeout, preexec_fn=_limit, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    except subprocess.TimeoutExpired:
+        raise Invalid(f"sorting the instances into series took longer than {timeout:.0f} s") from None
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise Invalid(f"the instances could not be read within the parser's limits (exit {out.returncode})")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise Invalid(result["error"])
+    return result["series"], result["instances"]
+
+
+def _series_main(folder: str) -> None:
+    import pydicom
+
+    from segmentation.errors import InputError
+    from segmentation.io import list_dicom_series
+
+    try:
+        instances = {}
+        for p in sorted(Path(folder).iterdir()):
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+                instances[str(p)] = [str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))]
+            except Exception:  # not DICOM: reported as a failed part
+                instances[str(p)] = ["", ""]
+        print(json.dumps({"series": list_dicom_series(Path(folder)), "instances": instances}))
+    except InputError as exc:
+        print(json.dumps({"error": str(exc)}))
+
+
 def main(path: str) -> None:
     from segmentation.errors import InputError
     from segmentation.io import read_image
@@ -53,4 +89,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    _series_main(sys.argv[2]) if sys.argv[1] == "--series" else main(sys.argv[1])

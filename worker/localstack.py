@@ -44,7 +44,7 @@ class LocalStack:
     stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit."""
 
     def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
-                 workers: int = 1, threads_per_worker: int = 1):
+                 workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.folder, self.procs = Path(folder), []
@@ -57,6 +57,7 @@ class LocalStack:
                         ISL_API_KEYS=",".join(f"{t}:{hash_key(k)}" for t, k in keys.items()))
         if atlas_dir is not None:
             self.env["ISL_ATLAS_DIR"] = str(atlas_dir)
+        self.env.update(extra_env or {})
         self.n_workers = workers
 
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:

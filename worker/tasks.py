@@ -103,7 +103,17 @@ def refine_job(self, job_id: str) -> None:
             pipe.hincrbyfloat(f"{P}stage_seconds", f"{stage}:sum", seconds)
             pipe.hincrby(f"{P}stage_seconds", f"{stage}:count", 1)
         pipe.execute()
-        store.update(job_id, state="succeeded", stage="done", progress=1.0, finished=now(),
+        pushed = ""
+        if job["options"].get("stow") and settings.stow_url and "dicom_seg" in report["files"]:
+            from service.stow import push
+
+            try:
+                push(settings.stow_url, [out / report["files"]["dicom_seg"]["path"]], settings.stow_api_key)
+                pushed = "ok"
+            except Exception as exc:  # noqa: BLE001 - the result stays available over the API; the reason is kept
+                log.warning("job %s: pushing the DICOM SEG failed: %s", job_id, exc)
+                pushed = f"pushing the DICOM SEG to {settings.stow_url} failed: {exc}"
+        store.update(job_id, state="succeeded", stage="done", progress=1.0, finished=now(), push=pushed,
                      result={"files": report["files"], "model_version": report["model_version"]})
     except Cancelled:
         store.update(job_id, state="cancelled", finished=now())

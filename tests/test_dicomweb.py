@@ -1,0 +1,88 @@
+"""A real PACS in the loop: Orthanc with its DICOMweb plugin pushes a study to POST /dicomweb/studies with its own
+STOW-RS client; the worker pushes the DICOM SEG back to Orthanc's STOW-RS endpoint; it lands in the same study."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from worker.localstack import free_port, wait_until
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+KEY = {"pacs": "pacs-secret-key"}
+
+
+@pytest.fixture(scope="module")
+def pacs_and_service(tiny_bundle, phantom_dataset, tmp_path_factory):
+    exe = shutil.which("Orthanc")
+    if exe is None or not PLUGIN.exists() or shutil.which("redis-server") is None:
+        pytest.skip("needs Debian's orthanc, orthanc-dicomweb and redis-server packages (.ci/run installs them)")
+    from worker.localstack import LocalStack
+
+    folder = tmp_path_factory.mktemp("pacs")
+    http_port, dicom_port = free_port(), free_port()
+    orthanc = f"http://127.0.0.1:{http_port}"
+    stack = LocalStack(folder / "stack", tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEY,
+                       extra_env={"ISL_STOW_URL": f"{orthanc}/dicom-web/studies"})
+    config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+              "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
+                           "Servers": {"isl": {"Url": f"{stack.url}/dicomweb/", "HttpHeaders": {"X-API-Key": KEY["pacs"]}}}}}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "w")
+    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(orthanc + "/system"), 60, "Orthanc")
+        with stack:
+            try:
+                yield orthanc, stack.url
+            finally:
+                print(stack.logs())
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        print((folder / "orthanc.log").read_text()[-3000:])
+
+
+def _answers(url):
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_pacs_pushes_a_study_and_gets_the_seg_back_in_it(pacs_and_service):
+    import pydicom
+
+    orthanc, api = pacs_and_service
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    study = None
+    for f in sorted(series.iterdir()):
+        r = httpx.post(orthanc + "/instances", content=f.read_bytes(), timeout=30)
+        assert r.status_code == 200, r.text
+        study = r.json()["ParentStudy"]
+    r = httpx.post(f"{orthanc}/dicom-web/servers/isl/stow", json={"Resources": [study]}, timeout=120)
+    assert r.status_code == 200, r.text
+    with httpx.Client(headers={"X-API-Key": KEY["pacs"]}, timeout=30) as c:
+        jobs = wait_until(lambda: c.get(api + "/v1/jobs").json()["jobs"], 30, "the job of the pushed series")
+        assert len(jobs) == 1
+        job = wait_until(lambda: (j := c.get(f"{api}/v1/jobs/{jobs[0]['id']}").json())["state"]
+                         in ("succeeded", "failed") and j, 240, "the job")
+    assert job["state"] == "succeeded" and job["push"] == "ok", job
+
+    def modalities():
+        ids = httpx.get(f"{orthanc}/studies/{study}").json()["Series"]
+        return sorted(httpx.get(f"{orthanc}/series/{s}").json()["MainDicomTags"].get("Modality", "") for s in ids)
+
+    assert wait_until(lambda: modalities() == ["CT", "SEG"] and modalities(), 30, "the SEG in Orthanc's study")
+
+
+def test_stow_refuses_other_content(pacs_and_service):
+    _, api = pacs_and_service
+    headers = {"X-API-Key": KEY["pacs"]}
+    r = httpx.post(api + "/dicomweb/studies", content=b"x", headers=headers | {"Content-Type": "application/json"})
+    assert r.status_code == 415 and "multipart/related" in r.json()["detail"]
+    assert httpx.post(api + "/dicomweb/studies", content=b"x").status_code == 401
