@@ -344,7 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics")
     def prometheus(who: Tenant) -> Response:
-        return Response(metrics.render(store), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(store, settings.queue), media_type=metrics.CONTENT_TYPE)
 
     app.state.settings, app.state.store, app.state.storage = settings, store, storage
     return app

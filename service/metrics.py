@@ -16,6 +16,7 @@ UPLOADED = Counter("isl_uploaded_bytes", "bytes of scans accepted by POST /v1/jo
 
 class _RedisCollector:
     store: JobStore | None = None
+    queue = "isl"
 
     def collect(self):
         if self.store is None:
@@ -25,7 +26,9 @@ class _RedisCollector:
         for state, n in self.store.counts().items():
             jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily("isl_queue_depth", "jobs waiting for a worker", value=r.zcard(f"{P}queued"))
+        depth = GaugeMetricFamily("isl_queue_depth", "jobs waiting for a worker, per queue", labels=["queue"])
+        depth.add_metric([self.queue], r.zcard(f"{P}queued"))
+        yield depth
         sums = r.hgetall(f"{P}stage_seconds")
         stage = GaugeMetricFamily("isl_stage_seconds_total", "seconds spent per engine stage, all jobs", labels=["stage"])
         count = GaugeMetricFamily("isl_stage_runs_total", "jobs that ran each stage", labels=["stage"])
@@ -47,6 +50,6 @@ _COLLECTOR = _RedisCollector()
 REGISTRY.register(_COLLECTOR)
 
 
-def render(store: JobStore) -> bytes:
-    _COLLECTOR.store = store
+def render(store: JobStore, queue: str) -> bytes:
+    _COLLECTOR.store, _COLLECTOR.queue = store, queue
     return generate_latest(REGISTRY)

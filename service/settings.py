@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_KEY = "isl-dev-key"  # accepted only in development mode, and only when no keys are configured
@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM inputs are pushed to; empty: none")
     stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
     device: str = Field("auto", description="worker device: auto, cpu or cuda")
+
+    @model_validator(mode="after")
+    def _limits_below_visibility(self):
+        if self.job_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError(f"ISL_JOB_TIME_LIMIT_S ({self.job_time_limit_s}) must be below ISL_VISIBILITY_TIMEOUT_S "
+                             f"({self.visibility_timeout_s}), or Redis would hand a running job to a second worker")
+        return self
 
     def tenants_by_key_hash(self) -> dict[str, str]:
         """sha256(key) -> tenant. Refuses empty or malformed configuration unless in development mode."""

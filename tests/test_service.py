@@ -223,12 +223,14 @@ def test_bad_uploads_get_a_reason(service, phantom_dataset, tmp_path):
                       data={"model": "nope"}).status_code == 422
 
 
-def test_metrics_and_models(service):
+def test_metrics_and_models(service, phantom_dataset):
     base, _ = service
+    assert wait_final(base, submit(base, scan(phantom_dataset)).json()["id"])["state"] == "succeeded"
     with client() as c:
         text = c.get(base + "/metrics").text
         models = c.get(base + "/v1/models").json()
     assert 'isl_jobs{state="succeeded"}' in text and "isl_uploaded_bytes_total" in text
+    assert 'isl_queue_depth{queue="isl"}' in text and 'isl_stage_seconds_total{stage="finetune"}' in text
     assert "isl_worker_heartbeat_age_seconds{" in text
     assert models["default"] in models["models"]
 
@@ -294,8 +296,42 @@ def test_service_refuses_to_start_without_keys():
     with pytest.raises(ValueError, match="not tenant"):
         Settings(api_keys="a:1234").tenants_by_key_hash()
     assert Settings(api_keys="", dev_mode=True).tenants_by_key_hash() == {hash_key(DEV_KEY): "dev"}
+    with pytest.raises(ValueError, match="VISIBILITY"):
+        Settings(job_time_limit_s=7200, visibility_timeout_s=3600)
 
 
 def test_service_never_imports_torch():
     code = "import sys, service.app, service.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.shared_data
+def test_real_hippocampus_scan_through_isl_submit_equals_isl_refine(hippocampus, tmp_path):
+    """The committed few-label bundle behind a real API and worker: `isl submit` of a real held-out scan
+    returns exactly what `isl refine` makes of it with the worker's settings (one thread)."""
+    import json
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from worker.localstack import LocalStack
+
+    case = hippocampus / "imagesTr" / "hippocampus_001.nii.gz"
+    with LocalStack(tmp_path / "stack", ROOT / "models", "hippocampus_few", hippocampus, {"alpha": KEYS["alpha"]}) as s:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ISL_")} | {"ISL_API_KEY": KEYS["alpha"]}
+        out = subprocess.run([sys.executable, "-m", "worker.cli", "submit", str(case), "--server", s.url, "--out",
+                              str(tmp_path / "served"), "--no-progress"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=400)
+        assert out.returncode == 0, out.stderr + s.logs()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISL_")} | {"OMP_NUM_THREADS": "1"}
+    cli = subprocess.run([sys.executable, "-m", "worker.cli", "refine", str(case), "--model", str(ROOT / "models" / "hippocampus_few"),
+                          "--out", str(tmp_path / "local"), "--atlas-dir", str(hippocampus), "--device", "cpu",
+                          "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert cli.returncode == 0, cli.stderr
+    from segmentation.io import read_image
+
+    served = read_image(tmp_path / "served" / "hippocampus_001" / "mask.nii.gz")
+    local = read_image(tmp_path / "local" / "mask.nii.gz")
+    assert np.array_equal(served.array, local.array)
+    assert served.geometry == local.geometry
+    report = json.loads((tmp_path / "served" / "hippocampus_001" / "report.json").read_text())
+    assert report["volumes_ml"] == json.loads((tmp_path / "local" / "report.json").read_text())["volumes_ml"]
