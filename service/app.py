@@ -25,38 +25,38 @@ GZIP, ZIP, DICM = b"\x1f\x8b", b"PK\x03\x04", b"DICM"
 class JobView(BaseModel):
     """What a client sees of a job."""
 
-    id: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    id: str = Field(description="job id (32 hex digits)")
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(description="where the job is")
     queue_position: int | None = Field(None, description="0-based place in the queue while queued")
     stage: str = Field("", description="engine stage while running: baseline, registration, finetune, fusion, final, writing")
     progress: float = Field(0.0, description="0..1 while running; 1 when succeeded")
     error: str = Field("", description="why it failed, in words a person can act on")
-    model: str
+    model: str = Field(description="model bundle that refines it")
     worker: str = Field("", description="the worker node that ran (or runs) it")
     push: str = Field("", description="for DICOMweb jobs with ISL_STOW_URL set: 'ok', or why pushing the DICOM SEG failed")
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    links: dict[str, str] = Field(default_factory=dict)
+    created: float = Field(description="when it was accepted (Unix seconds)")
+    started: float | None = Field(None, description="when a worker took it (Unix seconds)")
+    finished: float | None = Field(None, description="when it ended (Unix seconds)")
+    links: dict[str, str] = Field(default_factory=dict, description="related URLs: self, events, result, report")
 
 
 class JobList(BaseModel):
-    jobs: list[JobView]
-    total: int
-    offset: int
-    limit: int
+    jobs: list[JobView] = Field(description="this page, newest first")
+    total: int = Field(description="all of the caller's jobs")
+    offset: int = Field(description="index of the first job of this page")
+    limit: int = Field(description="page size")
 
 
 class BatchView(BaseModel):
-    id: str
-    created: float
+    id: str = Field(description="batch id")
+    created: float = Field(description="when it was accepted (Unix seconds)")
     counts: dict[str, int] = Field(description="jobs per state")
     done: bool = Field(description="every job has ended (succeeded, failed or cancelled)")
-    jobs: list[JobView]
+    jobs: list[JobView] = Field(description="its jobs, in upload order")
 
 
 class Problem(BaseModel):
-    detail: str
+    detail: str = Field(description="what is wrong, in words a person can act on")
 
 
 def _sniff(head: bytes) -> str | None:
@@ -346,6 +346,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def prometheus(who: Tenant) -> Response:
         return Response(metrics.render(store, settings.queue), media_type=metrics.CONTENT_TYPE)
 
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:  # every route but the probes needs a key: say so in the schema
+        if isinstance(route, APIRoute) and route.path not in ("/healthz", "/readyz"):
+            route.responses.setdefault(401, {"model": Problem, "description": "no valid API key (WWW-Authenticate: Bearer)"})
     app.state.settings, app.state.store, app.state.storage = settings, store, storage
     return app
 

@@ -201,6 +201,18 @@ def test_cancelled_queued_job_never_runs(service, phantom_dataset):
     assert job["state"] == "cancelled" and job["started"] is None
 
 
+def test_cancelling_a_running_job_stops_it(service, phantom_dataset):
+    base, _ = service
+    job_id = submit(base, scan(phantom_dataset)).json()["id"]
+    with client() as c:
+        wait_until(lambda: c.get(f"{base}/v1/jobs/{job_id}").json()["state"] != "queued", 60, "the job to start")
+        assert c.delete(f"{base}/v1/jobs/{job_id}").status_code == 200
+    job = wait_final(base, job_id)
+    assert job["state"] == "cancelled" and job["started"] is not None, job
+    with client() as c:
+        assert c.get(f"{base}/v1/jobs/{job_id}/result").status_code == 409
+
+
 def test_bad_uploads_get_a_reason(service, phantom_dataset, tmp_path):
     base, _ = service
     truncated = tmp_path / "truncated.nii.gz"
@@ -298,6 +310,20 @@ def test_service_refuses_to_start_without_keys():
     assert Settings(api_keys="", dev_mode=True).tenants_by_key_hash() == {hash_key(DEV_KEY): "dev"}
     with pytest.raises(ValueError, match="VISIBILITY"):
         Settings(job_time_limit_s=7200, visibility_timeout_s=3600)
+
+
+def test_openapi_documents_every_route_and_field(service):
+    base, _ = service
+    schema = httpx.get(base + "/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            assert op.get("summary"), f"{method.upper()} {path} has no summary"
+            if path not in ("/healthz", "/readyz"):
+                assert "401" in op["responses"], f"{method.upper()} {path} does not document 401"
+    for name, model in schema["components"]["schemas"].items():
+        if name in ("JobView", "JobList", "BatchView", "Problem"):
+            for field, spec in model["properties"].items():
+                assert spec.get("description"), f"{name}.{field} has no description"
 
 
 def test_service_never_imports_torch():

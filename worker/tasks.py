@@ -80,12 +80,13 @@ def refine_job(self, job_id: str) -> None:
     last = {"t": 0.0, "stage": ""}
 
     def progress(stage: str, fraction: float) -> None:
-        """Throttled to two Redis writes a second, except when the stage changes."""
+        """Writes are throttled to two a second (except when the stage changes); a cancel is seen at once."""
         if stage == last["stage"] and time.monotonic() - last["t"] < 0.5:
-            return
-        last.update(t=time.monotonic(), stage=stage)
-        current = store.update(job_id, stage=stage, progress=round(fraction, 3))
-        if current["cancel_requested"]:
+            current = store.get(job_id) or {}
+        else:
+            last.update(t=time.monotonic(), stage=stage)
+            current = store.update(job_id, stage=stage, progress=round(fraction, 3))
+        if current.get("cancel_requested"):
             raise Cancelled()
 
     try:
