@@ -213,6 +213,20 @@ def test_cancelling_a_running_job_stops_it(service, phantom_dataset):
         assert c.get(f"{base}/v1/jobs/{job_id}/result").status_code == 409
 
 
+def test_a_tampered_result_is_not_served(service, phantom_dataset):
+    base, env = service
+    job_id = submit(base, scan(phantom_dataset)).json()["id"]
+    assert wait_final(base, job_id)["state"] == "succeeded"
+    with client() as c:
+        assert c.get(f"{base}/v1/jobs/{job_id}/result").status_code == 200
+        mask = Path(env["ISL_STORAGE_ROOT"]) / "jobs" / job_id / "output" / "mask.nii.gz"
+        data = bytearray(mask.read_bytes())
+        data[-10] ^= 0xFF
+        mask.write_bytes(bytes(data))
+        r = c.get(f"{base}/v1/jobs/{job_id}/result")
+    assert r.status_code == 500 and "checksum" in r.json()["detail"]
+
+
 def test_bad_uploads_get_a_reason(service, phantom_dataset, tmp_path):
     base, _ = service
     truncated = tmp_path / "truncated.nii.gz"
