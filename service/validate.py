@@ -23,10 +23,10 @@ def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def validate(path: Path, timeout: float = 120) -> dict:
-    """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan, or Invalid with the reason."""
+def _child(args: list[str], timeout: float) -> dict:
+    """Run `python -m service.validate ARGS` under the limits; its JSON answer, or Invalid with the reason."""
     try:
-        out = subprocess.run([sys.executable, "-m", "service.validate", str(path)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "service.validate", *args], capture_output=True, text=True,
                              timeout=timeout, preexec_fn=_limit, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     except subprocess.TimeoutExpired:
         raise Invalid(f"reading it took longer than {timeout:.0f} s") from None
@@ -39,20 +39,15 @@ def validate(path: Path, timeout: float = 120) -> dict:
     return result
 
 
+def validate(path: Path, timeout: float = 120) -> dict:
+    """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan, or Invalid with the reason."""
+    return _child([str(path)], timeout)
+
+
 def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(series instance UID -> file paths of its slices, file path -> [SOP class UID, SOP instance UID]) of the
     DICOM files under `folder`, read in the limited child."""
-    try:
-        out = subprocess.run([sys.executable, "-m", "service.validate", "--series", str(folder)], capture_output=True,
-                             text=True, timeout=timeout, preexec_fn=_limit, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    except subprocess.TimeoutExpired:
-        raise Invalid(f"sorting the instances into series took longer than {timeout:.0f} s") from None
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        raise Invalid(f"the instances could not be read within the parser's limits (exit {out.returncode})")
-    result = json.loads(lines[-1])
-    if "error" in result:
-        raise Invalid(result["error"])
+    result = _child(["--series", str(folder)], timeout)
     return result["series"], result["instances"]
 
 

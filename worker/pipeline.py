@@ -1,7 +1,6 @@
-"""The Python API behind `isl refine` (and, next, the Celery task): read, refine, write, report."""
+"""The Python API behind `isl refine` and the Celery task: read, refine, write, report."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from segmentation.io import Volume, read_image, write_label_map
+from service.storage import Storage
 from segmentation.preprocess import to_native
 from worker.bundle import ISLBundle
 from worker.config import ISLConfig
@@ -30,14 +30,6 @@ def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLCo
 def label_volumes_ml(labels: np.ndarray, spacing, names: dict[int, str]) -> dict[str, float]:
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {names[v]: round(float(np.count_nonzero(labels == v)) * voxel_ml, 3) for v in names if v != 0}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -89,7 +81,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path, out_dir: str |
     report = {
         "input": [str(p) for p in inputs],
         "output": str(outputs["mask"]),
-        "files": {k: {"path": p.name, "sha256": sha256(p)} for k, p in outputs.items()},
+        "files": {k: {"path": p.name, "sha256": Storage.sha256(p)} for k, p in outputs.items()},
         "model_version": refiner.bundle.version,
         "labels": {str(k): v for k, v in names.items()},
         "volumes_ml": label_volumes_ml(refined, spacing, names),
