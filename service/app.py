@@ -2,9 +2,9 @@
 
 It validates, stores and queues; the GPU workers (`isl worker`) do the work. Never imports torch."""
 
+import asyncio
 import json
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
-from service.jobs import FINAL, JobStore
+from service.jobs import FINAL, JobStore, now
 from service.queue import Queue
 from service.settings import Settings, hash_key
 from service.storage import JOB_ID, Storage, TooLarge
@@ -130,12 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = model or settings.default_model
         if model not in _models(settings):
             raise HTTPException(422, f"unknown model {model!r}; available: {sorted(_models(settings))}")
-        if idempotency_key:
-            existing = store.r.get(f"isl:idem:{who}:{idempotency_key}")
-            job = store.get(existing) if existing else None
-            if job:
-                response.headers["Location"] = f"/v1/jobs/{job['id']}"
-                return view(job)
+        if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
+            response.headers["Location"] = f"/v1/jobs/{job['id']}"
+            return view(job)  # a retried upload: the body is not read again
         staging = settings.storage_root / "staging" / uuid.uuid4().hex
         try:
             inputs = _receive(files, staging, storage, settings.max_upload_bytes)
@@ -215,8 +212,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         own_job(job_id, who)
 
         async def stream():
-            import asyncio
-
             last, idle = None, 0.0
             while not await request.is_disconnected():
                 current = await asyncio.to_thread(store.get, job_id)
@@ -239,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def cancel(job_id: str, who: Tenant) -> JobView:
         job = own_job(job_id, who)
         if job["state"] == "queued":
-            job = store.update(job_id, state="cancelled", cancel_requested=True, finished=time.time())
+            job = store.update(job_id, state="cancelled", cancel_requested=True, finished=now())
         elif job["state"] == "running":
             job = store.update(job_id, cancel_requested=True)
         return view(job)
@@ -278,8 +273,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           "RetrieveURL (0008,1190) values; each result is available as DICOM SEG and, when "
                           "`ISL_STOW_URL` is set, pushed there by the worker.")
     async def stow(request: Request, who: Tenant) -> JSONResponse:
-        import asyncio
-
         from service.stow import BadRequest, receive_parts
         from service.validate import Invalid, group_series, validate
 

@@ -28,6 +28,11 @@ class JobStore:
             return False
 
     # -- records ----------------------------------------------------------------------------------------
+    def by_idempotency_key(self, tenant: str, key: str) -> dict | None:
+        """The job this tenant created with `key`, if any (keys live 7 days)."""
+        job_id = self.r.get(f"{P}idem:{tenant}:{key}")
+        return self.get(job_id) if job_id else None
+
     def create(self, tenant: str, inputs: list[dict], options: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
         """A new queued job, or (existing job, False) when this tenant already used `idempotency_key`."""
         job_id = uuid.uuid4().hex
