@@ -86,7 +86,10 @@ class Registrar(torch.nn.Module):
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"{path}: registration checkpoint not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BundleError(f"{path}: not a loadable checkpoint ({exc})") from exc
         if ckpt.get("kind") != "isl-registration" or ckpt.get("format") != FORMAT:
             raise BundleError(f"{path}: not an isl-registration checkpoint of format {FORMAT}")
         reg = cls(RegistrationConfig(**ckpt["config"]))

@@ -38,7 +38,7 @@ def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, s
                 name="isl-refine", version=software_version, family=codes.cid7162.ArtificialIntelligence),
         ))
     seg = hd.seg.Segmentation(
-        source_images=source.dicom_headers,
+        source_images=_with_type2_attributes(source.dicom_headers),
         pixel_array=segment_map,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -54,3 +54,23 @@ def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, s
         omit_empty_frames=False,
     )
     return _atomic_write(Path(path), lambda tmp: seg.save_as(tmp))
+
+
+# Patient and study attributes a SEG must carry (type 2: present, possibly empty). Exports that leave them
+# out are common; highdicom copies them from the source, so they are added empty to copies of the headers.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+
+
+def _with_type2_attributes(headers: list) -> list:
+    import copy
+
+    out = []
+    for ds in headers:
+        missing = [k for k in _TYPE2 if k not in ds]
+        if missing:
+            ds = copy.deepcopy(ds)
+            for keyword in missing:
+                setattr(ds, keyword, "")
+        out.append(ds)
+    return out

@@ -11,8 +11,10 @@ every voxel for NaN or infinity.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
 import stat
 import tempfile
 import zipfile
@@ -274,6 +276,16 @@ def _dicom_headers(files: list[str]) -> list:
             raise CorruptImageError(f"{Path(name).name}: not a readable DICOM file ({exc})") from exc
         if "PixelData" not in ds:
             raise CorruptImageError(f"{Path(name).name}: DICOM file has no pixel data")
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and not syntax.is_compressed:  # ITK pads short pixel data silently
+            try:
+                needed = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                          * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise CorruptImageError(f"{Path(name).name}: image size attributes are missing or malformed ({exc})") from exc
+            if len(ds.PixelData) < needed:
+                raise CorruptImageError(f"{Path(name).name}: {len(ds.PixelData):,} bytes of pixel data where "
+                                        f"{ds.Rows} x {ds.Columns} pixels need {needed:,}")
         del ds.PixelData
         headers.append(ds)
     return headers
@@ -391,9 +403,22 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
-    """Write an array (z, y, x) on `geometry` as NIfTI, atomically."""
+    """Write an array (z, y, x) on `geometry` as NIfTI, atomically, and read it back before it takes its
+    name: ITK's NIfTI writer only prints a failed write (a full disk) to stderr and returns normally."""
     image = geometry.image_from_array(array)
-    return _atomic_write(Path(path), lambda tmp: sitk.WriteImage(image, tmp, True))
+
+    def write(tmp: str) -> None:
+        sitk.WriteImage(image, tmp, True)
+        try:
+            intact = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(tmp)), array)
+        except RuntimeError:
+            intact = False
+        if not intact:
+            full = shutil.disk_usage(os.path.dirname(tmp)).free < (1 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "No space left on device" if full else "the written file does not read back", str(path))
+
+    return _atomic_write(Path(path), write)
 
 
 def write_label_map(labels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 from segmentation.errors import InputError
 from segmentation.io import Geometry, Volume
 
+MAX_CANONICAL_VOXELS = 512 * 512 * 1024  # as segmentation.io.ReadLimits.max_voxels
+
 
 class ChannelNorm(BaseModel):
     """Intensity scaling of one input channel to [0, 1].
@@ -50,9 +52,16 @@ class Preprocessing(BaseModel):
         image = sitk.DICOMOrient(image, self.orientation)
         spacing = np.asarray(image.GetSpacing())
         target = np.asarray(self.spacing)
+        if not np.all((spacing >= 1e-3) & (spacing <= 1e3)):
+            raise InputError(f"voxel spacing {tuple(float(s) for s in spacing)} mm is outside 0.001..1000 mm; "
+                             "the header's spacing is wrong")
         if np.allclose(spacing, target, rtol=1e-3):
             return image
         size = np.maximum(1, np.round(np.asarray(image.GetSize()) * spacing / target)).astype(int)
+        if np.prod(size, dtype=np.int64) > MAX_CANONICAL_VOXELS:
+            raise InputError(f"the scan covers {tuple(float(e) for e in np.asarray(image.GetSize()) * spacing)} mm; on this "
+                             f"model's {tuple(self.spacing)} mm grid that is {tuple(int(v) for v in size)} voxels, over the "
+                             f"limit of {MAX_CANONICAL_VOXELS:,}")
         return sitk.Resample(image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(),
                              tuple(float(t) for t in target), image.GetDirection(), 0.0, image.GetPixelID())
 

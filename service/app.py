@@ -3,14 +3,18 @@
 It validates, stores and queues; the GPU workers (`isl worker`) do the work. Never imports torch."""
 
 import asyncio
+import errno
 import json
+import logging
 import shutil
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 
@@ -20,6 +24,8 @@ from service.settings import Settings, hash_key
 from service.storage import JOB_ID, Storage, TooLarge
 
 GZIP, ZIP, DICM = b"\x1f\x8b", b"PK\x03\x04", b"DICM"
+PROBES = ("/healthz", "/readyz")  # the only routes without credentials
+log = logging.getLogger("isl.api")
 
 
 class JobView(BaseModel):
@@ -28,6 +34,8 @@ class JobView(BaseModel):
     id: str = Field(description="job id (32 hex digits)")
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(description="where the job is")
     queue_position: int | None = Field(None, description="0-based place in the queue while queued")
+    estimated_wait_s: float | None = Field(None, description="while queued: seconds until a worker should take it, from the live "
+                                                             "workers, the running jobs and the mean of recent job durations")
     stage: str = Field("", description="engine stage while running: baseline, registration, finetune, fusion, final, writing")
     progress: float = Field(0.0, description="0..1 while running; 1 when succeeded")
     error: str = Field("", description="why it failed, in words a person can act on")
@@ -77,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store, storage, queue = JobStore(settings.redis_url), Storage(settings.storage_root), Queue(settings)
     from service import metrics
 
-    app = FastAPI(title="ISL refinement service", version="1",
+    app = FastAPI(title="ISL refinement service", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Upload a 3D scan; a GPU worker refines its segmentation by inference-specific "
                               "learning; fetch the mask (NIfTI or DICOM SEG) and a report with volumes per label.")
     header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -87,8 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if key is None:
             auth = request.headers.get("authorization", "")
             key = auth[7:] if auth.lower().startswith("bearer ") else None
-        name = keys.get(hash_key(key)) if key else None
-        if name is None:
+        digest = hash_key(key) if key else ""
+        name = keys.get(digest)
+        if name is None or store.revoked(digest):
             raise HTTPException(401, "a valid API key is required (X-API-Key header or Authorization: Bearer)",
                                 headers={"WWW-Authenticate": 'Bearer realm="isl"'})
         return name
@@ -109,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JobView(id=job["id"], state=job["state"], stage=job["stage"], progress=job["progress"],
                        error=job["error"], model=job["options"]["model"], worker=job.get("worker", ""), push=job.get("push", ""), created=job["created"],
                        started=job["started"], finished=job["finished"],
-                       queue_position=store.position(job["id"]) if job["state"] == "queued" else None, links=links)
+                       queue_position=store.position(job["id"]) if job["state"] == "queued" else None,
+                       estimated_wait_s=store.estimate_wait(job["id"]) if job["state"] == "queued" else None, links=links)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -117,6 +127,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if request.method == "POST" and length and length.isdigit() and int(length) > settings.max_upload_bytes + (1 << 20):
             return JSONResponse({"detail": f"upload of {length} bytes exceeds the limit of {settings.max_upload_bytes}"}, 413)
         return await call_next(request)
+
+    @app.exception_handler(OSError)
+    async def storage_error(request: Request, exc: OSError) -> JSONResponse:
+        """A full disk is the client's 507 (try later), nothing half-written stays (staging is removed)."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("storage full: %s", exc)
+            return JSONResponse({"detail": "the service's storage is full; nothing was kept, submit again later"}, 507)
+        log.exception("storage error")
+        return JSONResponse({"detail": "internal storage error; nothing was kept"}, 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one readable sentence, as every other error (the Problem schema), not FastAPI's list."""
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow: every method of every route on this path, not just the first route's
+            from starlette.routing import Match
+
+            allowed = set()
+            for route in app.routes:
+                match, _ = route.matches({"type": "http", "path": request.url.path, "method": "GET"})
+                if match != Match.NONE:
+                    allowed |= set(getattr(route, "methods", None) or ())
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+
+    def room_for_upload() -> None:
+        if shutil.disk_usage(settings.storage_root).free < settings.min_free_mb * (1 << 20):
+            raise HTTPException(507, f"the service's storage has less than {settings.min_free_mb} MB free; "
+                                     "uploads are refused until space is freed")
 
     @app.post("/v1/jobs", status_code=202, response_model=JobView,
               responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
@@ -133,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
             response.headers["Location"] = f"/v1/jobs/{job['id']}"
             return view(job)  # a retried upload: the body is not read again
+        room_for_upload()
         staging = settings.storage_root / "staging" / uuid.uuid4().hex
         try:
             inputs = _receive(files, staging, storage, settings.max_upload_bytes)
@@ -150,7 +196,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             target.parent.mkdir(parents=True, exist_ok=True)
             staged.rename(target)
             metrics.UPLOADED.inc(sum(i["bytes"] for i in inputs))
-            queue.send(job["id"], options["priority"])
+            try:
+                queue.send(job["id"], options["priority"])
+            except Exception as exc:  # noqa: BLE001 - the broker is unreachable: say so, keep no orphan queued job
+                log.exception("queueing job %s failed", job["id"])
+                store.update(job["id"], state="failed", finished=now(), error=f"could not be queued: {exc}")
+                raise HTTPException(503, "the job queue is unreachable; the upload was not queued, submit again") from None
         return job
 
     @app.post("/v1/batches", status_code=202, response_model=BatchView,
@@ -166,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"unknown model {model!r}; available: {sorted(_models(settings))}")
         if len(files) > 500:
             raise HTTPException(422, f"a batch holds at most 500 cases, not {len(files)}")
+        room_for_upload()
         root = settings.storage_root / "staging" / uuid.uuid4().hex
         try:
             staged, total = [], 0
@@ -202,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return view(own_job(job_id, who))
 
     @app.get("/v1/jobs", response_model=JobList, summary="Your jobs, newest first")
-    def list_jobs(who: Tenant, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
+    def list_jobs(who: Tenant, offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
         jobs, total = store.list(who, offset, limit)
         return JobList(jobs=[view(j) for j in jobs], total=total, offset=offset, limit=limit)
 
@@ -245,7 +297,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(409, f"job {job_id} is {job['state']}; results exist once it has succeeded")
         return job
 
-    @app.get("/v1/jobs/{job_id}/result", responses={404: {"model": Problem}, 409: {"model": Problem}},
+    @app.get("/v1/jobs/{job_id}/result", response_class=FileResponse,
+             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
+                              "description": "the label map: NIfTI (gzip) or DICOM SEG; header Digest: sha-256=<hex>"},
+                        404: {"model": Problem}, 409: {"model": Problem}, 500: {"model": Problem}},
              summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG; its checksum is verified first")
     def result(job_id: str, who: Tenant, format: Literal["nifti", "dicom-seg"] = "nifti") -> FileResponse:
         job = finished_job(job_id, who)
@@ -276,6 +331,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from service.stow import BadRequest, receive_parts
         from service.validate import Invalid, group_series, validate
 
+        room_for_upload()
         root = settings.storage_root / "staging" / uuid.uuid4().hex
         try:
             try:
@@ -326,6 +382,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def models(who: Tenant) -> dict:
         return {"default": settings.default_model, "models": _models(settings)}
 
+    @app.get("/openapi.json", summary="This API's OpenAPI schema", include_in_schema=False)
+    def openapi(who: Tenant) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     @app.get("/healthz", summary="The process is up")
     def healthz() -> dict:
         return {"status": "ok"}
@@ -335,15 +395,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checks = {"redis": store.ping(), "storage": storage.reachable()}
         return JSONResponse({"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
     def prometheus(who: Tenant) -> Response:
-        return Response(metrics.render(store, settings.queue), media_type=metrics.CONTENT_TYPE)
+        return PlainTextResponse(metrics.render(store, settings.queue), media_type=metrics.CONTENT_TYPE)
 
-    from fastapi.routing import APIRoute
+    def openapi_schema() -> dict:
+        """FastAPI's schema, with the errors as this API really sends them: every route but the probes may
+        answer 401, every error body is a Problem (one sentence, 422 included), uploads may meet 503/507."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
 
-    for route in app.routes:  # every route but the probes needs a key: say so in the schema
-        if isinstance(route, APIRoute) and route.path not in ("/healthz", "/readyz"):
-            route.responses.setdefault(401, {"model": Problem, "description": "no valid API key (WWW-Authenticate: Bearer)"})
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        problem = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        errors = {"401": "no valid API key (WWW-Authenticate: Bearer)", "422": "the request or its upload is invalid: the reason",
+                  "503": "the job queue is unreachable; nothing was queued", "507": "the service's storage is full; nothing was kept"}
+        for path, operations in schema["paths"].items():
+            for method, op in operations.items():
+                codes = [] if path in PROBES else ["401"] + (["503", "507"] if method == "post" else [])
+                codes += ["422"] if "422" in op["responses"] else []
+                for code in codes:
+                    op["responses"][code] = {"description": errors[code], **problem}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi_schema
     app.state.settings, app.state.store, app.state.storage = settings, store, storage
     return app
 

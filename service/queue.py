@@ -20,8 +20,12 @@ def celery_config(settings: Settings) -> dict:
         "task_default_queue": settings.queue,
         "task_time_limit": settings.job_time_limit_s,
         "task_soft_time_limit": max(1, settings.job_time_limit_s - 60),
+        # unacknowledged messages older than the visibility timeout are swept back every tenth of it (<= 60 s)
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s,
+                                     "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 10)),
+                                     "unacked_restore_throttle": 1,
                                      "queue_order_strategy": "priority"},
+        "worker_max_memory_per_child": settings.worker_max_memory_mb * 1024 or None,
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
     }
@@ -34,4 +38,6 @@ class Queue:
         self.app.conf.update(celery_config(settings))
 
     def send(self, job_id: str, priority: int = 5) -> None:
-        self.app.send_task(TASK, args=[job_id], queue=self.settings.queue, priority=priority)
+        self.app.send_task(TASK, args=[job_id], queue=self.settings.queue, priority=priority,
+                           retry=True, retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                                                     "interval_max": 3})

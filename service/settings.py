@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_KEY = "isl-dev-key"  # accepted only in development mode, and only when no keys are configured
@@ -27,18 +27,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, description="larger uploads are refused with 413")
     queue: str = Field("isl", description="Celery queue the GPU workers consume")
     max_deliveries: int = Field(3, ge=1, description="a job delivered this many times without finishing ends failed")
-    job_time_limit_s: int = Field(1800, description="hard time limit of one job (below the visibility timeout)")
-    visibility_timeout_s: int = Field(7200, description="Redis redelivers an unacknowledged job after this long")
+    job_time_limit_s: int = Field(1800, ge=1, description="hard time limit of one job; it then ends failed with the reason")
+    visibility_timeout_s: int = Field(7200, ge=1, description="Redis redelivers an unacknowledged job after this long (a copy of a job that still runs is not run again)")
+    lease_s: int = Field(30, ge=2, description="a running job's lease, renewed by its worker; a job whose worker died is requeued this long after")
+    worker_max_memory_mb: int = Field(16000, ge=0, description="a worker process whose resident memory passes this after a job is replaced (0: never)")
+    min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less free space than this")
     stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM inputs are pushed to; empty: none")
     stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
     device: str = Field("auto", description="worker device: auto, cpu or cuda")
-
-    @model_validator(mode="after")
-    def _limits_below_visibility(self):
-        if self.job_time_limit_s >= self.visibility_timeout_s:
-            raise ValueError(f"ISL_JOB_TIME_LIMIT_S ({self.job_time_limit_s}) must be below ISL_VISIBILITY_TIMEOUT_S "
-                             f"({self.visibility_timeout_s}), or Redis would hand a running job to a second worker")
-        return self
 
     def tenants_by_key_hash(self) -> dict[str, str]:
         """sha256(key) -> tenant. Refuses empty or malformed configuration unless in development mode."""

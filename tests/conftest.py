@@ -54,3 +54,22 @@ def tiny_bundle(phantom_dataset, tmp_path_factory) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_bundle, phantom_dataset, tmp_path_factory):
+    """The service as subprocesses (worker/localstack.py): a private redis-server on a free port, `isl serve`
+    and one `isl worker`, shared by the modules that test the service over HTTP."""
+    import shutil
+
+    from kit import KEYS
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    from worker.localstack import LocalStack
+
+    with LocalStack(tmp_path_factory.mktemp("stack"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEYS) as s:
+        try:
+            yield s
+        finally:
+            print(s.logs())

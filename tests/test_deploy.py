@@ -30,3 +30,13 @@ def test_compose_refuses_to_start_without_keys(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ISL_API_KEYS"} | {"ATLAS_DIR": str(tmp_path)}
     out = compose("config", "-q", env=env)
     assert out.returncode != 0 and "ISL_API_KEYS" in out.stderr
+
+
+def test_readme_lists_every_setting():
+    import re
+
+    from service.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `ISL_([A-Z_]+)` \|", readme, re.M))
+    assert listed == {name.upper() for name in Settings.model_fields}, listed ^ {n.upper() for n in Settings.model_fields}

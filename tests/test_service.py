@@ -13,24 +13,10 @@ import numpy as np
 import pytest
 
 from service.settings import hash_key
+from kit import KEYS, client, scan, submit, wait_final
 from worker.localstack import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2"}
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_bundle, phantom_dataset, tmp_path_factory):
-    """redis-server + `isl serve` + one `isl worker`, as subprocesses (worker/localstack.py)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    from worker.localstack import LocalStack
-
-    with LocalStack(tmp_path_factory.mktemp("stack"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEYS) as s:
-        try:
-            yield s
-        finally:
-            print(s.logs())
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +27,6 @@ def service(stack):
 @pytest.fixture(scope="module")
 def redis_url(stack):
     return stack.env["ISL_REDIS_URL"]
-
-
-def client(tenant="alpha") -> httpx.Client:
-    return httpx.Client(headers={"X-API-Key": KEYS[tenant]}, timeout=30)
-
-
-def submit(base, path, tenant="alpha", **headers):
-    with client(tenant) as c, open(path, "rb") as fh:
-        return c.post(base + "/v1/jobs", files={"files": (path.name, fh)}, headers=headers)
-
-
-def wait_final(base, job_id, tenant="alpha", timeout=240):
-    with client(tenant) as c:
-        return wait_until(lambda: (j := c.get(f"{base}/v1/jobs/{job_id}").json())["state"] in
-                          ("succeeded", "failed", "cancelled") and j, timeout, f"job {job_id}")
-
-
-def scan(phantom_dataset, i=0) -> Path:
-    return sorted((phantom_dataset / "imagesTr").glob("*.nii.gz"))[i]
 
 
 def test_credentials_are_required(service):
@@ -305,11 +272,34 @@ def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
 
     store = JobStore(redis_url)
     job, _ = store.create("alpha", [], {"model": "tiny"})
-    for _ in range(3):
-        assert store.deliver(job["id"], max_deliveries=3)[1] == "run"
-    final, action = store.deliver(job["id"], max_deliveries=3)
+    for k in range(3):  # each time a new worker process whose predecessor died (its lease lapsed)
+        assert store.deliver(job["id"], 3, f"elsewhere:{k}", 30, holder_alive=lambda h: False)[1] == "run"
+    final, action = store.deliver(job["id"], 3, "elsewhere:9", 30, holder_alive=lambda h: False)
     assert action == "poison" and final["state"] == "failed" and "3 times" in final["error"]
-    assert store.deliver(job["id"], max_deliveries=3)[1] == "skip"
+    assert store.deliver(job["id"], 3, "elsewhere:10", 30)[1] == "skip"
+
+
+def test_a_second_delivery_of_a_running_job_is_not_run(redis_url):
+    """The lease: while its holder lives, copies of the job (visibility timeout, reconnects) are not run;
+    once the lease lapses, the orphan is requeued and sent once."""
+    from service.jobs import JobStore, now
+
+    store = JobStore(redis_url)
+    job, _ = store.create("alpha", [], {"model": "tiny", "priority": 5})
+    assert store.deliver(job["id"], 3, "host-a:1", 2)[1] == "run"
+    assert store.deliver(job["id"], 3, "host-b:2", 2)[1] == "duplicate"
+    assert store.get(job["id"])["state"] == "running" and store.r.get(f"isl:duplicates:{job['id']}") == "1"
+    assert store.renew(job["id"], "host-a:1", 2) and not store.renew(job["id"], "host-b:2", 2)
+    sent = []
+    assert store.requeue_orphans(lambda i, p: sent.append(i)) == [] and sent == []  # lease held: not an orphan
+    time.sleep(2.2)  # the holder stops renewing: the lease lapses
+    time.sleep(max(0.0, store.r.pttl("isl:reaper") / 1000))
+    assert store.requeue_orphans(lambda i, p: sent.append(i)) == [job["id"]] and sent == [job["id"]]
+    assert store.get(job["id"])["state"] == "queued" and store.position(job["id"]) is not None
+    assert store.deliver(job["id"], 3, "host-b:2", 2)[1] == "run"
+    store.finish(job["id"], "host-b:2", state="succeeded", finished=now())
+    assert store.deliver(job["id"], 3, "host-c:3", 2)[1] == "skip"
+    assert not store.r.exists(f"isl:lease:{job['id']}")
 
 
 def test_service_refuses_to_start_without_keys():
@@ -322,13 +312,12 @@ def test_service_refuses_to_start_without_keys():
     with pytest.raises(ValueError, match="not tenant"):
         Settings(api_keys="a:1234").tenants_by_key_hash()
     assert Settings(api_keys="", dev_mode=True).tenants_by_key_hash() == {hash_key(DEV_KEY): "dev"}
-    with pytest.raises(ValueError, match="VISIBILITY"):
-        Settings(job_time_limit_s=7200, visibility_timeout_s=3600)
 
 
 def test_openapi_documents_every_route_and_field(service):
     base, _ = service
-    schema = httpx.get(base + "/openapi.json").json()
+    with client() as c:
+        schema = c.get(base + "/openapi.json").json()
     for path, methods in schema["paths"].items():
         for method, op in methods.items():
             assert op.get("summary"), f"{method.upper()} {path} has no summary"

@@ -109,6 +109,21 @@ def cmd_submit(args) -> int:
     return 0 if all(r["state"] in ("succeeded", "skipped") for r in summary.values()) else 1
 
 
+def cmd_revoke_key(args) -> int:
+    """Revokes a tenant key at once on every API process sharing this Redis (the key itself is read from
+    stdin so that it stays out of shell history, or given as its sha256)."""
+    from service.jobs import JobStore
+    from service.settings import Settings, hash_key
+
+    digest = args.sha256 or hash_key(sys.stdin.readline().strip())
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        print("isl revoke-key: error: --sha256 takes the 64 hex digits of the key's sha256", file=sys.stderr)
+        return 2
+    JobStore(Settings().redis_url).revoke(digest)
+    print(json.dumps({"revoked": digest}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isl", description="Inference-specific learning for 3D segmentation")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -173,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each case")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")
+    p.add_argument("--sha256", default=None, help="the key's sha256 (as in ISL_API_KEYS) instead of the key on stdin")
+    p.set_defaults(func=cmd_revoke_key)
 
     p = sub.add_parser("worker", help="run one refinement worker (one per GPU) consuming the job queue")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides ISL_DEVICE")

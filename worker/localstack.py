@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,10 +45,11 @@ class LocalStack:
     stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit."""
 
     def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
-                 workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None):
+                 workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None,
+                 appendonly: bool = False):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-        self.folder, self.procs = Path(folder), []
+        self.folder, self.procs, self.named, self.appendonly = Path(folder), [], {}, appendonly
         self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_worker),
@@ -61,19 +63,38 @@ class LocalStack:
         self.n_workers = workers
 
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "w")
+        """Each process leads its own process group, so that `kill` reaches a worker's pool children too."""
+        log = open(self.folder / f"{name}.log", "a")
         proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
+        self.named[name] = proc
         return proc
 
-    def start_worker(self, name: str) -> subprocess.Popen:
-        return self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack"])
+    def start_worker(self, name: str, wait: bool = False) -> subprocess.Popen:
+        """Starts `isl worker` as node name@localstack; with wait, returns once its pool process beats."""
+        import redis
 
-    def __enter__(self) -> LocalStack:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        client = redis.Redis(port=self.redis_port)
+        before = set(client.scan_iter("isl:worker:*"))
+        proc = self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack"])
+        if wait:
+            wait_until(lambda: set(client.scan_iter("isl:worker:*")) - before, 60, f"worker {name}'s heartbeat")
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, wait: float = 30) -> None:
+        """Sends `sig` to the named process's whole group (a worker and its pool children) and waits for it."""
+        proc = self.named[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(wait)
+
+    def start_redis(self) -> None:
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self._run("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
-                            "--appendonly", "no", "--dir", str(self.folder)])
+                            *persist, "--dir", str(self.folder)])
         import redis
 
         client = redis.Redis(port=self.redis_port)
@@ -85,6 +106,14 @@ class LocalStack:
                 return False
 
         wait_until(pings, 20, "redis-server")
+
+    def start_api(self) -> None:
+        self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
+        wait_until(lambda: _answers(self.url + "/healthz"), 60, "the API")
+
+    def __enter__(self) -> LocalStack:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.start_redis()
         self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
         for i in range(self.n_workers):
             self.start_worker(f"w{i + 1}")
@@ -104,9 +133,13 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         for p in reversed(self.procs):
-            p.terminate()
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         for p in self.procs:
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)

@@ -1,0 +1,120 @@
+"""Load benchmark on this machine: the operators' locust scenario (benchmarks/locustfile.py) against a real
+local stack (redis-server, `isl serve`, 2 `isl worker`s; worker/localstack.py) on small phantom jobs, then
+the curve of job latency as the queue grows: the wait the API estimated at submission vs the real wait.
+Prints JSON (and writes it with --json).
+
+    python benchmarks/load_bench.py --json benchmarks/results/load_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+KEY = {"load": "load-test-secret-key"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--uploaders", type=int, default=10)
+    ap.add_argument("--upload-every", type=float, default=20, help="seconds between one uploader's uploads")
+    ap.add_argument("--minutes", type=float, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from worker.demo import make_dataset
+    from worker.localstack import LocalStack
+    from worker.train import BundleTrainConfig, train_bundle
+
+    work = Path(tempfile.mkdtemp(prefix="isl-load-"))
+    data = work / "phantoms"
+    make_dataset(data, n_train=6, n_test=2, seed=1)
+    cfg = BundleTrainConfig(holdout=2, name="tiny")
+    cfg.training.iterations, cfg.registration.iterations = 30, 20
+    train_bundle(data, work / "models" / "tiny", cfg, torch.device("cpu"), progress=lambda m: None)
+    scan = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
+    log = work / "jobs.jsonl"
+    out = {"command": shlex.join(["python", *sys.argv]),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU; locust, API, Redis and "
+                      f"{args.workers} workers share it",
+           "scenario": {"users": args.users, "uploaders": args.uploaders, "pollers": args.users - args.uploaders,
+                        "upload_every_s": args.upload_every, "seconds": args.minutes * 60,
+                        "jobs": "tiny phantom bundle, 1 CPU thread per worker", "scan_bytes": scan.stat().st_size}}
+    with LocalStack(work / "stack", work / "models", "tiny", data, KEY, workers=args.workers) as stack:
+        # one job first, so that the API has a job duration to estimate waits from
+        with httpx.Client(headers={"X-API-Key": KEY["load"]}, timeout=60) as c:
+            first = c.post(stack.url + "/v1/jobs", files={"files": (scan.name, scan.read_bytes())}).json()["id"]
+            while c.get(f"{stack.url}/v1/jobs/{first}").json()["state"] != "succeeded":
+                time.sleep(0.5)
+        env = {"ISL_API_KEY": KEY["load"], "ISL_LOAD_SCAN": str(scan), "ISL_LOAD_UPLOADERS": str(args.uploaders),
+               "ISL_LOAD_UPLOAD_EVERY_S": str(args.upload_every), "ISL_LOAD_JOBS_LOG": str(log)}
+        t0 = time.time()
+        run = subprocess.run([str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "benchmarks" / "locustfile.py"),
+                              "--host", stack.url, "--headless", "-u", str(args.users), "-r", str(args.users),
+                              "-t", f"{int(args.minutes * 60)}s", "--csv", str(work / "locust"), "--only-summary"],
+                             env={**stack.env, **env}, capture_output=True, text=True)
+        t1 = time.time()
+        print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+        out["requests"] = {}
+        with open(work / "locust_stats.csv") as fh:
+            for row in csv.DictReader(fh):
+                out["requests"][row["Name"]] = {
+                    "count": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                    "per_s": round(float(row["Requests/s"]), 2), "p50_ms": float(row["50%"]),
+                    "p95_ms": float(row["95%"]), "p99_ms": float(row["99%"]), "max_ms": round(float(row["Max Response Time"]), 1)}
+        out["errors"] = out["requests"]["Aggregated"]["failures"]
+        out["locust_exit"] = run.returncode
+        # the queue drains; then every job's real wait against its estimate
+        submitted = [json.loads(line) for line in log.read_text().splitlines()]
+        with httpx.Client(headers={"X-API-Key": KEY["load"]}, timeout=60) as c:
+            jobs = {}
+            while len(jobs) < len(submitted) and time.time() - t1 < 1800:
+                for s in submitted:
+                    if s["id"] not in jobs:
+                        j = c.get(f"{stack.url}/v1/jobs/{s['id']}").json()
+                        if j["state"] in ("succeeded", "failed", "cancelled"):
+                            jobs[s["id"]] = j
+                time.sleep(1)
+    done_in_run = [j for j in jobs.values() if j["state"] == "succeeded" and j["finished"] <= t1]
+    out["jobs"] = {"submitted": len(submitted), "succeeded": sum(j["state"] == "succeeded" for j in jobs.values()),
+                   "failed_or_lost": len(submitted) - sum(j["state"] == "succeeded" for j in jobs.values()),
+                   "per_minute_during_run": round(len(done_in_run) / ((t1 - t0) / 60), 2),
+                   "per_minute_to_drain": round(len(jobs) / ((max(j["finished"] for j in jobs.values()) - t0) / 60), 2)}
+    rows = []
+    for s in submitted:
+        j = jobs.get(s["id"])
+        if j and j["started"]:
+            rows.append({"position": s["position"], "estimated_wait_s": s["estimated_wait_s"],
+                         "real_wait_s": round(j["started"] - j["created"], 1),
+                         "latency_s": round(j["finished"] - j["created"], 1)})
+    rows.sort(key=lambda r: r["position"])
+    out["queue_curve"] = rows
+    est = np.array([r["estimated_wait_s"] for r in rows if r["estimated_wait_s"] is not None], float)
+    real = np.array([r["real_wait_s"] for r in rows if r["estimated_wait_s"] is not None], float)
+    if len(est):
+        out["estimate_vs_real"] = {"jobs": len(est), "median_abs_error_s": round(float(np.median(np.abs(est - real))), 1),
+                                   "median_ratio_estimate_to_real": round(float(np.median((est + 1) / (real + 1))), 2),
+                                   "max_position": int(max(r["position"] for r in rows))}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
