@@ -25,6 +25,18 @@ KEY = {"load": "load-test-secret-key"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def curve(rows: list[dict], width: int = 5) -> list[dict]:
+    """Mean estimated and real wait per band of queue positions at submission (-1: taken at once)."""
+    bands = {}
+    for r in rows:
+        if r["estimated_wait_s"] is not None:
+            bands.setdefault(max(0, r["position"]) // width, []).append(r)
+    return [{"positions": f"{b * width}-{b * width + width - 1}", "jobs": len(rs),
+             "estimated_wait_s": round(float(np.mean([r["estimated_wait_s"] for r in rs])), 1),
+             "real_wait_s": round(float(np.mean([r["real_wait_s"] for r in rs])), 1),
+             "latency_s": round(float(np.mean([r["latency_s"] for r in rs])), 1)} for b, rs in sorted(bands.items())]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=50)
@@ -99,10 +111,13 @@ def main() -> None:
     for s in submitted:
         j = jobs.get(s["id"])
         if j and j["started"]:
-            rows.append({"position": s["position"], "estimated_wait_s": s["estimated_wait_s"],
+            # position None: a worker had taken it before the upload's response was made
+            rows.append({"position": s["position"] if s["position"] is not None else -1,
+                         "estimated_wait_s": s["estimated_wait_s"],
                          "real_wait_s": round(j["started"] - j["created"], 1),
                          "latency_s": round(j["finished"] - j["created"], 1)})
     rows.sort(key=lambda r: r["position"])
+    out["queue_curve_by_position"] = curve(rows)
     out["queue_curve"] = rows
     est = np.array([r["estimated_wait_s"] for r in rows if r["estimated_wait_s"] is not None], float)
     real = np.array([r["real_wait_s"] for r in rows if r["estimated_wait_s"] is not None], float)

@@ -6,6 +6,7 @@ import gzip
 import io
 import stat
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -76,7 +77,8 @@ def dicom_series(n=5, rows=16, cols=16, series_uid=None, study_uid=None, transfe
 
 def _zip(members: list[tuple], compression=zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as z:
+    with zipfile.ZipFile(buf, "w", compression) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # duplicate member names are one of the hostile cases
         for name, data, *mode in members:
             info = zipfile.ZipInfo(name)
             info.compress_type = compression

@@ -12,7 +12,6 @@ import pytest
 from worker.localstack import LocalStack, wait_until
 
 KEY = "storage-tenant-key"
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
