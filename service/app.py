@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.UPLOADED.inc(sum(i["bytes"] for i in inputs))
             try:
                 queue.send(job["id"], options["priority"])
+                store.mark_sent(job["id"])
             except Exception as exc:  # noqa: BLE001 - the broker is unreachable: say so, keep no orphan queued job
                 log.exception("queueing job %s failed", job["id"])
                 store.update(job["id"], state="failed", finished=now(), error=f"could not be queued: {exc}")

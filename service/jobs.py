@@ -70,8 +70,13 @@ class JobStore:
         pipe.set(f"{P}job:{job_id}", json.dumps(job))
         pipe.zadd(f"{P}tenant:{tenant}", {job_id: job["created"]})
         pipe.zadd(f"{P}queued", {job_id: job["created"]})
+        pipe.zadd(f"{P}unsent", {job_id: job["created"]})  # until its message is on the queue (mark_sent)
         pipe.execute()
         return job, True
+
+    def mark_sent(self, job_id: str) -> None:
+        """The job's message is on the broker's queue: `requeue_orphans` no longer needs to send it."""
+        self.r.zrem(f"{P}unsent", job_id)
 
     def create_batch(self, tenant: str, job_ids: list[str]) -> dict:
         batch = {"id": uuid.uuid4().hex, "tenant": tenant, "jobs": job_ids, "created": now()}
@@ -158,7 +163,6 @@ class JobStore:
             # its holder is gone (a worker process on this host that died): take the lease over
             if not self._swap(lease, current, holder, lease_s):
                 return self.get(job_id), "duplicate"
-            self._end_attempt(job_id, "its worker stopped")
         job = self.get(job_id)
         if job is None or job["state"] in FINAL:
             self.release(job_id, holder)
@@ -175,7 +179,10 @@ class JobStore:
             self.release(job_id, holder)
             return job, "poison"
         started = now()
-        attempts = job.get("attempts", []) + [{"worker": worker, "holder": holder, "started": started}]
+        attempts = job.get("attempts", [])
+        if attempts and "outcome" not in attempts[-1]:  # its run ended without a word: that worker stopped
+            attempts[-1].update(ended=started, outcome="its worker stopped")
+        attempts.append({"worker": worker, "holder": holder, "started": started})
         job = self.update(job_id, state="running", started=started, deliveries=n, stage="starting", worker=worker,
                           holder=holder, attempts=attempts)
         self.r.zadd(f"{P}running", {job_id: started})
@@ -189,12 +196,6 @@ class JobStore:
         if old is None:
             return bool(self.r.set(lease, new, nx=True, ex=lease_s))
         return bool(self.r.eval(self._SWAP, 1, lease, old, new, lease_s))
-
-    def _end_attempt(self, job_id: str, outcome: str) -> None:
-        job = self.get(job_id)
-        if job and job.get("attempts") and "outcome" not in job["attempts"][-1]:
-            job["attempts"][-1].update(ended=now(), outcome=outcome)
-            self.update(job_id, attempts=job["attempts"])
 
     def renew(self, job_id: str, holder: str, lease_s: int) -> bool:
         """Extends the lease while `holder` still holds it; False when it was lost (stop: someone else runs it)."""
@@ -223,12 +224,19 @@ class JobStore:
         self.release(job_id, holder)
         return job
 
-    def requeue_orphans(self, send: Callable[[str, int], None]) -> list[str]:
+    def requeue_orphans(self, send: Callable[[str, int], None], unsent_after_s: float = 60) -> list[str]:
         """Jobs marked running whose lease has expired (their worker died) go back to the queue and are sent
-        again; the delivery count still bounds how often. One sweep at a time across all workers."""
+        again; the delivery count still bounds how often. Jobs recorded but never sent (the API stopped
+        between the two) are sent after `unsent_after_s`. One sweep at a time across all workers."""
         if not self.r.set(f"{P}reaper", "1", nx=True, ex=2):
             return []
         sent = []
+        for job_id in self.r.zrangebyscore(f"{P}unsent", "-inf", time.time() - unsent_after_s):
+            job = self.get(job_id)
+            if job is not None and job["state"] == "queued":
+                send(job_id, int(job["options"].get("priority", 5)))  # a second copy would be refused by the lease
+                sent.append(job_id)
+            self.mark_sent(job_id)
         for job_id in self.r.zrange(f"{P}running", 0, -1):
             key, lease = f"{P}job:{job_id}", f"{P}lease:{job_id}"
             with self.r.pipeline() as pipe:

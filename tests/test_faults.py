@@ -194,6 +194,20 @@ def test_api_restarted_while_jobs_run_loses_nothing(stack, store, phantom_datase
         succeeded_once(store.get(i))
 
 
+def test_a_job_recorded_but_never_queued_is_sent_by_the_workers(stack, store, phantom_dataset, tiny_bundle):
+    """The API stopped between storing a job and queueing it: the workers' sweep sends it."""
+    from service.storage import Storage
+
+    job, _ = store.create("ops", [{"name": "scan.nii.gz", "kind": "nifti-gz", "path": "image.nii.gz"}],
+                          {"model": tiny_bundle.name, "priority": 5})
+    folder = Storage(Path(stack.env["ISL_STORAGE_ROOT"])).job_dir(job["id"]) / "input"
+    folder.mkdir(parents=True)
+    shutil.copy(scan(phantom_dataset), folder / "image.nii.gz")
+    done = wait_state(store, job["id"], FINAL, timeout=120)
+    succeeded_once(done)
+    assert done["started"] - done["created"] >= 10  # sent by the sweep (after 10 s here), not at once
+
+
 def test_pickle_messages_are_refused_by_the_workers(stack, store, phantom_dataset):
     """The broker carries JSON only: a pickled task (the classic Celery code-execution vector) is dropped."""
     from celery import Celery
@@ -204,6 +218,7 @@ def test_pickle_messages_are_refused_by_the_workers(stack, store, phantom_datase
     rogue = Celery("rogue", broker=stack.env["ISL_REDIS_URL"])
     rogue.conf.update(task_serializer="pickle", accept_content=["pickle"])
     rogue.send_task(TASK, args=[job["id"]], queue="isl", serializer="pickle")
+    store.mark_sent(job["id"])
     time.sleep(5)
     assert store.get(job["id"])["state"] == "queued" and store.get(job["id"])["deliveries"] == 0
     logs = "".join(p.read_text() for p in Path(stack.folder).glob("w*.log"))
@@ -227,6 +242,7 @@ def test_worker_memory_stays_bounded_over_200_failing_jobs(stack, store, tiny_bu
         (storage.job_dir(job["id"]) / "input").mkdir(parents=True)
         (storage.job_dir(job["id"]) / "input" / "image.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 200)
         queue.send(job["id"])
+        store.mark_sent(job["id"])
         return job["id"]
 
     def rss_mb(pid: int) -> float:

@@ -221,3 +221,46 @@ def test_geometry_mismatch_names_the_field():
     with pytest.raises(InputError, match="spacing"):
         a.check_same(b, "test")
     assert sitk.GetArrayFromImage(a.image_from_array(np.zeros((4, 4, 4)))).shape == (4, 4, 4)
+
+
+def test_dicom_with_less_pixel_data_than_its_header_claims_is_refused(tmp_path):
+    """ITK pads such slices with whatever it finds: the reader refuses them instead."""
+    import hostile
+
+    from segmentation.errors import CorruptImageError
+    from segmentation.io import read_image
+
+    for k, data in enumerate(hostile.dicom_series(rows_claimed=60000)):
+        (tmp_path / f"{k}.dcm").write_bytes(data)
+    with pytest.raises(CorruptImageError, match="bytes of pixel data where 60000 x 16 pixels need"):
+        read_image(tmp_path)
+
+
+def test_implausible_spacing_is_refused_before_resampling():
+    import SimpleITK as sitk
+
+    from segmentation.errors import InputError
+    from segmentation.preprocess import Preprocessing
+
+    image = sitk.Image(12, 12, 12, sitk.sitkFloat32)
+    image.SetSpacing((1e30, 1.0, 1.0))
+    with pytest.raises(InputError, match="outside 0.001..1000 mm"):
+        Preprocessing().canonical(image)
+    image.SetSpacing((900.0, 900.0, 900.0))
+    with pytest.raises(InputError, match="over the limit"):
+        Preprocessing().canonical(image)
+
+
+def test_a_nifti_write_that_does_not_read_back_raises(tmp_path, monkeypatch):
+    """ITK's NIfTI writer reports a failed write (a full disk) only on stderr: the file is read back."""
+    import SimpleITK as sitk
+
+    from segmentation.io import Geometry, write_image
+
+    geometry = Geometry((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    real = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, path, compress: (
+        real(image, path, compress), open(path, "r+b").truncate(os.path.getsize(path) // 2)))
+    with pytest.raises(OSError):
+        write_image(np.random.default_rng(0).random((8, 8, 8), np.float32), geometry, tmp_path / "x.nii.gz")
+    assert list(tmp_path.iterdir()) == []

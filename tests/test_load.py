@@ -29,5 +29,6 @@ def test_locust_scenario_runs_clean_against_the_service(stack, phantom_dataset, 
     assert int(rows["Aggregated"]["Failure Count"]) == 0 and int(rows["Aggregated"]["Request Count"]) > 50, rows
     assert int(rows["POST /v1/jobs"]["Request Count"]) >= 4 and "GET /v1/jobs/{id}" in rows
     jobs = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
-    assert len(jobs) >= 4 and all("estimated_wait_s" in j and j["position"] is not None for j in jobs)
+    # position None: a worker had already taken the job when the upload was answered
+    assert len(jobs) >= 4 and all("estimated_wait_s" in j and "position" in j for j in jobs)
     assert all(wait_final(stack.url, j["id"])["state"] == "succeeded" for j in jobs)

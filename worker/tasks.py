@@ -60,8 +60,8 @@ def _heartbeat(store: JobStore, name: str) -> None:
     while True:
         try:
             store.r.set(f"{P}worker:{name}", time.time(), ex=max(30, 3 * settings.lease_s))
-            for job_id in store.requeue_orphans(queue.send):
-                log.warning("job %s: its worker stopped (lease expired); requeued", job_id)
+            for job_id in store.requeue_orphans(queue.send, unsent_after_s=max(10, 2 * settings.lease_s)):
+                log.warning("job %s: requeued (its worker stopped, or it was never sent)", job_id)
         except Exception:  # Redis away for a moment: the next beat retries
             log.warning("heartbeat to Redis failed", exc_info=True)
         time.sleep(min(10, max(1, settings.lease_s / 3)))
