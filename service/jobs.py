@@ -74,6 +74,10 @@ class JobStore:
         pipe.execute()
         return job, True
 
+    def count(self, event: str) -> None:
+        """Counts a fault-handling event for /metrics (isl_job_events_total)."""
+        self.r.hincrby(f"{P}events", event, 1)
+
     def mark_sent(self, job_id: str) -> None:
         """The job's message is on the broker's queue: `requeue_orphans` no longer needs to send it."""
         self.r.zrem(f"{P}unsent", job_id)
@@ -159,6 +163,7 @@ class JobStore:
             current = self.r.get(lease)
             if current and holder_alive(current):
                 self.r.incr(f"{P}duplicates:{job_id}")
+                self.count("duplicate_delivery_refused")
                 return self.get(job_id), "duplicate"
             # its holder is gone (a worker process on this host that died): take the lease over
             if not self._swap(lease, current, holder, lease_s):
@@ -177,11 +182,13 @@ class JobStore:
                       "it is not retried again: check the input, or the worker's logs and memory")
             job = self.update(job_id, state="failed", error=reason, finished=now(), deliveries=n - 1)
             self.release(job_id, holder)
+            self.count("poisoned")
             return job, "poison"
         started = now()
         attempts = job.get("attempts", [])
         if attempts and "outcome" not in attempts[-1]:  # its run ended without a word: that worker stopped
             attempts[-1].update(ended=started, outcome="its worker stopped")
+            self.count("worker_stopped")
         attempts.append({"worker": worker, "holder": holder, "started": started})
         job = self.update(job_id, state="running", started=started, deliveries=n, stage="starting", worker=worker,
                           holder=holder, attempts=attempts)
@@ -236,6 +243,7 @@ class JobStore:
             if job is not None and job["state"] == "queued":
                 send(job_id, int(job["options"].get("priority", 5)))  # a second copy would be refused by the lease
                 sent.append(job_id)
+                self.count("sent_by_sweep")
             self.mark_sent(job_id)
         for job_id in self.r.zrange(f"{P}running", 0, -1):
             key, lease = f"{P}job:{job_id}", f"{P}lease:{job_id}"
@@ -252,7 +260,8 @@ class JobStore:
                         pipe.execute()
                         continue
                     job.update(state="queued", stage="requeued: its worker stopped", progress=0.0, worker="", holder="")
-                    if job.get("attempts"):
+                    stopped = bool(job.get("attempts")) and "outcome" not in job["attempts"][-1]
+                    if stopped:
                         job["attempts"][-1].update(ended=now(), outcome="its worker stopped")
                     pipe.set(key, json.dumps(job))
                     pipe.zrem(f"{P}running", job_id)
@@ -262,4 +271,7 @@ class JobStore:
                     continue
             send(job_id, int(job["options"].get("priority", 5)))
             sent.append(job_id)
+            self.count("requeued")
+            if stopped:
+                self.count("worker_stopped")
         return sent

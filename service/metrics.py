@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.jobs import P, JobStore
 
@@ -37,6 +37,11 @@ class _RedisCollector:
             (stage if kind == "sum" else count).add_metric([name], float(value))
         yield stage
         yield count
+        events = CounterMetricFamily("isl_job_events", "fault handling: duplicate_delivery_refused, worker_stopped, "
+                                     "requeued, sent_by_sweep, poisoned", labels=["event"])
+        for name, n in sorted(r.hgetall(f"{P}events").items()):
+            events.add_metric([name], float(n))
+        yield events
         beats = GaugeMetricFamily("isl_worker_heartbeat_age_seconds", "seconds since each worker's last heartbeat",
                                   labels=["worker"])
         for key in r.scan_iter(f"{P}worker:*"):

@@ -1,16 +1,16 @@
 """Validation of an untrusted upload in a limited child process: the parsers (SimpleITK, pydicom, zlib) see
 hostile bytes there, under a memory and CPU-time cap, so that a parser bug or a bomb costs a child, not the
-API. Run as `python -m service.validate PATH`; prints one JSON line."""
+API. Children are forked from a server process that has the readers imported already (multiprocessing's
+forkserver), one child per upload, so that a check costs milliseconds of start-up instead of an interpreter's."""
 from __future__ import annotations
 
-import json
+import multiprocessing
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 MEMORY_BYTES = 3 << 30
 CPU_SECONDS = 60
+_context = None
 
 
 class Invalid(Exception):
@@ -23,17 +23,47 @@ def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _child(args: list[str], timeout: float) -> dict:
-    """Run `python -m service.validate ARGS` under the limits; its JSON answer, or Invalid with the reason."""
+def _ctx():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["service.validate", "segmentation.io", "pydicom", "nibabel"])
+    return _context
+
+
+def _run(conn, kind: str, path: str) -> None:
+    """In the child: limits first, then the reader; one answer on the pipe (a crash sends none)."""
+    _limit()
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    conn.send(_series(path) if kind == "series" else _volume(path))
+    conn.close()
+
+
+def _child(kind: str, path: Path, timeout: float) -> dict:
+    """The child's answer, or Invalid with the reason."""
+    ctx = _ctx()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_run, args=(send, kind, str(path)), daemon=True)
+    proc.start()
+    send.close()
     try:
-        out = subprocess.run([sys.executable, "-m", "service.validate", *args], capture_output=True, text=True,
-                             timeout=timeout, preexec_fn=_limit, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    except subprocess.TimeoutExpired:
-        raise Invalid(f"reading it took longer than {timeout:.0f} s") from None
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        raise Invalid(f"it could not be read within the parser's limits (exit {out.returncode})")
-    result = json.loads(lines[-1])
+        if not receive.poll(timeout):
+            proc.kill()
+            raise Invalid(f"reading it took longer than {timeout:.0f} s")
+        try:
+            result = receive.recv()
+        except EOFError:  # the child died: a memory or CPU limit, or a parser crash
+            result = None
+    finally:
+        receive.close()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if result is None:
+        raise Invalid(f"it could not be read within the parser's limits (exit {proc.exitcode})")
     if "error" in result:
         raise Invalid(result["error"])
     return result
@@ -41,17 +71,17 @@ def _child(args: list[str], timeout: float) -> dict:
 
 def validate(path: Path, timeout: float = 120) -> dict:
     """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan, or Invalid with the reason."""
-    return _child([str(path)], timeout)
+    return _child("volume", path, timeout)
 
 
 def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(series instance UID -> file paths of its slices, file path -> [SOP class UID, SOP instance UID]) of the
     DICOM files under `folder`, read in the limited child."""
-    result = _child(["--series", str(folder)], timeout)
+    result = _child("series", folder, timeout)
     return result["series"], result["instances"]
 
 
-def _series_main(folder: str) -> None:
+def _series(folder: str) -> dict:
     import pydicom
 
     from segmentation.errors import InputError
@@ -65,23 +95,19 @@ def _series_main(folder: str) -> None:
                 instances[str(p)] = [str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))]
             except Exception:  # not DICOM: reported as a failed part
                 instances[str(p)] = ["", ""]
-        print(json.dumps({"series": list_dicom_series(Path(folder)), "instances": instances}))
+        return {"series": list_dicom_series(Path(folder)), "instances": instances}
     except InputError as exc:
-        print(json.dumps({"error": str(exc)}))
+        return {"error": str(exc)}
 
 
-def main(path: str) -> None:
+def _volume(path: str) -> dict:
     from segmentation.errors import InputError
     from segmentation.io import read_image
 
     try:
         v = read_image(Path(path))
-        print(json.dumps({"shape": list(v.array.shape), "spacing": list(v.geometry.spacing), "kind": v.kind}))
+        return {"shape": list(v.array.shape), "spacing": list(v.geometry.spacing), "kind": v.kind}
     except InputError as exc:
-        print(json.dumps({"error": str(exc).replace(str(Path(path).parent) + "/", "")}))
+        return {"error": str(exc).replace(str(Path(path).parent) + "/", "")}
     except MemoryError:
-        print(json.dumps({"error": "reading it needs more memory than an upload may use"}))
-
-
-if __name__ == "__main__":
-    _series_main(sys.argv[2]) if sys.argv[1] == "--series" else main(sys.argv[1])
+        return {"error": "reading it needs more memory than an upload may use"}

@@ -108,6 +108,10 @@ def test_kill_9_of_a_worker_mid_job_ten_times_loses_and_duplicates_nothing(stack
     print(json.dumps({"kills": 10, "lost": len(lost), "duplicated": len(duplicated),
                       "attempts": [len(j["attempts"]) for j in jobs]}))
     assert lost == [] and duplicated == []
+    with httpx.Client(headers={"X-API-Key": KEY}) as c:
+        metrics = c.get(stack.url + "/metrics").text
+    stopped = [line for line in metrics.splitlines() if line.startswith('isl_job_events_total{event="worker_stopped"}')]
+    assert stopped and float(stopped[0].split()[-1]) == 10, stopped  # every kill seen, once
     for j in jobs:
         succeeded_once(j)
         assert len(j["attempts"]) >= 2  # it was really interrupted, then run again
