@@ -49,16 +49,13 @@ def main() -> None:
 
     import torch
 
-    from worker.demo import make_dataset
+    from worker.demo import make_dataset, train_tiny_bundle
     from worker.localstack import LocalStack
-    from worker.train import BundleTrainConfig, train_bundle
 
     work = Path(tempfile.mkdtemp(prefix="isl-load-"))
     data = work / "phantoms"
     make_dataset(data, n_train=6, n_test=2, seed=1)
-    cfg = BundleTrainConfig(holdout=2, name="tiny")
-    cfg.training.iterations, cfg.registration.iterations = 30, 20
-    train_bundle(data, work / "models" / "tiny", cfg, torch.device("cpu"), progress=lambda m: None)
+    train_tiny_bundle(data, work / "models" / "tiny")
     scan = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
     log = work / "jobs.jsonl"
     out = {"command": shlex.join(["python", *sys.argv]),

@@ -39,16 +39,9 @@ def phantom_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(phantom_dataset, tmp_path_factory) -> Path:
     """A bundle trained for a few iterations on the phantoms: exercises every code path in seconds."""
-    import torch
+    from worker.demo import train_tiny_bundle
 
-    from worker.train import BundleTrainConfig, train_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    cfg = BundleTrainConfig(holdout=2, name="tiny")
-    cfg.training.iterations = 30
-    cfg.registration.iterations = 20
-    train_bundle(phantom_dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
-    return out
+    return train_tiny_bundle(phantom_dataset, tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture

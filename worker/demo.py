@@ -62,6 +62,19 @@ def make_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> list[s
     return ids[:n_test]
 
 
+def train_tiny_bundle(dataset: Path, out: Path) -> Path:
+    """A bundle trained for a few iterations on phantoms (holding out the first 2 cases): every code path of
+    the engine and the service in seconds, for tests and service benchmarks. Not a model to use."""
+    import torch
+
+    from worker.train import BundleTrainConfig, train_bundle
+
+    cfg = BundleTrainConfig(holdout=2, name=Path(out).name)
+    cfg.training.iterations, cfg.registration.iterations = 30, 20
+    train_bundle(dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
+    return Path(out)
+
+
 def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_train: int = 12, n_test: int = 4,
              progress=print) -> int:
     from worker.engine import pick_device
