@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -50,10 +49,6 @@ def submit(stack, path) -> str:
         r = c.post(stack.url + "/v1/jobs", files={"files": (path.name, fh)})
     assert r.status_code == 202, r.text
     return r.json()["id"]
-
-
-def record(store, job_id) -> dict:
-    return store.get(job_id)
 
 
 def wait_state(store, job_id, states, timeout=240) -> dict:

@@ -24,9 +24,22 @@ def service(stack):
     return stack.url, stack.env
 
 
-@pytest.fixture(scope="module")
-def redis_url(stack):
-    return stack.env["ISL_REDIS_URL"]
+@pytest.fixture
+def redis_url(tmp_path):
+    """A redis-server of its own, with no worker sweeping it: the job-store tests drive every step."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    from worker.localstack import free_port, wait_for_redis
+
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_redis(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_credentials_are_required(service):

@@ -33,6 +33,20 @@ def wait_until(check, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_redis(port: int, timeout: float = 20) -> None:
+    import redis
+
+    client = redis.Redis(port=port)
+
+    def pings():
+        try:
+            return client.ping()
+        except redis.RedisError:
+            return False
+
+    wait_until(pings, timeout, f"redis-server on port {port}")
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -95,17 +109,7 @@ class LocalStack:
         persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
         self._run("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
                             *persist, "--dir", str(self.folder)])
-        import redis
-
-        client = redis.Redis(port=self.redis_port)
-
-        def pings():
-            try:
-                return client.ping()
-            except redis.RedisError:
-                return False
-
-        wait_until(pings, 20, "redis-server")
+        wait_for_redis(self.redis_port)
 
     def start_api(self) -> None:
         self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
@@ -114,10 +118,9 @@ class LocalStack:
     def __enter__(self) -> LocalStack:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.start_redis()
-        self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
+        self.start_api()
         for i in range(self.n_workers):
             self.start_worker(f"w{i + 1}")
-        wait_until(lambda: _answers(self.url + "/healthz"), 60, "the API")
         self.wait_for_workers(self.n_workers)
         return self
 
