@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from segmentation.errors import InputError
-from segmentation.io import Volume, _atomic_write
+from segmentation.files import atomic_write
+from segmentation.io import Volume
 
 
 def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, str], path: str | os.PathLike,
@@ -53,7 +54,7 @@ def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, s
         series_description=series_description,
         omit_empty_frames=False,
     )
-    return _atomic_write(Path(path), lambda tmp: seg.save_as(tmp))
+    return atomic_write(path, lambda tmp: seg.save_as(tmp))
 
 
 # Patient and study attributes a SEG must carry (type 2: present, possibly empty). Exports that leave them

@@ -34,6 +34,7 @@ from segmentation.errors import (
     LabelValueError,
     UnsupportedImageError,
 )
+from segmentation.files import atomic_write
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -389,19 +390,6 @@ def read_label_map(path: str | os.PathLike, labels: set[int] | list[int], *, max
     return volume, LabelReport(str(path), stray)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent, suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
     """Write an array (z, y, x) on `geometry` as NIfTI, atomically, and read it back before it takes its
     name: ITK's NIfTI writer only prints a failed write (a full disk) to stderr and returns normally."""
@@ -418,7 +406,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) 
             raise OSError(errno.ENOSPC if full else errno.EIO,
                           "No space left on device" if full else "the written file does not read back", str(path))
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(path, write)
 
 
 def write_label_map(labels: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
