@@ -26,13 +26,13 @@ def main() -> None:
 
     from segmentation.dataset import load_case, load_dataset
     from segmentation.infer import predict
-    from segmentation.metrics import dice
+    from segmentation.metrics import mean_dice
     from segmentation.preprocess import paste
-    from worker.config import ISLConfig
+    from worker.method.config import ISLConfig
     from worker.pipeline import load_refiner
 
     ds = load_dataset(args.dataset)
-    refiner = load_refiner(args.model, args.dataset, ISLConfig(device="cpu"), "cpu")
+    refiner = load_refiner(args.model, args.dataset, ISLConfig(device="cpu"))
     used = set(refiner.bundle.meta["train_cases"]) | set(refiner.bundle.meta["atlases"])
     ids = [c for c in sorted(c.case_id for c in ds.cases)[args.first:] if c not in used][: args.count]
     fg = [v for v in refiner.bundle.segmentation.labels if v]
@@ -41,7 +41,10 @@ def main() -> None:
         vols, lab, _ = load_case(ds, ds.case(case_id))
         x, _ = refiner.pre.images(vols)
         cases.append((x, refiner.pre.label(lab)))
-    score = lambda p, y: float(np.mean(list(dice(p.argmax(0), y, fg).values())))
+
+    def score(p, y):
+        return mean_dice(p.argmax(0), y, fg)
+
     out = {"model": refiner.bundle.version, "cases": ids,
            "baseline": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device), y) for x, y in cases]),
            "tta_flip": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips=True), y) for x, y in cases]),

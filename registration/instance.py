@@ -1,19 +1,24 @@
-"""Per-scan instance optimisation of the atlas-to-scan velocity fields, batched over atlases, with the
-weak-supervision term: Dice between each warped atlas label and the scan's current mask."""
+"""Per-scan instance optimisation of the atlas-to-scan displacement fields, batched over atlases, with the
+weak-supervision term: Dice between each warped atlas label and the scan's current mask. The learned network
+predicts a stationary velocity; its integrated displacement is the starting point, and the displacement
+itself (not the velocity) is what is optimised here."""
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from registration.model import Losses, Registrar
 
 
 class InstanceConfig(BaseModel):
-    steps: int = 30
-    lr: float = 0.05
-    w_dice: float = 0.3
-    w_smooth: float = 2.0
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
+    steps: int = Field(30, ge=0, description="Adam steps on the coarse displacements")
+    lr: float = Field(0.05, gt=0)
+    w_dice: float = Field(0.3, ge=0, description="weight of 1 - Dice(warped atlas label, scan's current mask)")
+    w_smooth: float = Field(2.0, ge=0, description="weight of |grad u|^2 of the displacement")
 
 
 def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tensor,
@@ -43,11 +48,15 @@ def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: 
 
 
 def folding_fraction(disp: torch.Tensor) -> float:
-    """Share of voxels where the Jacobian determinant of x + u(x) is not positive (folding)."""
+    """Share of voxels where the Jacobian determinant of x + u(x) is not positive (folding), over displacements
+    (K, 3, z, y, x) in voxels. SimpleITK's DisplacementFieldJacobianDeterminant (central differences) on each
+    field padded by one voxel of linear extrapolation, so that the derivative on the border is the one-sided
+    difference (as numpy.gradient's, which this figure was defined with)."""
     u = disp.detach().cpu().double().numpy()
-    grads = [np.gradient(u[:, c], axis=(1, 2, 3)) for c in range(3)]  # grads[c][d] = d u_c / d x_d
-    jac = np.empty(u.shape[:1] + u.shape[2:] + (3, 3))
-    for c in range(3):
-        for d in range(3):
-            jac[..., c, d] = grads[c][d] + (1.0 if c == d else 0.0)
-    return float((np.linalg.det(jac) <= 0).mean())
+    folded = 0
+    for field in u:
+        padded = np.pad(field, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="reflect", reflect_type="odd")
+        vectors = np.ascontiguousarray(np.moveaxis(padded[::-1], 0, -1))  # components in ITK's x, y, z order
+        det = sitk.DisplacementFieldJacobianDeterminant(sitk.GetImageFromArray(vectors, isVector=True))
+        folded += int(np.count_nonzero(sitk.GetArrayViewFromImage(det)[1:-1, 1:-1, 1:-1] <= 0))
+    return folded / (u.shape[0] * np.prod(u.shape[2:]))

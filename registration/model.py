@@ -12,12 +12,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT = 1
+from segmentation.checkpoint import load_checkpoint, load_weights, save_checkpoint
+
+FORMAT, KIND = 1, "isl-registration"
 
 
 class RegistrationConfig(BaseModel):
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
     nb_features: tuple[int, ...] = (16, 32, 32)
     integration_steps: int = 7
     downsample: int = 2
@@ -25,9 +29,9 @@ class RegistrationConfig(BaseModel):
     # training loss: (1 - NCC) + w_dice * (1 - Dice(warped label, fixed label)) + w_smooth * |grad v|^2
     w_dice: float = 1.0
     w_smooth: float = 0.5
-    iterations: int = 1000
-    batch_size: int = 2
-    lr: float = 1e-3
+    iterations: int = Field(1000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
     seed: int = 0
 
 
@@ -76,24 +80,13 @@ class Registrar(torch.nn.Module):
         return self.warp_linear(moving, disp)
 
     def save(self, path: str | Path) -> None:
-        torch.save({"format": FORMAT, "kind": "isl-registration", "config": self.cfg.model_dump(mode="json"),
-                    "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}, path)
+        save_checkpoint(path, KIND, FORMAT, self.net, config=self.cfg.model_dump(mode="json"))
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> Registrar:
-        from segmentation.errors import BundleError
-
-        path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"{path}: registration checkpoint not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BundleError(f"{path}: not a loadable checkpoint ({exc})") from exc
-        if ckpt.get("kind") != "isl-registration" or ckpt.get("format") != FORMAT:
-            raise BundleError(f"{path}: not an isl-registration checkpoint of format {FORMAT}")
+        ckpt = load_checkpoint(path, KIND, FORMAT)
         reg = cls(RegistrationConfig(**ckpt["config"]))
-        reg.net.load_state_dict(ckpt["state_dict"], strict=True)
+        load_weights(reg.net, ckpt, path)
         return reg.to(device).eval()
 
 

@@ -19,7 +19,7 @@ def _forward(net, x: torch.Tensor, patch_size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(net, x: torch.Tensor, patch_size, flips: bool = False) -> torch.Tensor:
+def predict_probs(net, x: torch.Tensor, patch_size, flips: bool = False) -> torch.Tensor:
     """Mean softmax (B, L, z, y, x) of `net` on `x` (B, C, z, y, x); the mean over 8 mirror flips if `flips`."""
     net.eval()
     sets = FLIP_SETS if flips else [()]
@@ -35,4 +35,4 @@ def predict_logits(net, x: torch.Tensor, patch_size, flips: bool = False) -> tor
 def predict(net, image: np.ndarray, patch_size, device: torch.device, flips: bool = False) -> np.ndarray:
     """Class probabilities (L, z, y, x) for one preprocessed image (C, z, y, x)."""
     x = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
-    return predict_logits(net, x, patch_size, flips)[0].cpu().numpy()
+    return predict_probs(net, x, patch_size, flips)[0].cpu().numpy()

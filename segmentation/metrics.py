@@ -1,4 +1,5 @@
-"""Per-label Dice and HD95 (MONAI's implementations), with the conventions stated."""
+"""Per-label Dice (the project's one Dice: the engine, the evaluation, the tests and the benchmarks use it) and
+HD95 (MONAI's), with the conventions stated."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,15 @@ def dice(pred: np.ndarray, truth: np.ndarray, labels) -> dict[int, float]:
         denom = int(a.sum()) + int(b.sum())
         out[int(v)] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
     return out
+
+
+def mean_dice(pred: np.ndarray, truth: np.ndarray, labels=None) -> float:
+    """Mean of `dice` over `labels` (default: every foreground label present in either map); 1.0 when none is."""
+    if labels is None:
+        labels = [v for v in np.union1d(np.unique(pred), np.unique(truth)) if v != 0]
+    if len(labels) == 0:
+        return 1.0
+    return float(np.mean(list(dice(pred, truth, labels).values())))
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, labels, spacing_zyx) -> dict[int, float]:

@@ -1,10 +1,12 @@
 """The initial segmentation network: a MONAI residual 3D U-Net, described by a small typed config."""
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class NetworkConfig(BaseModel):
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 2

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from segmentation.augment import augmentation
 
@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
-    iterations: int = 3000
-    batch_size: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
+    iterations: int = Field(2500, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
     seed: int = 0
 
 

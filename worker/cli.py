@@ -9,7 +9,8 @@ import sys
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (default: cuda if present)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to compute (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
@@ -20,28 +21,61 @@ def _setup(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def cmd_train(args) -> int:
-    _setup(args)
-    from worker.engine import pick_device
-    from worker.train import BundleTrainConfig, train_bundle
+# The one path from options to configs: option (argparse dest) -> config field(s), dotted for nested fields.
+# An option left out (None) keeps the config's default; the config validates what is given.
+REFINE_OPTIONS = {"atlases": "atlases", "device": "device"}
+TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "atlas_pool": "atlas_pool", "name": "name",
+                 "iterations": "training.iterations", "reg_iterations": "registration.iterations",
+                 "seed": ("training.seed", "registration.seed")}
 
+
+def config_from(args, model, options: dict, **fixed):
+    """`model` (a pydantic config class) from the options named in `options`, or InputError naming the option."""
+    from pydantic import ValidationError
+
+    from segmentation.errors import InputError
+
+    data, origin = dict(fixed), {}
+    for option, fields in options.items():
+        value = getattr(args, option, None)
+        for name in (fields,) if isinstance(fields, str) else fields:
+            origin[name] = "--" + option.replace("_", "-")
+            if value is not None:
+                *parents, leaf = name.split(".")
+                node = data
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            name = ".".join(str(x) for x in e["loc"])
+            problems.append(f"{origin.get(name, name)} {e.get('input')!r}: {e['msg']}")
+        raise InputError("; ".join(problems)) from None
+
+
+def cmd_train(args) -> int:
     import shlex
 
-    cfg = BundleTrainConfig(holdout=args.holdout, cases=args.cases, atlas_pool=args.atlas_pool, name=args.name,
-                            command=shlex.join(["isl", *sys.argv[1:]]))
-    cfg.training.iterations = args.iterations
-    cfg.training.seed = cfg.registration.seed = args.seed
-    cfg.registration.iterations = args.reg_iterations
-    train_bundle(args.dataset, args.out, cfg, pick_device(args.device), resume=args.resume)
+    _setup(args)
+    from worker.method.refiner import pick_device
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    cfg = config_from(args, BundleTrainConfig, TRAIN_OPTIONS, command=shlex.join(["isl", *sys.argv[1:]]))
+    train_bundle(args.dataset, args.out, cfg, pick_device(args.device or "auto"), resume=args.resume)
     return 0
 
 
 def cmd_refine(args) -> int:
     _setup(args)
+    from worker.method.config import ISLConfig
     from worker.pipeline import refine_file
 
-    report = refine_file(args.input, args.model, args.out, atlas_dir=args.atlas_dir, atlases=args.atlases,
-                         device=args.device, series_uid=args.series_uid)
+    cfg = config_from(args, ISLConfig, REFINE_OPTIONS)
+    report = refine_file(args.input, args.model, args.out, atlas_dir=args.atlas_dir, cfg=cfg,
+                         series_uid=args.series_uid)
     print(json.dumps({k: report[k] for k in ("output", "volumes_ml", "seconds", "model_version")}, indent=2))
     return 0
 
@@ -50,11 +84,12 @@ def cmd_evaluate(args) -> int:
     import shlex
 
     _setup(args)
-    from worker.evaluate import evaluate
+    from worker.evaluation.evaluate import evaluate
+    from worker.method.config import ISLConfig
 
-    result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases,
-                      device=args.device, atlases=args.atlases, figure=args.figure,
-                      command=shlex.join(["isl", *sys.argv[1:]]))
+    cfg = config_from(args, ISLConfig, REFINE_OPTIONS)
+    result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases, cfg=cfg,
+                      figure=args.figure, command=shlex.join(["isl", *sys.argv[1:]]))
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -63,7 +98,7 @@ def cmd_demo(args) -> int:
     _setup(args)
     from worker.demo import run_demo
 
-    return run_demo(args.out, minutes=args.minutes, device=args.device)
+    return run_demo(args.out, minutes=args.minutes, device=args.device or "auto")
 
 
 def cmd_serve(args) -> int:
@@ -133,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="MSD / nnU-Net raw dataset folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--cases", type=int, default=None, help="train on the first N cases after the holdout")
-    p.add_argument("--holdout", type=int, default=0, help="never train on the first N cases in sorted order")
-    p.add_argument("--atlas-pool", type=int, default=40, help="training cases kept as atlases")
-    p.add_argument("--iterations", type=int, default=2500, help="segmentation training iterations")
-    p.add_argument("--reg-iterations", type=int, default=1000, help="registration training iterations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=int, default=None, help="never train on the first N cases in sorted order (default 0)")
+    p.add_argument("--atlas-pool", type=int, default=None, help="training cases kept as atlases (default 40)")
+    p.add_argument("--iterations", type=int, default=None, help="segmentation training iterations (default 2500)")
+    p.add_argument("--reg-iterations", type=int, default=None, help="registration training iterations (default 1000)")
+    p.add_argument("--seed", type=int, default=None, help="seed of both trainings (default 0)")
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
     _device_arg(p)

@@ -67,7 +67,7 @@ def train_tiny_bundle(dataset: Path, out: Path) -> Path:
     the engine and the service in seconds, for tests and service benchmarks. Not a model to use."""
     import torch
 
-    from worker.train import BundleTrainConfig, train_bundle
+    from worker.training.train import BundleTrainConfig, train_bundle
 
     cfg = BundleTrainConfig(holdout=2, name=Path(out).name)
     cfg.training.iterations, cfg.registration.iterations = 30, 20
@@ -77,9 +77,10 @@ def train_tiny_bundle(dataset: Path, out: Path) -> Path:
 
 def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_train: int = 12, n_test: int = 4,
              progress=print) -> int:
-    from worker.engine import pick_device
-    from worker.evaluate import evaluate
-    from worker.train import BundleTrainConfig, train_bundle
+    from worker.evaluation.evaluate import evaluate
+    from worker.method.config import ISLConfig
+    from worker.method.refiner import pick_device
+    from worker.training.train import BundleTrainConfig, train_bundle
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -92,7 +93,7 @@ def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_trai
     cfg.registration.iterations = max(100, int(seconds * 0.2 / 0.12))
     dev = pick_device(device)
     train_bundle(data, out / "model", cfg, dev, progress=progress)
-    result = evaluate(data, out / "model", out / "evaluation.json", device=device, progress=progress)
+    result = evaluate(data, out / "model", out / "evaluation.json", cfg=ISLConfig(device=device), progress=progress)
     s = result["summary"]
     progress(f"\nDice (mean over {s['n_cases']} held-out phantoms and both labels):\n"
              f"  baseline {s['mean_dice_baseline']:.4f}\n  ISL      {s['mean_dice_isl']:.4f}  "

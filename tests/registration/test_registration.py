@@ -108,9 +108,9 @@ def test_real_pair_dice_rises_with_little_folding(hippocampus):
     from pathlib import Path
 
     from segmentation.dataset import load_case, load_dataset
-    from worker.bundle import ISLBundle, atlas_roi
+    from worker.method.bundle import ISLBundle, atlas_roi
 
-    model = Path(__file__).resolve().parents[1] / "models" / "hippocampus_few"
+    model = Path(__file__).resolve().parents[2] / "models" / "hippocampus_few"
     if not (model / "bundle.json").exists():
         pytest.skip(f"{model} is not trained yet")
     bundle = ISLBundle.load(model)

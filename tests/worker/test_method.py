@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from segmentation.preprocess import centroid, crop, paste
-from worker.engine import EMAMask, mask_dice
+from segmentation.metrics import mean_dice
+from worker.method.mask import EMAMask
 
 
 def _onehot(labels, n=3):
@@ -37,12 +38,12 @@ def test_stopping_rule_never_fires_while_the_mask_keeps_changing():
     assert not any(ema.update(_onehot(rng.integers(0, 3, (6, 6, 6)))) for _ in range(5))
 
 
-def test_mask_dice():
+def test_mean_dice_over_the_labels_present():
     a = np.zeros((4, 4, 4), int)
     a[:2] = 1
-    assert mask_dice(a, a) == 1.0
-    assert mask_dice(a, np.zeros_like(a)) == 0.0
-    assert mask_dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    assert mean_dice(a, a) == 1.0
+    assert mean_dice(a, np.zeros_like(a)) == 0.0
+    assert mean_dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
 
 
 def test_crop_and_paste_round_trip_at_the_border():
@@ -57,11 +58,11 @@ def test_crop_and_paste_round_trip_at_the_border():
 
 def test_refiner_runs_and_reports(tiny_bundle, phantom_dataset):
     from segmentation.dataset import load_case, load_dataset
-    from worker.config import ISLConfig
+    from worker.method.config import ISLConfig
     from worker.pipeline import load_refiner
 
     cfg = ISLConfig(device="cpu", atlases=3, finetune_steps=10, min_steps=5)
-    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg, "cpu")
+    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg)
     ds = load_dataset(phantom_dataset)
     vols, _, _ = load_case(ds, ds.case("phantom_000"))
     x, _ = refiner.pre.images(vols)

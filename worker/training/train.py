@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from registration.model import RegistrationConfig, Registrar
+from registration.model import Registrar, RegistrationConfig
 from registration.train import train_registration
 from segmentation.bundle import SegmentationModel
 from segmentation.dataset import Dataset, load_case, load_dataset
@@ -19,13 +19,15 @@ from segmentation.errors import DatasetError
 from segmentation.network import NetworkConfig
 from segmentation.preprocess import ChannelNorm, Preprocessing
 from segmentation.train import TrainConfig, train_network
-from worker.bundle import ISLBundle, atlas_roi
-from worker.card import dataset_metadata, write_model_card
+from worker.method.bundle import ISLBundle, atlas_roi
+from worker.training.card import dataset_metadata, write_model_card
 
 log = logging.getLogger(__name__)
 
 
 class BundleTrainConfig(BaseModel):
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
     holdout: int = Field(0, ge=0, description="the first N cases in sorted order are never trained on (the test split)")
     cases: int | None = Field(None, ge=2, description="train on the first N cases after the holdout")
     atlas_pool: int = Field(40, ge=2, description="training cases kept as atlases (a seeded sample when more)")
@@ -72,50 +74,82 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
     return pre.model_copy(update={"roi_size": roi, "patch_size": roi})
 
 
+def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, cfg: BundleTrainConfig, out_dir: Path,
+                        device: torch.device, progress, resume: bool) -> tuple[SegmentationModel, list[float]]:
+    """The initial network; kept as `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
+    partial = out_dir / "segmentation.partial.pt"
+    if resume and partial.is_file():
+        progress(f"resuming: segmentation network from {partial}")
+        return SegmentationModel.load(partial, device), []
+    seg = SegmentationModel.create(cfg.network, pre, ds.labels)
+    curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
+                          lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
+                                                    f"loss {loss:.4f}"))
+    seg.save(partial)
+    return seg, curve
+
+
+def _train_registrar(images, labels, n_labels: int, pre: Preprocessing, cfg: BundleTrainConfig,
+                     device: torch.device, progress) -> tuple[Registrar, list[float]]:
+    """The registration network, on the ROIs of all training cases."""
+    rois = [atlas_roi(x, y, pre.roi_size, n_labels) for x, y in zip(images, labels)]
+    roi_imgs = torch.from_numpy(np.stack([r[0] for r in rois]))
+    roi_onehot = torch.from_numpy(np.stack([r[1] for r in rois]))
+    reg = Registrar(cfg.registration)
+    curve = train_registration(reg, roi_imgs[:, :1], roi_onehot[:, 1:], device,
+                               lambda it, loss: progress(f"registration iteration {it}/{cfg.registration.iterations}: "
+                                                         f"loss {loss:.4f}"))
+    return reg, curve
+
+
+def atlas_pool(train_ids: list[str], cfg: BundleTrainConfig) -> list[str]:
+    """The training cases kept as atlases: all of them, or a seeded sample of `atlas_pool`."""
+    if len(train_ids) <= cfg.atlas_pool:
+        return sorted(train_ids)
+    rng = np.random.default_rng(cfg.training.seed)
+    return sorted(rng.choice(train_ids, cfg.atlas_pool, replace=False).tolist())
+
+
 def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainConfig, device: torch.device,
                  progress=print, resume: bool = False) -> ISLBundle:
     t0 = time.perf_counter()
     ds = load_dataset(dataset_dir)
     held, train_ids = split(ds, cfg)
-    progress(f"dataset {ds.name}: {len(ds.cases)} labelled cases; training on {len(train_ids)}, holding out {len(held)}")
+    progress(f"dataset {ds.name}: {len(ds.cases)} labelled cases; training on {len(train_ids)}, "
+             f"holding out {len(held)}")
     loaded = [load_case(ds, ds.case(i)) for i in train_ids]
     volumes, labels = [v for v, _, _ in loaded], [lab for _, lab, _ in loaded]
-    label_notes = [r.message() for _, _, r in loaded if r.remapped]
     pre = fingerprint(ds, volumes, labels)
     progress(f"preprocessing: spacing {pre.spacing} mm, ROI/patch {pre.roi_size} voxels")
     images = [pre.images(v)[0] for v in volumes]
     label_arrays = [pre.label(lab) for lab in labels]
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = out_dir / "segmentation.partial.pt"  # kept if a later stage fails; --resume picks it up
     t_seg = time.perf_counter()
-    if resume and stage.is_file():
-        seg = SegmentationModel.load(stage, device)
-        progress(f"resuming: segmentation network from {stage}")
-        curve = []
-    else:
-        seg = SegmentationModel.create(cfg.network, pre, ds.labels)
-        curve = train_network(seg.network, images, label_arrays, pre.patch_size, cfg.training, device,
-                              lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: loss {loss:.4f}"))
-        seg.save(stage)
+    seg, curve = _train_segmentation(ds, pre, images, label_arrays, cfg, out_dir, device, progress, resume)
     t_seg = time.perf_counter() - t_seg
-
-    rng = np.random.default_rng(cfg.training.seed)
-    pool = sorted(train_ids) if len(train_ids) <= cfg.atlas_pool else sorted(rng.choice(train_ids, cfg.atlas_pool, replace=False).tolist())
-    rois = [atlas_roi(x, y, pre.roi_size, len(ds.labels)) for x, y in zip(images, label_arrays)]
-    roi_imgs = torch.from_numpy(np.stack([r[0] for r in rois]))
-    roi_onehot = torch.from_numpy(np.stack([r[1] for r in rois]))
-    reg = Registrar(cfg.registration)
     t_reg = time.perf_counter()
-    reg_curve = train_registration(reg, roi_imgs[:, :1], roi_onehot[:, 1:], device,
-                                   lambda it, loss: progress(f"registration iteration {it}/{cfg.registration.iterations}: loss {loss:.4f}"))
+    reg, reg_curve = _train_registrar(images, label_arrays, len(ds.labels), pre, cfg, device, progress)
     t_reg = time.perf_counter() - t_reg
+    training = {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
+                "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
+                "registration_final_loss": float(np.mean(reg_curve[-100:])),
+                "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device), "torch": torch.__version__}
+    meta = _meta(ds, cfg, out_dir, held, train_ids, atlas_pool(train_ids, cfg),
+                 [r.message() for _, _, r in loaded if r.remapped], training)
+    bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
+    bundle.save()
+    (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
+    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
+    progress(f"wrote {out_dir} ({bundle.version})")
+    return bundle
 
-    meta = {
+
+def _meta(ds: Dataset, cfg: BundleTrainConfig, out_dir: Path, held, train_ids, pool, label_notes, training) -> dict:
+    return {
         "name": cfg.name or Path(out_dir).name,
         "command": cfg.command,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": {"name": ds.name, "folder": ds.root.name, "labels": {str(k): v for k, v in ds.labels.items()},
                     "channels": ds.channel_names},
         "train_cases": train_ids,
@@ -123,15 +157,5 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
         "atlases": pool,
         "label_notes": label_notes,
         "config": cfg.model_dump(mode="json"),
-        "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
-                     "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
-                     "registration_final_loss": float(np.mean(reg_curve[-100:])),
-                     "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device),
-                     "torch": torch.__version__},
+        "training": training,
     }
-    bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
-    bundle.save()
-    stage.unlink(missing_ok=True)
-    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
-    progress(f"wrote {out_dir} ({bundle.version})")
-    return bundle

@@ -15,6 +15,7 @@ from registration.model import Registrar
 from segmentation.bundle import SegmentationModel
 from segmentation.dataset import load_case, load_dataset
 from segmentation.errors import BundleError, DatasetError
+from segmentation.files import atomic_write_text
 from segmentation.preprocess import centroid, crop
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ class ISLBundle:
         self.path.mkdir(parents=True, exist_ok=True)
         self.segmentation.save(self.path / SEG_FILE)
         self.registrar.save(self.path / REG_FILE)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256()  # one digest of both checkpoints together: the version names the pair
         for name in (SEG_FILE, REG_FILE):
             digest.update((self.path / name).read_bytes())
         self.meta["version"] = f"{self.meta.get('name', self.path.name)}-{digest.hexdigest()[:12]}"
-        (self.path / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        atomic_write_text(self.path / META_FILE, json.dumps(self.meta, indent=2) + "\n")
 
     def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
         """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""

@@ -1,15 +1,18 @@
 """Every knob of inference-specific learning, in one typed config whose defaults work on the shared
-hippocampus set (see docs/method.md for what each does and why it is set so)."""
+hippocampus set (see docs/method.md for what each does and why it is set so). It validates on construction
+and on assignment, so that no caller (the CLI, the API, a script) can hand the engine a value it refuses."""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from registration.instance import InstanceConfig
 
 
 class ISLConfig(BaseModel):
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
     atlases: int = Field(14, ge=1, description="K: deformed training cases per scan")
     # mask-weakly-supervised registration of the atlases toward the scan
     registration: InstanceConfig = Field(default_factory=InstanceConfig)

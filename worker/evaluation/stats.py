@@ -1,0 +1,44 @@
+"""The summary of an evaluation: mean Dice and HD95 per method, Wilcoxon signed-rank tests of ISL against each
+other method, cases improved and worsened, time and memory."""
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+METHODS = ("baseline", "isl", "tta_flip", "tent", "atlas_fusion")
+
+
+def mean_over_labels(scores: dict) -> float:
+    """A case's mean over its foreground labels of a per-label figure."""
+    return float(np.mean(list(scores.values())))
+
+
+def paired_p(a, b) -> float | None:
+    """Wilcoxon signed-rank p of paired per-case figures; None when there is nothing to test."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or np.allclose(d, 0):
+        return None
+    return float(wilcoxon(a, b).pvalue)
+
+
+def summarise(cases: list[dict]) -> dict:
+    mean = {m: [mean_over_labels(c[f"dice_{m}"]) for c in cases] for m in METHODS}
+    summary = {f"mean_dice_{m}": float(np.mean(v)) for m, v in mean.items()}
+    summary.update({f"mean_hd95_{m}": float(np.nanmean([np.nanmean(list(c[f"hd95_{m}"].values())) for c in cases]))
+                    for m in METHODS})
+    summary["wilcoxon_p_isl_vs_baseline"] = paired_p(mean["isl"], mean["baseline"])
+    for m in ("tta_flip", "tent", "atlas_fusion"):
+        summary[f"wilcoxon_p_isl_vs_{m}"] = paired_p(mean["isl"], mean[m])
+    delta = np.asarray(mean["isl"]) - np.asarray(mean["baseline"])
+    summary["cases_improved"] = int(np.sum(delta > 1e-6))
+    summary["cases_worsened"] = int(np.sum(delta < -1e-6))
+    summary["n_cases"] = len(cases)
+    summary["median_seconds_isl_per_case"] = float(np.median([c["seconds_isl"] for c in cases]))
+    stages = sorted({k for c in cases for k in c["stage_seconds"]})
+    summary["median_stage_seconds"] = {s: float(np.median([c["stage_seconds"].get(s, 0.0) for c in cases]))
+                                       for s in stages}
+    summary["median_folding_fraction"] = float(np.median([c["qa"]["folding_fraction"] for c in cases]))
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return summary

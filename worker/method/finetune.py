@@ -1,0 +1,112 @@
+"""Step 3 of the method: a per-case copy of the network fine-tuned on the deformed atlases, the scan's mask kept
+as a moving average of its predictions, and that mask fed back into the alignment every few steps, until the
+mask stops changing."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segmentation.augment import augmentation
+from segmentation.infer import predict_probs
+from worker.method.align import Aligned, Aligner, fuse
+from worker.method.config import ISLConfig
+from worker.method.mask import EMAMask, Start
+from worker.method.timer import Timer
+
+
+@dataclass
+class Tuned:
+    network: torch.nn.Module  # the fine-tuned per-case copy
+    ema: EMAMask  # the moving-average mask of the scan (ROI) and its history
+    steps: int  # fine-tuning steps run (fewer than the bound when the stopping rule fired)
+    aligned: Aligned  # the atlases after the last feedback re-registration
+
+
+class FineTuning:
+    """One case's fine-tuning: the optimiser, the augmentation and the batches of deformed atlases."""
+
+    def __init__(self, net, start: Start, cfg: ISLConfig, rng: np.random.Generator, device: torch.device):
+        from monai.losses import DiceCELoss
+
+        self.cfg, self.start, self.rng, self.device = cfg, start, rng, device
+        self.network = copy.deepcopy(net).to(device)
+        self.opt = torch.optim.Adam(self.network.parameters(), lr=cfg.finetune_lr)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength)
+        self.transform.set_random_state(seed=cfg.seed)
+
+    def _sample(self, image: torch.Tensor, label: torch.Tensor, xs: list, ys: list) -> None:
+        sample = self.transform({"image": image.cpu(), "label": label})
+        xs.append(torch.as_tensor(sample["image"]))
+        ys.append(torch.as_tensor(sample["label"]))
+
+    def batch(self, aligned: Aligned, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of augmented deformed atlases, plus the augmented scan with its confident pseudo-label
+        (`target`: (1, *roi) class indices, L where not confident) when given."""
+        xs, ys = [], []
+        for i in self.rng.integers(0, len(aligned.images), size=self.cfg.finetune_batch):
+            self._sample(aligned.images[i], aligned.labels[i].argmax(0, keepdim=True).cpu(), xs, ys)
+        if target is not None:
+            self._sample(self.start.image[0], target, xs, ys)
+        return torch.stack(xs).float().to(self.device), torch.stack(ys).long().to(self.device)
+
+    def pseudo_label(self, ema: np.ndarray, fused: np.ndarray) -> torch.Tensor:
+        """The current estimate's class where it is confident, L (ignored) elsewhere."""
+        w = self.cfg.fusion_weight
+        estimate = (1 - w) * ema + w * fused
+        target = estimate.argmax(0)
+        target[estimate.max(0) < self.cfg.pseudo_confidence] = len(estimate)
+        return torch.from_numpy(target[None].astype(np.float32))
+
+    def step(self, aligned: Aligned, ema: EMAMask, fused: np.ndarray | None) -> None:
+        """One Adam step on the deformed atlases (and, with `scan_weight` > 0, on the scan's pseudo-label)."""
+        self.network.train()
+        if fused is None:
+            xb, yb = self.batch(aligned)
+            loss = self.loss(self.network(xb), yb)
+        else:
+            xb, yb = self.batch(aligned, self.pseudo_label(ema.probs, fused))
+            logits, n = self.network(xb), self.cfg.finetune_batch
+            ignore = aligned.labels.shape[1]
+            loss = self.loss(logits[:n], yb[:n]) + self.cfg.scan_weight * torch.nn.functional.cross_entropy(
+                logits[n:], yb[n:, 0], ignore_index=ignore)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def predict(self) -> np.ndarray:
+        return predict_probs(self.network, self.start.image, self.start.mask.shape[1:])[0].cpu().numpy()
+
+
+def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConfig, rng: np.random.Generator,
+             timer: Timer, report: Callable[[str, float], None]) -> Tuned:
+    """Fine-tune a copy of `net` for at most `finetune_steps`; every `predict_every` steps fold its prediction
+    into the moving-average mask (stop once it is stable, after `min_steps`); every `reregister_every` steps
+    re-register the atlases toward that mask. Fine-tuning and re-registration are timed as separate stages."""
+    with timer.stage("finetune"):
+        tuning = FineTuning(net, start, cfg, rng, aligner.images.device)
+        ema = EMAMask(start.mask, cfg.ema_decay, cfg.stop_tolerance, cfg.stop_patience)
+        fused = _fused(aligned, start, cfg)  # the scan's pseudo-label needs it (scan_weight > 0)
+    timer.seconds.setdefault("reregistration", 0.0)
+    steps = 0
+    for steps in range(1, cfg.finetune_steps + 1):
+        with timer.stage("finetune"):
+            tuning.step(aligned, ema, fused)
+            report("finetune", 0.3 + 0.55 * steps / max(cfg.finetune_steps, 1))
+            if steps % cfg.predict_every == 0 and ema.update(tuning.predict()) and steps >= cfg.min_steps:
+                break
+        if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
+            with timer.stage("reregistration"):
+                aligned = aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps, cfg.registration)
+                fused = _fused(aligned, start, cfg)
+    return Tuned(tuning.network, ema, steps, aligned)
+
+
+def _fused(aligned: Aligned, start: Start, cfg: ISLConfig) -> np.ndarray | None:
+    if cfg.scan_weight <= 0:
+        return None
+    return fuse(aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)

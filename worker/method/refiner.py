@@ -1,0 +1,101 @@
+"""Inference-specific learning on one scan (Chen et al., Medical Physics 2025), composed from the segmentation
+and registration packages; `Refiner.refine` reads as the method does:
+
+1. the initial network's baseline, and the starting mask (flip-averaged) in a region of interest around it
+   (`worker/method/mask.py`);
+2. every atlas registered toward the scan by the learned network, the K most similar kept, and their
+   displacements instance-optimised with the weak-supervision Dice to the scan's current mask
+   (`worker/method/align.py`);
+3. a per-case copy of the network fine-tuned on the K deformed atlases; the scan's mask is an exponential
+   moving average of its predictions, fed back into re-registration, until it stops changing
+   (`worker/method/finetune.py`);
+4. the final mask mixes the tuned network's prediction with the non-local fusion of the warped atlas labels,
+   each atlas weighted per voxel by its local similarity to the scan (`worker/method/mask.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from segmentation.errors import InputError
+from segmentation.metrics import mean_dice
+from worker.method.align import Aligner, fuse, majority_vote
+from worker.method.bundle import Atlases, ISLBundle
+from worker.method.config import ISLConfig
+from worker.method.finetune import Tuned, finetune
+from worker.method.mask import Start, final_mix, initial_mask, roi_onehot_on
+from worker.method.timer import Timer
+
+
+@dataclass
+class ISLResult:
+    """Probabilities (L, z, y, x) on the canonical grid, for the refined mask and the peers it yields for free."""
+
+    probs: np.ndarray
+    baseline: np.ndarray
+    atlas_vote: np.ndarray  # majority vote of the K registered atlas labels (before fine-tuning), as one-hot
+    qa: dict
+    seconds: dict[str, float]
+    # probabilities on the region of interest (centred at `center`) of each ingredient of the final mask:
+    # baseline (the starting mask), ema (moving average incl. the final prediction), network (final tuned
+    # prediction), atlas (fusion)
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+    center: tuple[int, ...] = ()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def _silent(stage: str, fraction: float) -> None:
+    pass
+
+
+class Refiner:
+    """Holds a bundle and its atlases in memory (load once per worker) and refines scans."""
+
+    def __init__(self, bundle: ISLBundle, atlases: Atlases, cfg: ISLConfig, device: torch.device):
+        self.bundle, self.cfg, self.device = bundle, cfg, device
+        self.net = bundle.segmentation.network.to(device).eval()
+        self.pre = bundle.segmentation.preprocessing
+        self.aligner = Aligner(bundle.registrar.to(device).eval(), atlases, device)
+
+    def refine(self, image: np.ndarray, progress=None) -> ISLResult:
+        """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when
+        given, is called as the work advances (fraction of the whole, 0..1); an exception it raises aborts."""
+        cfg, timer, report = self.cfg, Timer(), progress or _silent
+        rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        report("baseline", 0.0)
+        with timer.stage("baseline"):
+            start = initial_mask(self.net, image, self.pre, cfg.mask_flips, self.device)
+        report("registration", 0.05)
+        with timer.stage("registration"):
+            aligned = self.aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
+            vote, folding = majority_vote(aligned.labels), aligned.folding
+        report("finetune", 0.3)
+        tuned = finetune(self.net, start, aligned, self.aligner, cfg, rng, timer, report)
+        report("fusion", 0.85)
+        with timer.stage("fusion"):
+            fused = fuse(tuned.aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
+        report("final", 0.95)
+        with timer.stage("final"):
+            probs, network = final_mix(tuned.network, start, fused, cfg.fusion_weight, cfg.final_flips)
+            tuned.ema.update(network)
+        qa = self._qa(start, tuned, probs, folding, aligned.index)
+        parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}
+        return ISLResult(probs, start.baseline, roi_onehot_on(start.baseline, vote, start.center), qa,
+                         timer.seconds, parts, tuple(start.center))
+
+    def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, index: torch.Tensor) -> dict:
+        return {"atlases_used": [self.aligner.ids[int(i)] for i in index], "finetune_steps": tuned.steps,
+                "stopped_early": tuned.steps < self.cfg.finetune_steps,
+                "ema_changes": [round(c, 5) for c in tuned.ema.changes], "folding_fraction": folding,
+                "roi_center_voxel": list(start.center),
+                "baseline_vs_refined_dice": mean_dice(start.baseline.argmax(0), probs.argmax(0))}
