@@ -45,9 +45,11 @@ def main() -> None:
     def score(p, y):
         return mean_dice(p.argmax(0), y, fg)
 
-    out = {"model": refiner.bundle.version, "cases": ids,
-           "baseline": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device), y) for x, y in cases]),
-           "tta_flip": np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips=True), y) for x, y in cases]),
+    def peer(flips):
+        return np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips), y)
+                        for x, y in cases])
+
+    out = {"model": refiner.bundle.version, "cases": ids, "baseline": peer(False), "tta_flip": peer(True),
            "configs": []}
     print(json.dumps({k: out[k] for k in ("baseline", "tta_flip")}, default=float), flush=True)
     weights = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
@@ -63,9 +65,9 @@ def main() -> None:
         for r in results:
             r.parts["network+start"] = 0.5 * (r.parts["network"] + r.parts["baseline"])
         for source in ("ema", "network", "baseline", "network+start"):
-            row[f"mix_{source}"] = {
-                w: round(float(np.mean([score(paste(r.baseline.copy(), (1 - w) * r.parts[source] + w * r.parts["atlas"], r.center), y)
-                                        for r, (_, y) in zip(results, cases)])), 5) for w in weights}
+            row[f"mix_{source}"] = {w: round(float(np.mean([
+                score(paste(r.baseline.copy(), (1 - w) * r.parts[source] + w * r.parts["atlas"], r.center), y)
+                for r, (_, y) in zip(results, cases)])), 5) for w in weights}
         out["configs"].append(row)
         print(json.dumps(row, default=float), flush=True)
     print(json.dumps(out, indent=2, default=float))

@@ -58,7 +58,8 @@ def _parse_labels(meta: dict, where: Path) -> dict[int, str]:
         else:  # nnU-Net v2: {"background": 0}
             labels = {int(v): str(k) for k, v in raw.items()}
     except (TypeError, ValueError) as exc:
-        raise DatasetError(f"{where}: 'labels' values must be integers ({exc}); region-based labels are not supported") from exc
+        raise DatasetError(f"{where}: 'labels' values must be integers ({exc}); region-based labels are not "
+                           "supported") from exc
     if 0 not in labels:
         raise DatasetError(f"{where}: 'labels' has no background (0)")
     return dict(sorted(labels.items()))
@@ -108,7 +109,8 @@ def load_images(paths: tuple[Path, ...] | list[Path]) -> list[Volume]:
     """Read the channels of one case and check that they share one grid."""
     volumes = [read_image(p) for p in paths]
     for other in volumes[1:]:
-        volumes[0].geometry.check_same(other.geometry, f"channel {Path(other.source).name} vs {Path(volumes[0].source).name}")
+        volumes[0].geometry.check_same(other.geometry, f"channel {Path(other.source).name} vs "
+                                                       f"{Path(volumes[0].source).name}")
     return volumes
 
 

@@ -73,7 +73,8 @@ class Geometry:
     def image_from_array(self, array: np.ndarray) -> sitk.Image:
         """An ITK image holding `array` (z, y, x) on this grid."""
         if tuple(array.shape[::-1]) != tuple(self.size):
-            raise GeometryMismatchError(f"array shape {array.shape} (z,y,x) does not match grid size {self.size} (x,y,z)")
+            raise GeometryMismatchError(f"array shape {array.shape} (z,y,x) does not match grid size {self.size} "
+                                        "(x,y,z)")
         return self.apply_to(sitk.GetImageFromArray(array))
 
     def check_same(self, other: Geometry, what: str, tol: float = 1e-3) -> None:
@@ -84,7 +85,8 @@ class Geometry:
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             scale = 1.0 if name == "direction" else max(1.0, float(np.abs(a).max()))
             if not np.allclose(a, b, atol=tol * scale):
-                raise GeometryMismatchError(f"{what}: {name} {tuple(np.round(b, 4))} differs from {tuple(np.round(a, 4))}")
+                raise GeometryMismatchError(f"{what}: {name} {tuple(np.round(b, 4))} differs from "
+                                            f"{tuple(np.round(a, 4))}")
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
@@ -125,14 +127,16 @@ def _check_nifti_shape(path: Path, header, limits: ReadLimits) -> None:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise UnsupportedImageError(f"{path.name}: a {len(shape)}D image of shape {shape}; a single 3D volume is needed")
+        raise UnsupportedImageError(f"{path.name}: a {len(shape)}D image of shape {shape}; a single 3D volume is "
+                                    "needed")
     if min(shape) < 1:
         raise UnsupportedImageError(f"{path.name}: shape {shape} has a zero-sized axis")
     if min(shape) < 2:
         raise UnsupportedImageError(f"{path.name}: shape {shape} is a 2D slice, not a 3D volume")
     voxels = int(np.prod(shape, dtype=np.int64))
     if voxels > limits.max_voxels:
-        raise ImageTooLargeError(f"{path.name}: header declares {shape} = {voxels:,} voxels, over the limit of {limits.max_voxels:,}")
+        raise ImageTooLargeError(f"{path.name}: header declares {shape} = {voxels:,} voxels, over the limit of "
+                                 f"{limits.max_voxels:,}")
     zooms = np.asarray(header.get_zooms()[:3], dtype=float)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise CorruptImageError(f"{path.name}: voxel spacing {tuple(zooms)} is not positive and finite")
@@ -157,7 +161,8 @@ def _check_nifti_bytes(path: Path, header) -> None:
         compressed = fh.read(2) == GZIP_MAGIC
     have = _stream_length(path) if compressed else path.stat().st_size
     if have < needed:
-        raise CorruptImageError(f"{path.name}: truncated: {have:,} bytes of image data where the header needs {needed:,}")
+        raise CorruptImageError(f"{path.name}: truncated: {have:,} bytes of image data where the header needs "
+                                f"{needed:,}")
 
 
 def _check_nifti_finite(path: Path) -> None:
@@ -184,7 +189,8 @@ def _read_nifti(path: Path, limits: ReadLimits) -> Volume:
     if image.GetDimension() == 4:
         image = image[:, :, :, 0]
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UnsupportedImageError(f"{path.name}: {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is needed")
+        raise UnsupportedImageError(f"{path.name}: {image.GetNumberOfComponentsPerPixel()} components per voxel; a "
+                                    "scalar image is needed")
     return Volume(sitk.GetArrayFromImage(image), Geometry.of(image), str(path), "nifti")
 
 
@@ -218,7 +224,8 @@ def _check_zip_members(archive: Path, members: list[zipfile.ZipInfo], limits: Re
     total = sum(m.file_size for m in members)
     packed = max(1, sum(m.compress_size for m in members))
     if total > limits.max_archive_bytes or total / packed > limits.max_compression_ratio:
-        raise InputError(f"{archive.name}: expands to {total:,} bytes from {packed:,} (ratio {total / packed:.0f}); refused as a possible zip bomb")
+        raise InputError(f"{archive.name}: expands to {total:,} bytes from {packed:,} (ratio {total / packed:.0f}); "
+                         "refused as a possible zip bomb")
     for m in members:
         name = m.filename.replace("\\", "/")
         if name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"):
@@ -245,11 +252,13 @@ def list_dicom_series(folder: Path) -> dict[str, list[str]]:
         if os.path.abspath(path) in listed:
             continue
         try:
-            uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            uid = header.get("SeriesInstanceUID")
         except Exception:
             continue  # not DICOM at all (a README, a DICOMDIR's siblings): not part of any series
         if uid in series:
-            raise CorruptImageError(f"{path.name}: belongs to series {uid} but is not a readable image slice (no pixel data?)")
+            raise CorruptImageError(f"{path.name}: belongs to series {uid} but is not a readable image slice (no "
+                                    "pixel data?)")
     return series
 
 
@@ -283,7 +292,8 @@ def _dicom_headers(files: list[str]) -> list:
                 needed = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
                           * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
             except (AttributeError, TypeError, ValueError) as exc:
-                raise CorruptImageError(f"{Path(name).name}: image size attributes are missing or malformed ({exc})") from exc
+                raise CorruptImageError(f"{Path(name).name}: image size attributes are missing or malformed "
+                                        f"({exc})") from exc
             if len(ds.PixelData) < needed:
                 raise CorruptImageError(f"{Path(name).name}: {len(ds.PixelData):,} bytes of pixel data where "
                                         f"{ds.Rows} x {ds.Columns} pixels need {needed:,}")
@@ -304,7 +314,8 @@ def _check_slice_spacing(source: str, headers: list) -> None:
     steps = np.diff(positions @ np.cross(row, col))
     typical = np.median(np.abs(steps))
     if typical <= 0 or np.any(np.abs(steps) > 1.5 * typical) or np.any(np.abs(steps) < 0.5 * typical):
-        raise CorruptImageError(f"{source}: uneven slice positions (steps {np.round(steps, 3).tolist()} mm): a slice is missing or duplicated")
+        raise CorruptImageError(f"{source}: uneven slice positions (steps {np.round(steps, 3).tolist()} mm): a slice "
+                                "is missing or duplicated")
 
 
 def _read_dicom_files(source: str, files: list[str], limits: ReadLimits) -> Volume:
@@ -312,7 +323,8 @@ def _read_dicom_files(source: str, files: list[str], limits: ReadLimits) -> Volu
     _check_slice_spacing(source, headers)
     voxels = len(files) * int(headers[0].Rows) * int(headers[0].Columns)
     if voxels > limits.max_voxels:
-        raise ImageTooLargeError(f"{source}: series declares {voxels:,} voxels, over the limit of {limits.max_voxels:,}")
+        raise ImageTooLargeError(f"{source}: series declares {voxels:,} voxels, over the limit of "
+                                 f"{limits.max_voxels:,}")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -344,7 +356,8 @@ def read_image(path: str | os.PathLike, *, series_uid: str | None = None, limits
     elif _is_nifti(path):
         volume = _read_nifti(path, limits)
     else:
-        raise InputError(f"{path.name}: unknown input type; give a .nii/.nii.gz file, a DICOM folder or a .zip of a DICOM series")
+        raise InputError(f"{path.name}: unknown input type; give a .nii/.nii.gz file, a DICOM folder or a .zip of a "
+                         "DICOM series")
     if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
         bad = int(np.count_nonzero(~np.isfinite(volume.array)))
         raise CorruptImageError(f"{path.name}: {bad:,} voxels are NaN or infinite")
@@ -381,7 +394,8 @@ def read_label_map(path: str | os.PathLike, labels: set[int] | list[int], *, max
     stray = {int(v): int(n) for v, n in zip(values, counts) if int(v) not in allowed}
     too_many = {v: n for v, n in stray.items() if n > max_stray_voxels}
     if too_many:
-        raise LabelValueError(f"{Path(path).name}: values {sorted(too_many)} (voxels {list(too_many.values())}) are not "
+        raise LabelValueError(f"{Path(path).name}: values {sorted(too_many)} (voxels {list(too_many.values())}) are "
+                              "not "
                               f"labels of the dataset {sorted(allowed)}")
     array = array.astype(np.int16 if array.min() < 0 else np.uint16, copy=True)
     for v in stray:

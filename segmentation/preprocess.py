@@ -59,8 +59,10 @@ class Preprocessing(BaseModel):
             return image
         size = np.maximum(1, np.round(np.asarray(image.GetSize()) * spacing / target)).astype(int)
         if np.prod(size, dtype=np.int64) > MAX_CANONICAL_VOXELS:
-            raise InputError(f"the scan covers {tuple(float(e) for e in np.asarray(image.GetSize()) * spacing)} mm; on this "
-                             f"model's {tuple(self.spacing)} mm grid that is {tuple(int(v) for v in size)} voxels, over the "
+            raise InputError(f"the scan covers {tuple(float(e) for e in np.asarray(image.GetSize()) * spacing)} mm; "
+                             "on this "
+                             f"model's {tuple(self.spacing)} mm grid that is {tuple(int(v) for v in size)} voxels, "
+                             "over the "
                              f"limit of {MAX_CANONICAL_VOXELS:,}")
         return sitk.Resample(image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(),
                              tuple(float(t) for t in target), image.GetDirection(), 0.0, image.GetPixelID())

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="MSD / nnU-Net raw dataset folder")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--cases", type=int, default=None, help="train on the first N cases after the holdout")
-    p.add_argument("--holdout", type=int, default=None, help="never train on the first N cases in sorted order (default 0)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="never train on the first N cases in sorted order (default 0)")
     p.add_argument("--atlas-pool", type=int, default=None, help="training cases kept as atlases (default 40)")
     p.add_argument("--iterations", type=int, default=None, help="segmentation training iterations (default 2500)")
     p.add_argument("--reg-iterations", type=int, default=None, help="registration training iterations (default 1000)")
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("refine", help="refine the segmentation of one scan")
-    p.add_argument("input", nargs="+", help="NIfTI file, DICOM folder or .zip of a DICOM series (one per channel, in the model's order)")
+    p.add_argument("input", nargs="+", help="NIfTI file, DICOM folder or .zip of a DICOM series (one per channel, "
+                                            "in the model's order)")
     p.add_argument("--model", required=True, help="model bundle folder")
     p.add_argument("--out", required=True, help="output folder (mask + report.json)")
     p.add_argument("--atlas-dir", default=None, help="dataset folder holding the bundle's atlas cases")
@@ -237,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     from segmentation.errors import ISLError
 
     try:

@@ -56,9 +56,10 @@ def make_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> list[s
         image, labels = phantom(rng, contrast_shift=-12.0 if i < n_test else 0.0)
         write_image(image, geometry, root / "imagesTr" / f"{case_id}.nii.gz")
         write_label_map(labels, geometry, root / "labelsTr" / f"{case_id}.nii.gz")
-    meta = {"name": "Phantom", "description": "synthetic two-part structures made by isl demo", "channel_names": {"0": "MRI"},
-            "labels": {v: k for k, v in LABELS.items()}, "numTraining": len(ids), "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps({**meta, "labels": {n: v for v, n in LABELS.items()}}, indent=2))
+    meta = {"name": "Phantom", "description": "synthetic two-part structures made by isl demo",
+            "channel_names": {"0": "MRI"}, "labels": {n: v for v, n in LABELS.items()}, "numTraining": len(ids),
+            "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return ids[:n_test]
 
 
@@ -98,6 +99,7 @@ def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_trai
     progress(f"\nDice (mean over {s['n_cases']} held-out phantoms and both labels):\n"
              f"  baseline {s['mean_dice_baseline']:.4f}\n  ISL      {s['mean_dice_isl']:.4f}  "
              f"({(s['mean_dice_isl'] - s['mean_dice_baseline']) * 100:+.2f} points)\n"
-             f"  flip TTA {s['mean_dice_tta_flip']:.4f}, TENT {s['mean_dice_tent']:.4f}, atlas fusion {s['mean_dice_atlas_fusion']:.4f}\n"
+             f"  flip TTA {s['mean_dice_tta_flip']:.4f}, TENT {s['mean_dice_tent']:.4f}, atlas fusion "
+             f"{s['mean_dice_atlas_fusion']:.4f}\n"
              f"outputs in {out}/ (model/, evaluation.json, evaluation.png); total {time.perf_counter() - t0:.0f} s")
     return 0 if s["mean_dice_isl"] > s["mean_dice_baseline"] else 1

@@ -31,7 +31,9 @@ def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLCo
 
 def label_volumes_ml(labels: np.ndarray, geometry: Geometry, names: dict[int, str]) -> dict[str, float]:
     """Volume of each foreground label in mL (SimpleITK's label statistics; 0 for a label not present)."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats = sitk.LabelShapeStatisticsImageFilter()  # sizes only: perimeter and Feret diameter cost 10x more
+    stats.ComputePerimeterOff()
+    stats.ComputeFeretDiameterOff()
     stats.Execute(geometry.image_from_array(labels.astype(np.uint16)))
     present = set(stats.GetLabels())
     return {names[v]: round(stats.GetPhysicalSize(v) / 1000.0 if v in present else 0.0, 3) for v in names if v != 0}

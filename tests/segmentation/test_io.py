@@ -10,8 +10,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from segmentation.errors import (AmbiguousSeriesError, CorruptImageError, ImageTooLargeError, InputError,
-                                 LabelValueError, UnsupportedImageError)
+from segmentation.errors import (
+    AmbiguousSeriesError,
+    CorruptImageError,
+    ImageTooLargeError,
+    InputError,
+    LabelValueError,
+    UnsupportedImageError,
+)
 from segmentation.io import Geometry, read_image, read_label_map, write_label_map
 from segmentation.preprocess import Preprocessing, to_native
 
@@ -43,7 +49,8 @@ def test_orientations_differ_and_canonical_round_trip_is_exact(spinalcord):
         path = spinalcord / subject / "anat" / f"{subject}_run-1_T2starw.nii.gz"
         codes[subject] = "".join(nib.aff2axcodes(nib.load(str(path)).affine))
         image = read_image(path)
-        mask_path = spinalcord / "derivatives" / "labels" / subject / "anat" / f"{subject}_run-1_T2starw_seg-manual.nii.gz"
+        label_dir = spinalcord / "derivatives" / "labels" / subject / "anat"
+        mask_path = label_dir / f"{subject}_run-1_T2starw_seg-manual.nii.gz"
         mask, _ = read_label_map(mask_path, [1])
         pre = Preprocessing(spacing=image.geometry.spacing)
         _, canonical = pre.images([image])
@@ -139,7 +146,8 @@ def test_dicom_series_reads_and_exports_dicom_seg(tmp_path):
     assert volume.kind == "dicom" and volume.array.shape[0] == 5
     labels = (volume.array > np.median(volume.array)).astype(np.uint8)
     labels[:, :4] = 2
-    path = write_dicom_seg(labels, volume, {0: "background", 1: "bright", 2: "band"}, tmp_path / "seg.dcm", software_version="t")
+    path = write_dicom_seg(labels, volume, {0: "background", 1: "bright", 2: "band"}, tmp_path / "seg.dcm",
+                           software_version="t")
     seg = hd.seg.segread(path)
     assert seg.number_of_segments == 2
     assert seg.get_segment_description(1).segment_label == "bright"

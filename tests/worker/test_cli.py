@@ -47,7 +47,8 @@ def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
 
 def test_missing_atlas_folder_is_a_clear_error(tiny_bundle, phantom_dataset, tmp_path):
     scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
-    out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path, "--atlas-dir", tmp_path / "nope", "--device", "cpu")
+    out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path, "--atlas-dir", tmp_path / "nope",
+              "--device", "cpu")
     assert out.returncode == 2
     assert "atlas folder" in out.stderr and "does not exist" in out.stderr
 
@@ -56,7 +57,8 @@ def test_corrupt_input_is_refused_with_exit_2(tiny_bundle, phantom_dataset, tmp_
     data = (phantom_dataset / "imagesTr" / "phantom_000.nii.gz").read_bytes()
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(data[: len(data) // 3])
-    out = isl("refine", bad, "--model", tiny_bundle, "--out", tmp_path / "o", "--atlas-dir", phantom_dataset, "--device", "cpu")
+    out = isl("refine", bad, "--model", tiny_bundle, "--out", tmp_path / "o", "--atlas-dir", phantom_dataset,
+              "--device", "cpu")
     assert out.returncode == 2 and "truncated" in out.stderr
     assert not (tmp_path / "o" / "mask.nii.gz").exists()
 
@@ -79,7 +81,7 @@ def test_evaluate_writes_the_contract(tiny_bundle, phantom_dataset, tmp_path):
 @pytest.mark.shared_data
 def test_golden_real_hippocampus_case(hippocampus, tmp_path):
     """A real held-out case through the committed few-label bundle: exit 0 and a Dice floor."""
-    from segmentation.io import read_label_map, read_image
+    from segmentation.io import read_image, read_label_map
     from segmentation.metrics import dice
 
     model = ROOT / "models" / "hippocampus_few"
@@ -92,3 +94,27 @@ def test_golden_real_hippocampus_case(hippocampus, tmp_path):
     truth, _ = read_label_map(hippocampus / "labelsTr" / f"{case}.nii.gz", [1, 2])
     scores = dice(read_image(tmp_path / "mask.nii.gz").array, truth.array, [1, 2])
     assert np.mean(list(scores.values())) > 0.75, scores
+
+
+def test_an_option_the_config_refuses_is_a_clear_error_before_any_work(tiny_bundle, phantom_dataset, tmp_path):
+    scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
+    out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path / "o", "--atlas-dir", phantom_dataset,
+              "--atlases", 0, "--device", "cpu")
+    assert out.returncode == 2
+    assert "--atlases 0: Input should be greater than or equal to 1" in out.stderr, out.stderr
+    assert not (tmp_path / "o").exists()
+    out = isl("train", "--dataset", phantom_dataset, "--out", tmp_path / "b", "--iterations", -5)
+    assert out.returncode == 2 and "--iterations -5" in out.stderr, out.stderr
+
+
+def test_options_reach_the_config_through_one_table():
+    from worker.cli import REFINE_OPTIONS, TRAIN_OPTIONS, build_parser, config_from
+    from worker.method.config import ISLConfig
+    from worker.training.train import BundleTrainConfig
+
+    args = build_parser().parse_args(["train", "--dataset", "d", "--out", "o", "--seed", "7", "--iterations", "9"])
+    cfg = config_from(args, BundleTrainConfig, TRAIN_OPTIONS)
+    assert (cfg.training.seed, cfg.registration.seed, cfg.training.iterations) == (7, 7, 9)
+    assert cfg.registration.iterations == BundleTrainConfig().registration.iterations  # not given: the default
+    args = build_parser().parse_args(["refine", "x.nii.gz", "--model", "m", "--out", "o", "--atlases", "5"])
+    assert config_from(args, ISLConfig, REFINE_OPTIONS) == ISLConfig(atlases=5)

@@ -1,10 +1,9 @@
 """The moving average of predictions, the stopping rule, the ROI helpers and the refiner on phantoms."""
 import numpy as np
 import pytest
-import torch
 
-from segmentation.preprocess import centroid, crop, paste
 from segmentation.metrics import mean_dice
+from segmentation.preprocess import centroid, crop, paste
 from worker.method.mask import EMAMask
 
 
@@ -72,3 +71,18 @@ def test_refiner_runs_and_reports(tiny_bundle, phantom_dataset):
     assert len(res.qa["atlases_used"]) == 3 and 0.0 <= res.qa["folding_fraction"] < 0.05
     assert set(res.seconds) >= {"baseline", "registration", "finetune", "final"}
     assert res.qa["finetune_steps"] <= 10 and len(res.qa["ema_changes"]) >= 1
+
+
+def test_the_config_validates_on_assignment_too():
+    from pydantic import ValidationError
+
+    from worker.method.config import ISLConfig
+
+    cfg = ISLConfig()
+    with pytest.raises(ValidationError, match="atlases"):
+        cfg.atlases = 0
+    with pytest.raises(ValidationError, match="steps"):
+        cfg.registration.steps = -1
+    with pytest.raises(ValidationError, match="no_such_knob"):
+        ISLConfig(no_such_knob=1)
+    assert cfg.atlases == 14 and cfg.registration.steps == 30

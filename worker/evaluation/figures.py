@@ -17,7 +17,7 @@ def evaluation_figure(rows: list[dict], example, path) -> Path:
     tta = np.array([np.mean(list(r["dice_tta_flip"].values())) for r in rows])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     ax = axes[0]
-    for i, (b, a) in enumerate(zip(before, after)):
+    for b, a in zip(before, after):
         ax.plot([0, 1], [b, a], color="tab:green" if a >= b else "tab:red", alpha=0.5, lw=1)
     ax.scatter(np.zeros_like(before), before, s=12, color="k")
     ax.scatter(np.ones_like(after), after, s=12, color="k")

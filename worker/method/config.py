@@ -16,7 +16,8 @@ class ISLConfig(BaseModel):
     atlases: int = Field(14, ge=1, description="K: deformed training cases per scan")
     # mask-weakly-supervised registration of the atlases toward the scan
     registration: InstanceConfig = Field(default_factory=InstanceConfig)
-    mask_flips: bool = Field(True, description="start the scan's mask (weak supervision, EMA) from the baseline averaged over 8 mirror flips")
+    mask_flips: bool = Field(True, description="start the scan's mask (weak supervision, EMA) from the baseline "
+                                               "averaged over 8 mirror flips")
     reregister_steps: int = Field(10, ge=0, description="instance-optimisation steps of each feedback re-registration")
     reregister_every: int = Field(20, ge=1, description="fine-tuning steps between re-registrations with the EMA mask")
     # per-case fine-tuning
@@ -25,18 +26,25 @@ class ISLConfig(BaseModel):
     finetune_lr: float = 3e-4
     finetune_batch: int = Field(2, ge=1)
     augment_strength: float = Field(0.5, ge=0, description="scales the training augmentation's probabilities")
-    scan_weight: float = Field(0.0, ge=0, description="weight of the scan itself in fine-tuning, on its confident pseudo-label (0: off)")
-    pseudo_confidence: float = Field(0.9, gt=0, le=1, description="probability above which a scan voxel's pseudo-label is trusted")
+    scan_weight: float = Field(0.0, ge=0, description="weight of the scan itself in fine-tuning, on its confident "
+                                                      "pseudo-label (0: off)")
+    pseudo_confidence: float = Field(0.9, gt=0, le=1, description="probability above which a scan voxel's "
+                                                                  "pseudo-label is trusted")
     # moving average of the predictions and the stopping rule
     predict_every: int = Field(5, ge=1)
     ema_decay: float = Field(0.7, ge=0, lt=1, description="EMA <- decay * EMA + (1 - decay) * prediction")
-    stop_tolerance: float = Field(0.005, ge=0, description="stop when 1 - Dice(EMA mask, previous EMA mask) stays below")
+    stop_tolerance: float = Field(0.005, ge=0, description="stop when 1 - Dice(EMA mask, previous EMA mask) stays "
+                                                           "below")
     stop_patience: int = Field(2, ge=1)
     # the final mask
-    final_flips: bool = Field(True, description="average the tuned network over 8 mirror flips for the final prediction")
-    fusion_weight: float = Field(0.8, ge=0, le=1, description="weight of the fused warped atlas labels in the final mask")
-    fusion_beta: float = Field(30.0, ge=0, description="sharpness of the per-voxel atlas weights softmax(beta * local NCC); 0: plain mean")
+    final_flips: bool = Field(True, description="average the tuned network over 8 mirror flips for the final "
+                                                "prediction")
+    fusion_weight: float = Field(0.8, ge=0, le=1, description="weight of the fused warped atlas labels in the final "
+                                                              "mask")
+    fusion_beta: float = Field(30.0, ge=0, description="sharpness of the per-voxel atlas weights softmax(beta * local "
+                                                       "NCC); 0: plain mean")
     fusion_window: int = Field(5, ge=3, description="window (voxels) of the local NCC that weighs atlases in fusion")
-    fusion_search: int = Field(1, ge=0, le=3, description="search radius (voxels) of non-local fusion: each atlas also votes from its neighbouring voxels")
+    fusion_search: int = Field(1, ge=0, le=3, description="search radius (voxels) of non-local fusion: each atlas "
+                                                          "also votes from its neighbouring voxels")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

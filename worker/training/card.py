@@ -18,9 +18,11 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         f"on {', '.join(meta['dataset']['channels'])} images, refined per scan by inference-specific learning.",
         "",
         "## Data and split",
-        f"- Dataset: {meta['dataset']['name']} (folder `{meta['dataset']['folder']}`). {dataset_meta.get('description', '')}",
+        f"- Dataset: {meta['dataset']['name']} (folder `{meta['dataset']['folder']}`). "
+        f"{dataset_meta.get('description', '')}",
         f"- Reference: {dataset_meta.get('reference', 'n/a')}. Licence: {licence}.",
-        f"- Held out (never trained on, the evaluation split): the first {len(meta['holdout_cases'])} cases in sorted order"
+        f"- Held out (never trained on, the evaluation split): the first {len(meta['holdout_cases'])} cases in sorted "
+        "order"
         + (f" ({meta['holdout_cases'][0]} to {meta['holdout_cases'][-1]})." if meta["holdout_cases"] else "."),
         f"- Trained on {len(meta['train_cases'])} cases: {', '.join(meta['train_cases'])}.",
         f"- Atlases (by case id; give their dataset folder with `--atlas-dir`): {', '.join(meta['atlases'])}.",
@@ -28,8 +30,10 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "",
         "## Training",
         f"- Segmentation: MONAI UNet {cfg['network']['channels']}, {cfg['training']['iterations']} iterations "
-        f"(batch {cfg['training']['batch_size']}, lr {cfg['training']['lr']}), {train['segmentation_seconds']} s, final loss {train['segmentation_final_loss']}.",
-        f"- Registration: VxmPairwise {cfg['registration']['nb_features']}, {cfg['registration']['iterations']} iterations, "
+        f"(batch {cfg['training']['batch_size']}, lr {cfg['training']['lr']}), {train['segmentation_seconds']} s, "
+        f"final loss {train['segmentation_final_loss']}.",
+        f"- Registration: VxmPairwise {cfg['registration']['nb_features']}, {cfg['registration']['iterations']} "
+        "iterations, "
         f"{train['registration_seconds']} s, final loss {train['registration_final_loss']:.4f}.",
         "",
         "## Metrics",

@@ -44,7 +44,8 @@ def split(ds: Dataset, cfg: BundleTrainConfig) -> tuple[list[str], list[str]]:
     held, rest = ids[: cfg.holdout], ids[cfg.holdout:]
     train = rest[: cfg.cases] if cfg.cases else rest
     if len(train) < 2:
-        raise DatasetError(f"{ds.root}: {len(train)} training case(s) after holding out {cfg.holdout}; at least 2 are needed")
+        raise DatasetError(f"{ds.root}: {len(train)} training case(s) after holding out {cfg.holdout}; at least 2 are "
+                           "needed")
     return held, train
 
 
