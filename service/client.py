@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-FINAL = ("succeeded", "failed", "cancelled")
+from segmentation.files import atomic_write_bytes, atomic_write_text
+from service.records import FINAL, JobState
 
 
 class ServiceError(Exception):
@@ -47,7 +47,8 @@ class Client:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         if not files:
             raise ServiceError(f"{path}: nothing to upload")
-        data = {k: str(v) for k, v in {"model": model, "atlases": atlases, "priority": priority}.items() if v is not None}
+        fields = {"model": model, "atlases": atlases, "priority": priority}
+        data = {k: str(v) for k, v in fields.items() if v is not None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         handles = [open(p, "rb") for p in files]
         try:
@@ -81,9 +82,7 @@ class Client:
         expected = self.report(job_id)["files"]["mask" if format == "nifti" else "dicom_seg"]["sha256"]
         if hashlib.sha256(r.content).hexdigest() != expected:
             raise ServiceError(f"job {job_id}: the downloaded result does not match its checksum")
-        tmp = dest.with_name(f".{dest.name}.part")
-        tmp.write_bytes(r.content)
-        os.replace(tmp, dest)
+        atomic_write_bytes(dest, r.content)
         return dest
 
     def cancel(self, job_id: str) -> dict:
@@ -95,8 +94,7 @@ def _fingerprint(path: Path, options: dict) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
         with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            hashlib.file_digest(fh, lambda: h)  # streams the file into the running digest
     return h.hexdigest()
 
 
@@ -133,24 +131,23 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
     def one(name: str, path: Path) -> dict:
         folder = out / name
         if (folder / "report.json").is_file() and (folder / "mask.nii.gz").is_file():
-            return {"state": "skipped", "job": json.loads((folder / "report.json").read_text()).get("job_id", ""), "error": ""}
+            done = json.loads((folder / "report.json").read_text())
+            return {"state": "skipped", "job": done.get("job_id", ""), "error": ""}
         if not path.exists():
-            return {"state": "failed", "job": "", "error": f"{path} does not exist"}
+            return {"state": JobState.FAILED.value, "job": "", "error": f"{path} does not exist"}
         key = _fingerprint(path, options)
         job = client.submit(path, model=model, atlases=atlases, priority=priority, idempotency_key=key)
-        if job["state"] in ("failed", "cancelled"):  # an earlier run's job for this input ended badly: try anew
+        if job["state"] in (JobState.FAILED, JobState.CANCELLED):  # an earlier run's job ended badly: try anew
             job = client.submit(path, model=model, atlases=atlases, priority=priority,
                                 idempotency_key=f"{key}:after:{job['id']}")
         job = client.wait(job["id"], timeout=timeout)
-        if job["state"] != "succeeded":
+        if job["state"] != JobState.SUCCEEDED:
             return {"state": job["state"], "job": job["id"], "error": job["error"]}
         folder.mkdir(exist_ok=True)
         client.download(job["id"], folder / "mask.nii.gz")
         report = client.report(job["id"]) | {"job_id": job["id"]}
-        tmp = folder / ".report.json.part"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, folder / "report.json")  # last: its presence marks the case done
-        return {"state": "succeeded", "job": job["id"], "error": ""}
+        atomic_write_text(folder / "report.json", json.dumps(report, indent=2))  # last: its presence marks it done
+        return {"state": JobState.SUCCEEDED.value, "job": job["id"], "error": ""}
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {pool.submit(one, n, p): n for n, p in cases.items()}
@@ -159,7 +156,7 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
             try:
                 result = f.result()
             except (ServiceError, httpx.HTTPError, TimeoutError) as exc:
-                result = {"state": "failed", "job": "", "error": str(exc)}
+                result = {"state": JobState.FAILED.value, "job": "", "error": str(exc)}
             with lock:
                 summary[name] = result
                 bar.update(1)

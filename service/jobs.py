@@ -1,6 +1,7 @@
-"""Job records in Redis: one JSON record per job, a per-tenant index, the set of queued jobs (queue positions
-and wait estimates), idempotency keys, the delivery count that ends a job which kills its worker every time,
-and the lease that lets exactly one worker run a job at a time.
+"""Job records in Redis, and the one module that knows Redis's keys: one JSON record per job (service/records.py),
+a per-tenant index, the set of queued jobs (queue positions and wait estimates), idempotency keys, the delivery
+count that ends a job which kills its worker every time, the lease that lets exactly one worker run a job at a
+time, and what /metrics reads (worker heartbeats, stage durations, fault events).
 
 Exactly-once results rest on the lease, not on the broker: a worker runs a job only while it holds
 `isl:lease:{id}` (SET NX with a TTL, renewed by the worker). A second delivery of the same job (the broker's
@@ -9,7 +10,6 @@ running; a job whose worker died loses its lease within the TTL and `requeue_orp
 from __future__ import annotations
 
 import heapq
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -18,98 +18,89 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL = {"succeeded", "failed", "cancelled"}
+from service.records import FINAL, Attempt, Batch, InputFile, Job, JobOptions, JobState, now
+
 P = "isl:"
-
-
-def now() -> float:
-    return round(time.time(), 3)
+IDEMPOTENCY_S = 7 * 86400
+Sender = Callable[[str, int], None]
 
 
 class JobStore:
     def __init__(self, url: str):
         # A restarting Redis (seconds) is waited for, not turned into failed jobs or 5xx: ~30 s of retries.
-        self.r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
-                                      retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20),
-                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                       retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20),
+                                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
     def ping(self) -> bool:
         try:
-            return bool(self.r.ping())
+            return bool(self._r.ping())
         except redis.RedisError:
             return False
 
     # -- keys revoked at runtime (sha256 of the key); removing a key from ISL_API_KEYS revokes it at restart --
     def revoked(self, key_hash: str) -> bool:
-        return bool(self.r.sismember(f"{P}revoked", key_hash))
+        return bool(self._r.sismember(f"{P}revoked", key_hash))
 
     def revoke(self, key_hash: str) -> None:
-        self.r.sadd(f"{P}revoked", key_hash)
+        self._r.sadd(f"{P}revoked", key_hash)
 
     # -- records ----------------------------------------------------------------------------------------
-    def by_idempotency_key(self, tenant: str, key: str) -> dict | None:
+    def by_idempotency_key(self, tenant: str, key: str) -> Job | None:
         """The job this tenant created with `key`, if any (keys live 7 days)."""
-        job_id = self.r.get(f"{P}idem:{tenant}:{key}")
+        job_id = self._r.get(f"{P}idem:{tenant}:{key}")
         return self.get(job_id) if job_id else None
 
-    def create(self, tenant: str, inputs: list[dict], options: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
+    def create(self, tenant: str, inputs: list[InputFile | dict], options: JobOptions | dict,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
         """A new queued job, or (existing job, False) when this tenant already used `idempotency_key`."""
-        job_id = uuid.uuid4().hex
+        job = Job(id=uuid.uuid4().hex, tenant=tenant, created=now(), inputs=inputs, options=options)
         if idempotency_key:
             idem = f"{P}idem:{tenant}:{idempotency_key}"
-            if not self.r.set(idem, job_id, nx=True, ex=7 * 86400):
-                existing = self.get(self.r.get(idem) or "")
+            if not self._r.set(idem, job.id, nx=True, ex=IDEMPOTENCY_S):
+                existing = self.get(self._r.get(idem) or "")
                 if existing:
                     return existing, False
-                self.r.set(idem, job_id, ex=7 * 86400)
-        job = {"id": job_id, "tenant": tenant, "state": "queued", "stage": "", "progress": 0.0, "error": "",
-               "created": now(), "started": None, "finished": None, "inputs": inputs, "options": options,
-               "result": None, "deliveries": 0, "cancel_requested": False, "worker": "", "attempts": []}
-        pipe = self.r.pipeline()
-        pipe.set(f"{P}job:{job_id}", json.dumps(job))
-        pipe.zadd(f"{P}tenant:{tenant}", {job_id: job["created"]})
-        pipe.zadd(f"{P}queued", {job_id: job["created"]})
-        pipe.zadd(f"{P}unsent", {job_id: job["created"]})  # until its message is on the queue (mark_sent)
+                self._r.set(idem, job.id, ex=IDEMPOTENCY_S)
+        pipe = self._r.pipeline()
+        pipe.set(f"{P}job:{job.id}", job.model_dump_json())
+        pipe.zadd(f"{P}tenant:{tenant}", {job.id: job.created})
+        pipe.zadd(f"{P}queued", {job.id: job.created})
+        pipe.zadd(f"{P}unsent", {job.id: job.created})  # until its message is on the queue (mark_sent)
         pipe.execute()
         return job, True
 
-    def count(self, event: str) -> None:
-        """Counts a fault-handling event for /metrics (isl_job_events_total)."""
-        self.r.hincrby(f"{P}events", event, 1)
-
     def mark_sent(self, job_id: str) -> None:
         """The job's message is on the broker's queue: `requeue_orphans` no longer needs to send it."""
-        self.r.zrem(f"{P}unsent", job_id)
+        self._r.zrem(f"{P}unsent", job_id)
 
-    def create_batch(self, tenant: str, job_ids: list[str]) -> dict:
-        batch = {"id": uuid.uuid4().hex, "tenant": tenant, "jobs": job_ids, "created": now()}
-        self.r.set(f"{P}batch:{batch['id']}", json.dumps(batch))
+    def create_batch(self, tenant: str, job_ids: list[str]) -> Batch:
+        batch = Batch(id=uuid.uuid4().hex, tenant=tenant, jobs=job_ids, created=now())
+        self._r.set(f"{P}batch:{batch.id}", batch.model_dump_json())
         return batch
 
-    def get_batch(self, batch_id: str) -> dict | None:
-        raw = self.r.get(f"{P}batch:{batch_id}")
-        return json.loads(raw) if raw else None
+    def get_batch(self, batch_id: str) -> Batch | None:
+        raw = self._r.get(f"{P}batch:{batch_id}")
+        return Batch.model_validate_json(raw) if raw else None
 
-    def get(self, job_id: str) -> dict | None:
-        raw = self.r.get(f"{P}job:{job_id}")
-        return json.loads(raw) if raw else None
+    def get(self, job_id: str) -> Job | None:
+        raw = self._r.get(f"{P}job:{job_id}")
+        return Job.model_validate_json(raw) if raw else None
 
-    def update(self, job_id: str, **fields) -> dict:
+    def update(self, job_id: str, **fields) -> Job:
         """Atomic read-modify-write of one job record (optimistic locking)."""
         key = f"{P}job:{job_id}"
-        with self.r.pipeline() as pipe:
+        with self._r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     raw = pipe.get(key)
                     if raw is None:
                         raise KeyError(job_id)
-                    job = json.loads(raw)
-                    job.update(fields)
+                    job = Job.model_validate_json(raw).with_fields(**fields)
                     pipe.multi()
-                    pipe.set(key, json.dumps(job))
-                    if job["state"] != "queued":
+                    pipe.set(key, job.model_dump_json())
+                    if job.state != JobState.QUEUED:
                         pipe.zrem(f"{P}queued", job_id)
                     pipe.execute()
                     return job
@@ -118,21 +109,71 @@ class JobStore:
 
     def position(self, job_id: str) -> int | None:
         """0-based place among queued jobs (oldest first), None when not queued."""
-        rank = self.r.zrank(f"{P}queued", job_id)
+        rank = self._r.zrank(f"{P}queued", job_id)
         return None if rank is None else int(rank)
 
-    def list(self, tenant: str, offset: int, limit: int) -> tuple[list[dict], int]:
+    def list(self, tenant: str, offset: int, limit: int) -> tuple[list[Job], int]:
         key = f"{P}tenant:{tenant}"
-        ids = self.r.zrevrange(key, offset, offset + limit - 1)
+        ids = self._r.zrevrange(key, offset, offset + limit - 1)
         jobs = [j for j in (self.get(i) for i in ids) if j]
-        return jobs, int(self.r.zcard(key))
+        return jobs, int(self._r.zcard(key))
 
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATES, 0)
-        for key in self.r.scan_iter(f"{P}job:*", count=500):
-            raw = self.r.get(key)
+    # -- what /metrics and the wait estimates read --------------------------------------------------------
+    def counts(self) -> dict[JobState, int]:
+        out = dict.fromkeys(JobState, 0)
+        for key in self._r.scan_iter(f"{P}job:*", count=500):
+            raw = self._r.get(key)
             if raw:
-                out[json.loads(raw)["state"]] += 1
+                out[Job.model_validate_json(raw).state] += 1
+        return out
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for a worker."""
+        return int(self._r.zcard(f"{P}queued"))
+
+    def running_count(self) -> int:
+        """Jobs a worker runs now."""
+        return int(self._r.zcard(f"{P}running"))
+
+    def count(self, event: str) -> None:
+        """Counts a fault-handling event for /metrics (isl_job_events_total)."""
+        self._r.hincrby(f"{P}events", event, 1)
+
+    def events(self) -> dict[str, int]:
+        """Fault-handling events so far, by name."""
+        return {name: int(n) for name, n in self._r.hgetall(f"{P}events").items()}
+
+    def duplicates(self, job_id: str) -> int:
+        """Deliveries of this job refused because another worker held its lease."""
+        return int(self._r.get(f"{P}duplicates:{job_id}") or 0)
+
+    def beat(self, worker: str, ttl_s: int) -> None:
+        """A worker process is alive; its heartbeat lapses after `ttl_s` without another."""
+        self._r.set(f"{P}worker:{worker}", time.time(), ex=ttl_s)
+
+    def workers(self) -> dict[str, float]:
+        """Live worker processes: name -> time of the last heartbeat (Unix seconds)."""
+        out = {}
+        for key in self._r.scan_iter(f"{P}worker:*", count=500):
+            t = self._r.get(key)
+            if t:
+                out[key[len(f"{P}worker:"):]] = float(t)
+        return out
+
+    def record_stage_seconds(self, seconds: dict[str, float]) -> None:
+        """Adds one job's seconds per engine stage to the totals."""
+        pipe = self._r.pipeline()
+        for stage, s in seconds.items():
+            pipe.hincrbyfloat(f"{P}stage_seconds", f"{stage}:sum", s)
+            pipe.hincrby(f"{P}stage_seconds", f"{stage}:count", 1)
+        pipe.execute()
+
+    def stage_seconds(self) -> dict[str, dict[str, float]]:
+        """stage -> {'sum': seconds over all jobs, 'count': jobs that ran it}."""
+        out: dict[str, dict[str, float]] = {}
+        for key, value in self._r.hgetall(f"{P}stage_seconds").items():
+            name, _, kind = key.rpartition(":")
+            out.setdefault(name, {})[kind] = float(value)
         return out
 
     def estimate_wait(self, job_id: str) -> float | None:
@@ -140,12 +181,13 @@ class JobStore:
         job duration minus what each running job has done) assigned greedily to the jobs ahead of it.
         None while there is no live worker or no finished job to take a duration from."""
         position = self.position(job_id)
-        durations = [float(d) for d in self.r.lrange(f"{P}durations", 0, -1)]
-        workers = sum(1 for _ in self.r.scan_iter(f"{P}worker:*", count=500))
+        durations = [float(d) for d in self._r.lrange(f"{P}durations", 0, -1)]
+        workers = sum(1 for _ in self._r.scan_iter(f"{P}worker:*", count=500))
         if position is None or not durations or workers == 0:
             return None
         mean, t = sum(durations) / len(durations), time.time()
-        running = [max(0.0, mean - (t - started)) for _, started in self.r.zrange(f"{P}running", 0, -1, withscores=True)]
+        running = [max(0.0, mean - (t - started))
+                   for _, started in self._r.zrange(f"{P}running", 0, -1, withscores=True)]
         free = sorted(running)[:workers] + [0.0] * max(0, workers - len(running))
         heapq.heapify(free)
         for _ in range(position):
@@ -154,124 +196,149 @@ class JobStore:
 
     # -- worker side -----------------------------------------------------------------------------------
     def deliver(self, job_id: str, max_deliveries: int, holder: str, lease_s: int,
-                holder_alive: Callable[[str], bool] = lambda h: True, worker: str = "") -> tuple[dict | None, str]:
+                holder_alive: Callable[[str], bool] = lambda h: True, worker: str = "") -> tuple[Job | None, str]:
         """Called when a worker receives a job. Takes the job's lease for `holder` and says what to do:
         'run'; 'skip' (final or cancelled already); 'duplicate' (another live worker holds the lease: this
         delivery is a copy and must not run); 'poison' (delivered too often without finishing: now failed)."""
-        lease = f"{P}lease:{job_id}"
-        if not self.r.set(lease, holder, nx=True, ex=lease_s):
-            current = self.r.get(lease)
-            if current and holder_alive(current):
-                self.r.incr(f"{P}duplicates:{job_id}")
-                self.count("duplicate_delivery_refused")
-                return self.get(job_id), "duplicate"
-            # its holder is gone (a worker process on this host that died): take the lease over
-            if not self._swap(lease, current, holder, lease_s):
-                return self.get(job_id), "duplicate"
+        if not self._take_lease(job_id, holder, lease_s, holder_alive):
+            return self.get(job_id), "duplicate"
         job = self.get(job_id)
-        if job is None or job["state"] in FINAL:
+        if job is None or job.state in FINAL:
             self.release(job_id, holder)
             return job, "skip"
-        if job["cancel_requested"]:
-            job = self.update(job_id, state="cancelled", finished=now())
+        if job.cancel_requested:
+            job = self.update(job_id, state=JobState.CANCELLED, finished=now())
             self.release(job_id, holder)
             return job, "skip"
-        n = int(self.r.incr(f"{P}deliveries:{job_id}"))
+        n = int(self._r.incr(f"{P}deliveries:{job_id}"))
         if n > max_deliveries:
             reason = (f"the job stopped its worker {n - 1} times (delivered {n - 1} times without finishing); "
                       "it is not retried again: check the input, or the worker's logs and memory")
-            job = self.update(job_id, state="failed", error=reason, finished=now(), deliveries=n - 1)
+            job = self.update(job_id, state=JobState.FAILED, error=reason, finished=now(), deliveries=n - 1)
             self.release(job_id, holder)
             self.count("poisoned")
             return job, "poison"
         started = now()
-        attempts = job.get("attempts", [])
-        if attempts and "outcome" not in attempts[-1]:  # its run ended without a word: that worker stopped
-            attempts[-1].update(ended=started, outcome="its worker stopped")
+        attempts = job.attempts
+        if attempts and attempts[-1].outcome is None:  # its run ended without a word: that worker stopped
+            attempts[-1] = attempts[-1].model_copy(update={"ended": started, "outcome": "its worker stopped"})
             self.count("worker_stopped")
-        attempts.append({"worker": worker, "holder": holder, "started": started})
-        job = self.update(job_id, state="running", started=started, deliveries=n, stage="starting", worker=worker,
-                          holder=holder, attempts=attempts)
-        self.r.zadd(f"{P}running", {job_id: started})
+        attempts.append(Attempt(worker=worker, holder=holder, started=started))
+        job = self.update(job_id, state=JobState.RUNNING, started=started, deliveries=n, stage="starting",
+                          worker=worker, holder=holder, attempts=attempts)
+        self._r.zadd(f"{P}running", {job_id: started})
         return job, "run"
 
-    _SWAP = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) and 1 else return 0 end"
-    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end"
+    def _take_lease(self, job_id: str, holder: str, lease_s: int, holder_alive: Callable[[str], bool]) -> bool:
+        """The job's lease for `holder`; False when another live holder has it (this delivery is a copy)."""
+        lease = f"{P}lease:{job_id}"
+        if self._r.set(lease, holder, nx=True, ex=lease_s):
+            return True
+        current = self._r.get(lease)
+        if current and holder_alive(current):
+            self._r.incr(f"{P}duplicates:{job_id}")
+            self.count("duplicate_delivery_refused")
+            return False
+        # its holder is gone (a worker process on this host that died): take the lease over
+        return self._swap(lease, current, holder, lease_s)
+
+    _SWAP = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+             "return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) and 1 else return 0 end")
+    _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+              "return redis.call('expire', KEYS[1], ARGV[2]) else return 0 end")
     _DROP = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
     def _swap(self, lease: str, old: str | None, new: str, lease_s: int) -> bool:
         if old is None:
-            return bool(self.r.set(lease, new, nx=True, ex=lease_s))
-        return bool(self.r.eval(self._SWAP, 1, lease, old, new, lease_s))
+            return bool(self._r.set(lease, new, nx=True, ex=lease_s))
+        return bool(self._r.eval(self._SWAP, 1, lease, old, new, lease_s))
 
     def renew(self, job_id: str, holder: str, lease_s: int) -> bool:
         """Extends the lease while `holder` still holds it; False when it was lost (stop: someone else runs it)."""
-        return bool(self.r.eval(self._RENEW, 1, f"{P}lease:{job_id}", holder, lease_s))
+        return bool(self._r.eval(self._RENEW, 1, f"{P}lease:{job_id}", holder, lease_s))
+
+    def lease_holder(self, job_id: str) -> str | None:
+        return self._r.get(f"{P}lease:{job_id}")
 
     def holds(self, job_id: str, holder: str) -> bool:
-        return self.r.get(f"{P}lease:{job_id}") == holder
+        return self.lease_holder(job_id) == holder
 
     def release(self, job_id: str, holder: str) -> None:
-        self.r.eval(self._DROP, 1, f"{P}lease:{job_id}", holder)
+        self._r.eval(self._DROP, 1, f"{P}lease:{job_id}", holder)
 
-    def finish(self, job_id: str, holder: str, **fields) -> dict:
+    def finish(self, job_id: str, holder: str, **fields) -> Job:
         """The end of a run: the final fields, off the running set, lease released (in that order, so that
         `requeue_orphans` never sees a running job without a lease that is not an orphan)."""
-        job = self.get(job_id) or {}
-        attempts = job.get("attempts", [])
+        job = self.get(job_id)
+        attempts = job.attempts if job else []
         if attempts:
-            attempts[-1].update(ended=now(), outcome=fields.get("state", ""))
+            attempts[-1] = attempts[-1].model_copy(update={"ended": now(), "outcome": str(fields.get("state", ""))})
         job = self.update(job_id, **fields, attempts=attempts)
-        self.r.zrem(f"{P}running", job_id)
-        if job["state"] == "succeeded" and job.get("started"):
-            pipe = self.r.pipeline()
-            pipe.lpush(f"{P}durations", round(job["finished"] - job["started"], 3))
+        self._r.zrem(f"{P}running", job_id)
+        if job.state == JobState.SUCCEEDED and job.started:
+            pipe = self._r.pipeline()
+            pipe.lpush(f"{P}durations", round(job.finished - job.started, 3))
             pipe.ltrim(f"{P}durations", 0, 49)
             pipe.execute()
         self.release(job_id, holder)
         return job
 
-    def requeue_orphans(self, send: Callable[[str, int], None], unsent_after_s: float = 60) -> list[str]:
+    def next_sweep_in(self) -> float:
+        """Seconds until `requeue_orphans` may sweep again (one sweep at a time across all workers)."""
+        return max(0.0, self._r.pttl(f"{P}reaper") / 1000)
+
+    def requeue_orphans(self, send: Sender, unsent_after_s: float = 60) -> list[str]:
         """Jobs marked running whose lease has expired (their worker died) go back to the queue and are sent
         again; the delivery count still bounds how often. Jobs recorded but never sent (the API stopped
         between the two) are sent after `unsent_after_s`. One sweep at a time across all workers."""
-        if not self.r.set(f"{P}reaper", "1", nx=True, ex=2):
+        if not self._r.set(f"{P}reaper", "1", nx=True, ex=2):
             return []
         sent = []
-        for job_id in self.r.zrangebyscore(f"{P}unsent", "-inf", time.time() - unsent_after_s):
+        for job_id in self._r.zrangebyscore(f"{P}unsent", "-inf", time.time() - unsent_after_s):
             job = self.get(job_id)
-            if job is not None and job["state"] == "queued":
-                send(job_id, int(job["options"].get("priority", 5)))  # a second copy would be refused by the lease
+            if job is not None and job.state == JobState.QUEUED:
+                send(job_id, job.options.priority)  # a second copy would be refused by the lease
                 sent.append(job_id)
                 self.count("sent_by_sweep")
             self.mark_sent(job_id)
-        for job_id in self.r.zrange(f"{P}running", 0, -1):
-            key, lease = f"{P}job:{job_id}", f"{P}lease:{job_id}"
-            with self.r.pipeline() as pipe:
-                try:
-                    pipe.watch(key, lease)
-                    raw = pipe.get(key)
-                    if pipe.exists(lease):
-                        continue
-                    job = json.loads(raw) if raw else None
-                    pipe.multi()
-                    if job is None or job["state"] != "running":
-                        pipe.zrem(f"{P}running", job_id)
-                        pipe.execute()
-                        continue
-                    job.update(state="queued", stage="requeued: its worker stopped", progress=0.0, worker="", holder="")
-                    stopped = bool(job.get("attempts")) and "outcome" not in job["attempts"][-1]
-                    if stopped:
-                        job["attempts"][-1].update(ended=now(), outcome="its worker stopped")
-                    pipe.set(key, json.dumps(job))
-                    pipe.zrem(f"{P}running", job_id)
-                    pipe.zadd(f"{P}queued", {job_id: job["created"]})
-                    pipe.execute()
-                except redis.WatchError:
-                    continue
-            send(job_id, int(job["options"].get("priority", 5)))
+        for job_id in self._r.zrange(f"{P}running", 0, -1):
+            requeued = self._requeue_if_orphan(job_id)
+            if requeued is None:
+                continue
+            job, stopped = requeued
+            send(job_id, job.options.priority)
             sent.append(job_id)
             self.count("requeued")
             if stopped:
                 self.count("worker_stopped")
         return sent
+
+    def _requeue_if_orphan(self, job_id: str) -> tuple[Job, bool] | None:
+        """A running job without a lease goes back to queued: (job, whether its last run ended without a
+        word); None when it is not an orphan (or no longer running: then it leaves the running set)."""
+        key, lease = f"{P}job:{job_id}", f"{P}lease:{job_id}"
+        with self._r.pipeline() as pipe:
+            try:
+                pipe.watch(key, lease)
+                raw = pipe.get(key)
+                if pipe.exists(lease):
+                    return None
+                job = Job.model_validate_json(raw) if raw else None
+                pipe.multi()
+                if job is None or job.state != JobState.RUNNING:
+                    pipe.zrem(f"{P}running", job_id)
+                    pipe.execute()
+                    return None
+                attempts = job.attempts
+                stopped = bool(attempts) and attempts[-1].outcome is None
+                if stopped:
+                    attempts[-1] = attempts[-1].model_copy(update={"ended": now(), "outcome": "its worker stopped"})
+                job = job.with_fields(state=JobState.QUEUED, stage="requeued: its worker stopped", progress=0.0,
+                                      worker="", holder="", attempts=attempts)
+                pipe.set(key, job.model_dump_json())
+                pipe.zrem(f"{P}running", job_id)
+                pipe.zadd(f"{P}queued", {job_id: job.created})
+                pipe.execute()
+                return job, stopped
+            except redis.WatchError:
+                return None

@@ -9,7 +9,8 @@ TASK = "isl.refine"
 
 
 def celery_config(settings: Settings) -> dict:
-    """Shared by the sender and the workers: JSON only, late acks, one job at a time per worker."""
+    """Shared by the sender and the workers: JSON only, late acks, one job at a time per worker (the workers add
+    their time limits and memory bound: worker/tasks/app.py)."""
     return {
         "broker_url": settings.redis_url,
         "task_serializer": "json",
@@ -18,14 +19,11 @@ def celery_config(settings: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.queue,
-        "task_time_limit": settings.job_time_limit_s,
-        "task_soft_time_limit": max(1, settings.job_time_limit_s - 60),
         # unacknowledged messages older than the visibility timeout are swept back every tenth of it (<= 60 s)
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s,
                                      "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 10)),
                                      "unacked_restore_throttle": 1,
                                      "queue_order_strategy": "priority"},
-        "worker_max_memory_per_child": settings.worker_max_memory_mb * 1024 or None,
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
     }

@@ -1,4 +1,5 @@
-"""One typed settings class, read from environment variables prefixed `ISL_` (see the README)."""
+"""The settings of the API and of both sides of the queue, read from environment variables prefixed `ISL_` (see
+the README). What only the workers read is in worker/tasks/settings.py (`WorkerSettings`, a subclass)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,20 +22,15 @@ class Settings(BaseSettings):
     storage_root: Path = Field(Path("isl-storage"), description="shared folder for inputs and results (all hosts)")
     models_dir: Path = Field(Path("models"), description="folder of model bundles, one subfolder each")
     default_model: str = Field("hippocampus_few", description="bundle used when a job names none")
-    atlas_dir: Path | None = Field(None, description="dataset folder holding the bundles' atlas cases")
     api_keys: str = Field("", description="tenant:sha256(key) pairs, comma-separated; keys are stored hashed only")
-    dev_mode: bool = Field(False, description="allow starting without keys (then the key 'isl-dev-key' is tenant 'dev')")
+    dev_mode: bool = Field(False, description="allow starting without keys (then the key 'isl-dev-key' is tenant "
+                                              "'dev')")
     max_upload_bytes: int = Field(1 << 30, description="larger uploads are refused with 413")
     queue: str = Field("isl", description="Celery queue the GPU workers consume")
-    max_deliveries: int = Field(3, ge=1, description="a job delivered this many times without finishing ends failed")
-    job_time_limit_s: int = Field(1800, ge=1, description="hard time limit of one job; it then ends failed with the reason")
-    visibility_timeout_s: int = Field(7200, ge=1, description="Redis redelivers an unacknowledged job after this long (a copy of a job that still runs is not run again)")
-    lease_s: int = Field(30, ge=2, description="a running job's lease, renewed by its worker; a job whose worker died is requeued this long after")
-    worker_max_memory_mb: int = Field(16000, ge=0, description="a worker process whose resident memory passes this after a job is replaced (0: never)")
-    min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less free space than this")
-    stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM inputs are pushed to; empty: none")
-    stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
-    device: str = Field("auto", description="worker device: auto, cpu or cuda")
+    visibility_timeout_s: int = Field(7200, ge=1, description="Redis redelivers an unacknowledged job after this long "
+                                                              "(a copy of a job that still runs is not run again)")
+    min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less "
+                                                     "free space than this")
 
     def tenants_by_key_hash(self) -> dict[str, str]:
         """sha256(key) -> tenant. Refuses empty or malformed configuration unless in development mode."""

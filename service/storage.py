@@ -1,12 +1,14 @@
-"""Inputs and results under one storage root, written atomically (temporary file, fsync, rename) and
-checksummed (sha256), so that a reader never sees half a file and a served file can be verified."""
+"""Inputs and results under one storage root, written atomically (segmentation/files.py: temporary file, fsync,
+rename) and checksummed (sha256), so that a reader never sees half a file and a served file can be verified."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+
+from segmentation.files import atomic_write, atomic_write_bytes, file_sha256
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -25,13 +27,14 @@ class Storage:
             raise ValueError(f"not a job id: {job_id!r}")
         return self.root / "jobs" / job_id
 
-    def write_stream(self, dest: Path, chunks, limit: int) -> tuple[int, str]:
+    @staticmethod
+    def write_stream(dest: Path, chunks: Iterable[bytes], limit: int) -> tuple[int, str]:
         """Write an iterable of byte chunks to `dest` atomically; (size, sha256). Over `limit` bytes: TooLarge,
         and nothing stays behind."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
         h, size = hashlib.sha256(), 0
-        try:
+
+        def write(tmp: str) -> None:
+            nonlocal size
             with open(tmp, "wb") as fh:
                 for chunk in chunks:
                     size += len(chunk)
@@ -39,23 +42,18 @@ class Storage:
                         raise TooLarge(f"upload exceeds {limit} bytes")
                     h.update(chunk)
                     fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(dest, write)
         return size, h.hexdigest()
 
-    def write_bytes(self, dest: Path, data: bytes) -> str:
-        return self.write_stream(dest, [data], len(data))[1]
+    @staticmethod
+    def write_bytes(dest: Path, data: bytes) -> str:
+        atomic_write_bytes(dest, data)
+        return hashlib.sha256(data).hexdigest()
 
     @staticmethod
     def sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(path)
 
     def verify(self, path: Path, digest: str) -> bool:
         return path.is_file() and self.sha256(path) == digest

@@ -45,6 +45,15 @@ def tiny_bundle(phantom_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def redis_url(tmp_path):
+    """A redis-server of its own, with no worker sweeping it: the job-store tests drive every step."""
+    from kit import private_redis
+
+    with private_redis(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
 

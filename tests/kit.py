@@ -1,12 +1,34 @@
-"""Helpers of the tests that talk to the service stack (the `stack` fixture in conftest.py)."""
+"""Helpers of the tests that talk to the service stack (the `stack` fixture in conftest.py), and a private
+redis-server for the tests that need Redis but no process of the service."""
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
-from worker.localstack import wait_until
+from service.records import FINAL
+from worker.localstack import free_port, wait_for_redis, wait_until
 
 KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "gamma": "gamma-key-to-be-revoked"}
-FINAL = ("succeeded", "failed", "cancelled")
+
+
+@contextmanager
+def private_redis(folder: Path) -> Iterator[str]:
+    """A redis-server of its own on a free port (no persistence), its URL; skips when none is installed."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_redis(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def client(tenant="alpha") -> httpx.Client:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from service.jobs import JobStore
 from service.settings import hash_key
 
 
@@ -87,14 +88,16 @@ class LocalStack:
 
     def start_worker(self, name: str, wait: bool = False) -> subprocess.Popen:
         """Starts `isl worker` as node name@localstack; with wait, returns once its pool process beats."""
-        import redis
-
-        client = redis.Redis(port=self.redis_port)
-        before = set(client.scan_iter("isl:worker:*"))
+        store = self.store()
+        before = set(store.workers())
         proc = self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack"])
         if wait:
-            wait_until(lambda: set(client.scan_iter("isl:worker:*")) - before, 60, f"worker {name}'s heartbeat")
+            wait_until(lambda: set(store.workers()) - before, 60, f"worker {name}'s heartbeat")
         return proc
+
+    def store(self) -> JobStore:
+        """The job store of this stack's Redis."""
+        return JobStore(self.env["ISL_REDIS_URL"])
 
     def kill(self, name: str, sig: int = signal.SIGKILL, wait: float = 30) -> None:
         """Sends `sig` to the named process's whole group (a worker and its pool children) and waits for it."""
@@ -126,10 +129,8 @@ class LocalStack:
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> None:
         """Until n workers have sent a heartbeat (they are then consuming)."""
-        import redis
-
-        client = redis.Redis(port=self.redis_port)
-        wait_until(lambda: len(list(client.scan_iter("isl:worker:*"))) >= n, timeout, f"{n} worker heartbeats")
+        store = self.store()
+        wait_until(lambda: len(store.workers()) >= n, timeout, f"{n} worker heartbeats")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.folder.glob("*.log")))

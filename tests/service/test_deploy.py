@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose(*args, env=None):
@@ -33,10 +33,13 @@ def test_compose_refuses_to_start_without_keys(tmp_path):
 
 
 def test_readme_lists_every_setting():
+    """The API's and both sides' settings (service/settings.py) and the workers' own (worker/tasks/settings.py)."""
     import re
 
     from service.settings import Settings
+    from worker.tasks.settings import WorkerSettings
 
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"^\| `ISL_([A-Z_]+)` \|", readme, re.M))
-    assert listed == {name.upper() for name in Settings.model_fields}, listed ^ {n.upper() for n in Settings.model_fields}
+    names = {name.upper() for name in Settings.model_fields} | {name.upper() for name in WorkerSettings.model_fields}
+    assert listed == names, listed ^ names

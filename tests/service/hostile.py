@@ -93,7 +93,10 @@ def cases() -> dict[str, list[tuple[str, bytes]]]:
     good = nifti()
     good_gz = gzip.compress(good)
     out: dict[str, list[tuple[str, bytes]]] = {}
-    one = lambda name, data: [(name, data)]
+
+    def one(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        return [(name, data)]
+
     # truncated and corrupt compressed NIfTI
     for cut in (10, 100, 348, len(good_gz) // 2, len(good_gz) - 8, len(good_gz) - 1):
         out[f"truncated_at_{cut}.nii.gz"] = one("scan.nii.gz", good_gz[:cut])
@@ -155,14 +158,17 @@ def cases() -> dict[str, list[tuple[str, bytes]]]:
     out["dicom_rows_lie"] = [(f"{k}.dcm", d) for k, d in enumerate(dicom_series(rows_claimed=60000))]
     out["dicom_and_nifti_mixed"] = [("0.dcm", series[0]), ("scan.nii.gz", good_gz)]
     # zip archives
-    out["zip_slip.zip"] = one("series.zip", _zip([("../../escaped.dcm", series[0])] + [(f"s{k}.dcm", d) for k, d in enumerate(series[1:])]))
+    rest = [(f"s{k}.dcm", d) for k, d in enumerate(series[1:])]
+    out["zip_slip.zip"] = one("series.zip", _zip([("../../escaped.dcm", series[0])] + rest))
     out["zip_absolute.zip"] = one("series.zip", _zip([("/tmp/isl-absolute-escape.dcm", series[0])]))
     out["zip_backslash_slip.zip"] = one("series.zip", _zip([("..\\..\\escaped2.dcm", series[0])]))
     out["zip_symlink.zip"] = one("series.zip", _zip([("link.dcm", "/etc/passwd", stat.S_IFLNK | 0o777)] +
                                                     [(f"s{k}.dcm", d) for k, d in enumerate(series)]))
     out["zip_bomb.zip"] = one("series.zip", _zip([("bomb.dcm", b"\0" * (200 << 20))]))
-    out["zip_in_zip.zip"] = one("series.zip", _zip([("inner.zip", _zip([(f"s{k}.dcm", d) for k, d in enumerate(series)]))]))
-    out["zip_many_members.zip"] = one("series.zip", _zip([(f"m{k}.txt", b"") for k in range(20000)], zipfile.ZIP_STORED))
+    inner = _zip([(f"s{k}.dcm", d) for k, d in enumerate(series)])
+    out["zip_in_zip.zip"] = one("series.zip", _zip([("inner.zip", inner)]))
+    many = [(f"m{k}.txt", b"") for k in range(20000)]
+    out["zip_many_members.zip"] = one("series.zip", _zip(many, zipfile.ZIP_STORED))
     out["zip_empty.zip"] = one("series.zip", _zip([]))
     broken = bytearray(_zip([(f"s{k}.dcm", d) for k, d in enumerate(series)]))
     broken[60] ^= 0xFF  # inside the first member's data
@@ -174,7 +180,8 @@ def cases() -> dict[str, list[tuple[str, bytes]]]:
     out["zip_of_text.zip"] = one("series.zip", _zip([("readme.txt", b"hello" * 100)]))
     out["zip_duplicate_names.zip"] = one("series.zip", _zip([("s.dcm", d) for d in series]))
     out["zip_nifti_inside.zip"] = one("series.zip", _zip([("scan.nii.gz", good_gz)]))
-    out["deflate_bomb.nii.gz"] = one("scan.nii.gz", gzip.compress(with_dim(good, [3, 12, 12, 12])[:352] + b"\0" * (300 << 20)))
+    bomb = with_dim(good, [3, 12, 12, 12])[:352] + b"\0" * (300 << 20)
+    out["deflate_bomb.nii.gz"] = one("scan.nii.gz", gzip.compress(bomb))
     out["raw_zlib.nii.gz"] = one("scan.nii.gz", zlib.compress(good))
     return out
 

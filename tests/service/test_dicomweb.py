@@ -30,7 +30,8 @@ def pacs_and_service(tiny_bundle, phantom_dataset, tmp_path_factory):
               "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
-                           "Servers": {"isl": {"Url": f"{stack.url}/dicomweb/", "HttpHeaders": {"X-API-Key": KEY["pacs"]}}}}}
+                           "Servers": {"isl": {"Url": f"{stack.url}/dicomweb/",
+                                               "HttpHeaders": {"X-API-Key": KEY["pacs"]}}}}}
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "w")
     proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)

@@ -11,35 +11,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from kit import KEYS, client, scan, submit, wait_final
 
 from service.settings import hash_key
-from kit import KEYS, client, scan, submit, wait_final
 from worker.localstack import wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def service(stack):
     return stack.url, stack.env
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A redis-server of its own, with no worker sweeping it: the job-store tests drive every step."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    from worker.localstack import free_port, wait_for_redis
-
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    try:
-        wait_for_redis(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_credentials_are_required(service):
@@ -252,7 +234,8 @@ def test_isl_submit_uploads_in_parallel_resumes_and_reports_failures(service, ph
     cmd = [sys.executable, "-m", "worker.cli", "submit", "--server", base, "--out", str(out), "--parallel", "2",
            "--no-progress"]
     env = {k: v for k, v in env.items() if not k.startswith("ISL_")} | {"ISL_API_KEY": KEYS["alpha"]}
-    first = subprocess.run(cmd + [*map(str, good), str(junk)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    first = subprocess.run(cmd + [*map(str, good), str(junk)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=400)
     assert first.returncode == 1, first.stderr
     assert "junk: failed" in first.stderr and "422" in first.stderr
     summary = json.loads(first.stdout.strip().splitlines()[-1])
@@ -282,37 +265,42 @@ def test_two_workers_share_one_queue(stack, phantom_dataset):
 
 def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
     from service.jobs import JobStore
+    from service.records import JobState
 
     store = JobStore(redis_url)
     job, _ = store.create("alpha", [], {"model": "tiny"})
     for k in range(3):  # each time a new worker process whose predecessor died (its lease lapsed)
-        assert store.deliver(job["id"], 3, f"elsewhere:{k}", 30, holder_alive=lambda h: False)[1] == "run"
-    final, action = store.deliver(job["id"], 3, "elsewhere:9", 30, holder_alive=lambda h: False)
-    assert action == "poison" and final["state"] == "failed" and "3 times" in final["error"]
-    assert store.deliver(job["id"], 3, "elsewhere:10", 30)[1] == "skip"
+        assert store.deliver(job.id, 3, f"elsewhere:{k}", 30, holder_alive=lambda h: False)[1] == "run"
+    final, action = store.deliver(job.id, 3, "elsewhere:9", 30, holder_alive=lambda h: False)
+    assert action == "poison" and final.state == JobState.FAILED and "3 times" in final.error
+    assert [a.outcome for a in final.attempts] == ["its worker stopped"] * 2 + [None]
+    assert store.deliver(job.id, 3, "elsewhere:10", 30)[1] == "skip"
 
 
 def test_a_second_delivery_of_a_running_job_is_not_run(redis_url):
     """The lease: while its holder lives, copies of the job (visibility timeout, reconnects) are not run;
     once the lease lapses, the orphan is requeued and sent once."""
-    from service.jobs import JobStore, now
+    from service.jobs import JobStore
+    from service.records import JobState, now
 
     store = JobStore(redis_url)
     job, _ = store.create("alpha", [], {"model": "tiny", "priority": 5})
-    assert store.deliver(job["id"], 3, "host-a:1", 2)[1] == "run"
-    assert store.deliver(job["id"], 3, "host-b:2", 2)[1] == "duplicate"
-    assert store.get(job["id"])["state"] == "running" and store.r.get(f"isl:duplicates:{job['id']}") == "1"
-    assert store.renew(job["id"], "host-a:1", 2) and not store.renew(job["id"], "host-b:2", 2)
+    assert store.deliver(job.id, 3, "host-a:1", 2)[1] == "run"
+    assert store.deliver(job.id, 3, "host-b:2", 2)[1] == "duplicate"
+    assert store.get(job.id).state == JobState.RUNNING and store.duplicates(job.id) == 1
+    assert store.renew(job.id, "host-a:1", 2) and not store.renew(job.id, "host-b:2", 2)
     sent = []
     assert store.requeue_orphans(lambda i, p: sent.append(i)) == [] and sent == []  # lease held: not an orphan
     time.sleep(2.2)  # the holder stops renewing: the lease lapses
-    time.sleep(max(0.0, store.r.pttl("isl:reaper") / 1000))
-    assert store.requeue_orphans(lambda i, p: sent.append(i)) == [job["id"]] and sent == [job["id"]]
-    assert store.get(job["id"])["state"] == "queued" and store.position(job["id"]) is not None
-    assert store.deliver(job["id"], 3, "host-b:2", 2)[1] == "run"
-    store.finish(job["id"], "host-b:2", state="succeeded", finished=now())
-    assert store.deliver(job["id"], 3, "host-c:3", 2)[1] == "skip"
-    assert not store.r.exists(f"isl:lease:{job['id']}")
+    time.sleep(store.next_sweep_in())
+    assert store.requeue_orphans(lambda i, p: sent.append(i)) == [job.id] and sent == [job.id]
+    assert store.get(job.id).state == JobState.QUEUED and store.position(job.id) is not None
+    assert store.deliver(job.id, 3, "host-b:2", 2)[1] == "run"
+    store.finish(job.id, "host-b:2", state=JobState.SUCCEEDED, finished=now())
+    done = store.get(job.id)
+    assert [a.outcome for a in done.attempts] == ["its worker stopped", "succeeded"] and done.state.final
+    assert store.deliver(job.id, 3, "host-c:3", 2)[1] == "skip"
+    assert store.lease_holder(job.id) is None
 
 
 def test_service_refuses_to_start_without_keys():
@@ -343,7 +331,8 @@ def test_openapi_documents_every_route_and_field(service):
 
 
 def test_service_never_imports_torch():
-    code = "import sys, service.app, service.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, service.app, service.metrics, service.client; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -365,7 +354,8 @@ def test_real_hippocampus_scan_through_isl_submit_equals_isl_refine(hippocampus,
                              text=True, timeout=400)
         assert out.returncode == 0, out.stderr + s.logs()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISL_")} | {"OMP_NUM_THREADS": "1"}
-    cli = subprocess.run([sys.executable, "-m", "worker.cli", "refine", str(case), "--model", str(ROOT / "models" / "hippocampus_few"),
+    cli = subprocess.run([sys.executable, "-m", "worker.cli", "refine", str(case), "--model",
+                          str(ROOT / "models" / "hippocampus_few"),
                           "--out", str(tmp_path / "local"), "--atlas-dir", str(hippocampus), "--device", "cpu",
                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert cli.returncode == 0, cli.stderr

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile
 import httpx
 import pytest
-
-import hostile
 from kit import KEYS, client, scan, submit, wait_final
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,8 @@ def post(base, files: list[Path]) -> httpx.Response:
     with client() as c:
         handles = [open(f, "rb") for f in files]
         try:
-            return c.post(base + "/v1/jobs", files=[("files", (f.name, h)) for f, h in zip(files, handles)], timeout=300)
+            parts = [("files", (f.name, h)) for f, h in zip(files, handles)]
+            return c.post(base + "/v1/jobs", files=parts, timeout=300)
         finally:
             for h in handles:
                 h.close()

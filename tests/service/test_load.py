@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kit import KEYS, scan, wait_final
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_locust_scenario_runs_clean_against_the_service(stack, phantom_dataset, tmp_path):

@@ -11,27 +11,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from kit import KEYS, client, scan, submit, wait_final
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBES = {"/healthz", "/readyz"}
 
 
 @pytest.fixture(scope="module")
-def routes(stack, tmp_path_factory):
-    """(method, path) of every route the application serves, read from the application itself."""
-    from service.app import create_app
-    from service.settings import Settings
+def routes():
+    """(method, path) of every route the application serves, read from its routers."""
+    from service.routes import served
 
-    app = create_app(Settings(redis_url=stack.env["ISL_REDIS_URL"], storage_root=tmp_path_factory.mktemp("s"),
-                              api_keys=stack.env["ISL_API_KEYS"], models_dir=stack.env["ISL_MODELS_DIR"]))
-    out = []
-    for route in app.routes:
-        for method in sorted(getattr(route, "methods", None) or {"GET"}):
-            if method != "HEAD":
-                out.append((method, route.path))
-    return out
+    return [(method, route.path) for route in served() for method in sorted(route.methods) if method != "HEAD"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,8 @@ def test_every_route_but_the_probes_needs_credentials(stack, routes, alpha_job):
     open_routes = []
     for method, path in routes:
         url = stack.url + fill(path, alpha_job)
-        for headers in ({}, {"X-API-Key": "not-a-key"}, {"Authorization": "Bearer not-a-key"}, {"Authorization": "Basic YTpi"}):
+        for headers in ({}, {"X-API-Key": "not-a-key"}, {"Authorization": "Bearer not-a-key"},
+                        {"Authorization": "Basic YTpi"}):
             r = httpx.request(method, url, headers=headers, timeout=30)
             if r.status_code != 401:
                 open_routes.append((method, path, headers, r.status_code))
@@ -137,9 +129,36 @@ torch.save({{"kind": "isl-segmentation", "state_dict": Payload()}}, "{tmp_path /
     assert not marker.exists()
 
 
-def test_the_broker_accepts_json_only():
-    from service.queue import celery_config
-    from service.settings import Settings
+class _Payload:
+    """Unpickling this creates `marker`: proof that a pickled message's code ran."""
 
-    config = celery_config(Settings())
-    assert config["accept_content"] == ["json"] and config["task_serializer"] == "json"
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_the_worker_and_the_service_refuse_pickled_messages(tmp_path):
+    """The real Celery applications (the worker's, and the service's sender) decode a message the way a
+    consumer does (kombu, with the app's accept_content): a pickled body is refused unread, JSON is read."""
+    import pickle
+
+    from kombu.exceptions import ContentDisallowed
+    from kombu.serialization import dumps, loads, prepare_accept_content
+
+    from service.queue import Queue
+    from service.settings import Settings
+    from worker.tasks import app as worker_app
+
+    marker = tmp_path / "pwned"
+    body = pickle.dumps(_Payload(marker))
+    for app in (worker_app, Queue(Settings()).app):
+        accept = prepare_accept_content(app.conf.accept_content)  # as Celery's consumer does
+        with pytest.raises(ContentDisallowed):
+            loads(body, "application/x-python-serialize", "binary", accept=accept)
+        assert not marker.exists()
+        content_type, encoding, data = dumps([["0" * 32], {}, {}], app.conf.task_serializer)
+        assert loads(data, content_type, encoding, accept=accept) == [["0" * 32], {}, {}]
+    pickle.loads(body)  # the payload does run when unpickled: the refusal above is what kept it out
+    assert marker.exists()

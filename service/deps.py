@@ -1,0 +1,93 @@
+"""The API's FastAPI dependencies, as `Annotated` aliases: the settings, the stores, the queue, the caller's
+tenant (API key, revocation included) and the caller's own job (another tenant's job is a 404, exactly as no
+job). The application factory (service/app.py) puts the objects they hand out on `app.state`."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader
+
+from service.jobs import JobStore
+from service.queue import Queue
+from service.records import Batch, Job, JobState
+from service.settings import Settings, hash_key
+from service.storage import JOB_ID, Storage
+
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False,
+                       description="your tenant's API key (or `Authorization: Bearer <key>`)")
+UNAUTHORIZED = "a valid API key is required (X-API-Key header or Authorization: Bearer)"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_queue(request: Request) -> Queue:
+    return request.app.state.queue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
+
+
+def get_tenant(request: Request, store: StoreDep, key: Annotated[str | None, Depends(API_KEY)]) -> str:
+    """The tenant of the caller's key (X-API-Key or Authorization: Bearer); 401 for none, a wrong or a revoked one."""
+    if key is None:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:] if auth.lower().startswith("bearer ") else None
+    digest = hash_key(key) if key else ""
+    name = request.app.state.keys.get(digest)
+    if name is None or store.revoked(digest):
+        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="isl"'})
+    return name
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+
+
+def get_owned_job(job_id: str, who: Tenant, store: StoreDep) -> Job:
+    """The caller's job `job_id`; 404 when there is none or it is another tenant's (indistinguishable)."""
+    job = store.get(job_id) if JOB_ID.match(job_id) else None
+    if job is None or job.tenant != who:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+OwnedJob = Annotated[Job, Depends(get_owned_job)]
+
+
+def succeeded(job: Job) -> Job:
+    """The job, once it has succeeded (its results exist); 409 before."""
+    if job.state != JobState.SUCCEEDED:
+        raise HTTPException(409, f"job {job.id} is {job.state}; results exist once it has succeeded")
+    return job
+
+
+def get_finished_job(job: OwnedJob) -> Job:
+    """The caller's job once it has succeeded; 404 as for OwnedJob, 409 before it has succeeded."""
+    return succeeded(job)
+
+
+FinishedJob = Annotated[Job, Depends(get_finished_job)]
+
+
+def get_owned_batch(batch_id: str, who: Tenant, store: StoreDep) -> Batch:
+    """The caller's batch `batch_id`; 404 when there is none or it is another tenant's."""
+    batch = store.get_batch(batch_id) if JOB_ID.match(batch_id) else None
+    if batch is None or batch.tenant != who:
+        raise HTTPException(404, f"no batch {batch_id}")
+    return batch
+
+
+OwnedBatch = Annotated[Batch, Depends(get_owned_batch)]

@@ -1,0 +1,102 @@
+"""What is stored about a job and a batch: typed records and the job state enum, the one place where the states
+are spelled. The JSON they dump to (in Redis) keeps the field names of the untyped records written before, so
+that those still read."""
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputFile(_Record):
+    """One stored file of a job's input (path relative to the job's input folder)."""
+
+    name: str | None = None
+    kind: str
+    path: str
+    bytes: int = 0
+    sha256: str = ""
+
+
+class JobOptions(_Record):
+    model: str
+    atlases: int | None = None
+    priority: int = 5
+    stow: bool = False  # a DICOMweb job: push its DICOM SEG to ISL_STOW_URL
+
+
+class ResultFile(_Record):
+    path: str
+    sha256: str
+
+
+class JobResult(_Record):
+    files: dict[str, ResultFile]
+    model_version: Any = None
+
+
+class Attempt(_Record):
+    """One run of a job by one worker process; `outcome` stays None while it runs (or when its worker died)."""
+
+    worker: str = ""
+    holder: str = ""
+    started: float
+    ended: float | None = None
+    outcome: str | None = None
+
+
+class Job(_Record):
+    id: str
+    tenant: str
+    state: JobState = JobState.QUEUED
+    stage: str = ""
+    progress: float = 0.0
+    error: str = ""
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    inputs: list[InputFile] = Field(default_factory=list)
+    options: JobOptions
+    result: JobResult | None = None
+    deliveries: int = 0
+    cancel_requested: bool = False
+    worker: str = ""
+    holder: str = ""
+    push: str = ""
+    attempts: list[Attempt] = Field(default_factory=list)
+
+    def with_fields(self, **fields) -> Job:
+        """A validated copy with `fields` replaced (models or plain values)."""
+        return Job.model_validate(self.model_dump() | fields)
+
+
+class Batch(_Record):
+    id: str
+    tenant: str
+    jobs: list[str]
+    created: float

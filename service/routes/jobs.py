@@ -1,0 +1,114 @@
+"""/v1/jobs: upload a scan, follow its job (state, server-sent events), cancel it, fetch its result and report."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+
+from service.deps import FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
+from service.intake import chosen_model, enqueue, room_for_upload, staging
+from service.jobs import JobStore
+from service.records import FINAL, JobOptions, JobState, now
+from service.uploads import receive
+from service.views import JobList, JobView, Problem, job_view
+
+router = APIRouter()
+UPLOAD = "one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series"
+RETRY = "a retried upload with the same key returns the same job"
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobView,
+             responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
+             summary="Upload a scan and queue its refinement")
+def submit(who: Tenant, response: Response, settings: SettingsDep, store: StoreDep, storage: StorageDep,
+           queue: QueueDep,
+           files: Annotated[list[UploadFile], File(description=UPLOAD)],
+           model: Annotated[str | None, Form(description="model bundle name (GET /v1/models)")] = None,
+           atlases: Annotated[int | None, Form(ge=1, le=64, description="K atlases per scan")] = None,
+           priority: Annotated[int, Form(ge=0, le=9, description="0 (first) .. 9 (last)")] = 5,
+           idempotency_key: Annotated[str | None, Header(max_length=200, description=RETRY)] = None) -> JobView:
+    model = chosen_model(settings, model)
+    if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job_view(job, store)  # a retried upload: the body is not read again
+    room_for_upload(settings)
+    with staging(settings) as folder:
+        inputs = receive(files, folder, settings.max_upload_bytes)
+        options = JobOptions(model=model, atlases=atlases, priority=priority)
+        job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_view(job, store)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}}, summary="A job's state")
+def get_job(job: OwnedJob, store: StoreDep) -> JobView:
+    return job_view(job, store)
+
+
+@router.get("/v1/jobs", response_model=JobList, summary="Your jobs, newest first")
+def list_jobs(who: Tenant, store: StoreDep, offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
+    jobs, total = store.list(who, offset, limit)
+    return JobList(jobs=[job_view(j, store) for j in jobs], total=total, offset=offset, limit=limit)
+
+
+@router.get("/v1/jobs/{job_id}/events",
+            responses={404: {"model": Problem}, 200: {"content": {"text/event-stream": {}}}},
+            summary="Progress as server-sent events: one `job` event (a JobView) per change, ending at a final state")
+async def events(job: OwnedJob, store: StoreDep, request: Request) -> StreamingResponse:
+    return StreamingResponse(_stream(job.id, store, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+async def _stream(job_id: str, store: JobStore, request: Request):
+    """One `job` event per change of the job's view, a keep-alive comment every 15 s, until a final state."""
+    last, idle = None, 0.0
+    while not await request.is_disconnected():
+        current = await asyncio.to_thread(store.get, job_id)
+        payload = job_view(current, store).model_dump_json()
+        if payload != last:
+            last, idle = payload, 0.0
+            yield f"event: job\ndata: {payload}\n\n"
+            if current.state in FINAL:
+                return
+        elif idle >= 15:
+            idle = 0.0
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.5)
+        idle += 0.5
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}},
+               summary="Cancel a job: a queued job never runs; a running one stops at its next step")
+def cancel(job: OwnedJob, store: StoreDep) -> JobView:
+    if job.state == JobState.QUEUED:
+        job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
+    elif job.state == JobState.RUNNING:
+        job = store.update(job.id, cancel_requested=True)
+    return job_view(job, store)
+
+
+@router.get("/v1/jobs/{job_id}/result", response_class=FileResponse,
+            responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
+                             "description": "the label map: NIfTI (gzip) or DICOM SEG; header Digest: sha-256=<hex>"},
+                       404: {"model": Problem}, 409: {"model": Problem}, 500: {"model": Problem}},
+            summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG; its checksum is verified first")
+def result(job: OwnedJob, storage: StorageDep, format: Literal["nifti", "dicom-seg"] = "nifti") -> FileResponse:
+    job = succeeded(job)  # after `format` is validated: a bad format of one's own job is a 422, as it was
+    entry = job.result.files.get("mask" if format == "nifti" else "dicom_seg")
+    if entry is None:
+        raise HTTPException(404, f"job {job.id} has no {format} result (DICOM SEG needs a DICOM input)")
+    path = storage.job_dir(job.id) / "output" / entry.path
+    if not storage.verify(path, entry.sha256):
+        raise HTTPException(500, f"the stored result of job {job.id} fails its checksum; it is not served")
+    media = "application/gzip" if format == "nifti" else "application/dicom"
+    return FileResponse(path, media_type=media, filename=entry.path, headers={"Digest": f"sha-256={entry.sha256}"})
+
+
+@router.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem}},
+            summary="Volumes per label (mL), QA, timings per stage, model version and the result's checksum")
+def report(job: FinishedJob, storage: StorageDep) -> dict:
+    return json.loads((storage.job_dir(job.id) / "output" / "report.json").read_text())

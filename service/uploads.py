@@ -1,0 +1,64 @@
+"""Receiving an upload: each file's type sniffed from its bytes (never from its name or the client's
+Content-Type), streamed into a staging folder under a size limit, then read in the limited child process
+(service/validate.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import HTTPException, UploadFile
+
+from service.records import InputFile
+from service.storage import Storage, TooLarge
+
+GZIP, ZIP, DICM = b"\x1f\x8b", b"PK\x03\x04", b"DICM"
+STORED_AS = {"nifti-gz": "image.nii.gz", "nifti": "image.nii", "zip": "series.zip"}  # else dicom/NNNNN.dcm
+
+
+def sniff(head: bytes) -> str | None:
+    """'zip', 'nifti-gz', 'nifti' or 'dicom' from a file's first 512 bytes; None for anything else."""
+    if head.startswith(ZIP):
+        return "zip"
+    if head.startswith(GZIP):
+        return "nifti-gz"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"n+2\x00"):
+        return "nifti"
+    if len(head) >= 132 and head[128:132] == DICM:
+        return "dicom"
+    return None
+
+
+def receive(files: list[UploadFile], staging: Path, limit: int) -> list[InputFile]:
+    """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is
+    not one NIfTI, one zip, or DICOM files of a series."""
+    if not files:
+        raise HTTPException(422, "no file uploaded (multipart field 'files')")
+    inputs: list[InputFile] = []
+    for i, up in enumerate(files):
+        inputs.append(_store(up, i, staging, limit - sum(x.bytes for x in inputs), limit))
+    kinds = [x.kind for x in inputs]
+    if len(files) > 1 and set(kinds) != {"dicom"}:
+        raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
+    from service.validate import Invalid, validate
+
+    target = staging / ("dicom" if kinds[0] == "dicom" else inputs[0].path)
+    try:
+        validate(target)
+    except Invalid as exc:
+        names = files[0].filename if len(files) == 1 else f"the {len(files)} DICOM files"
+        raise HTTPException(422, f"{names!r}: {exc}") from None
+    return inputs
+
+
+def _store(up: UploadFile, i: int, staging: Path, room: int, limit: int) -> InputFile:
+    """The i-th uploaded file, sniffed and written under `staging` (at most `room` bytes of the upload's `limit`)."""
+    head = up.file.read(512)
+    up.file.seek(0)
+    kind = sniff(head)
+    if kind is None:
+        raise HTTPException(422, f"{up.filename!r}: not a NIfTI, DICOM or zip file (judged by its bytes, not its name)")
+    name = STORED_AS.get(kind, f"dicom/{i:05d}.dcm")
+    try:
+        size, digest = Storage.write_stream(staging / name, iter(lambda: up.file.read(1 << 20), b""), room)
+    except TooLarge:
+        raise HTTPException(413, f"upload exceeds the limit of {limit} bytes") from None
+    return InputFile(name=up.filename, kind=kind, path=name, bytes=size, sha256=digest)

@@ -1,0 +1,84 @@
+"""A job runs only under its lease (service/jobs.py): who holds it (host:pid), whether a holder on this host
+still lives, the thread that renews a run's lease, and each worker process's heartbeat, which also requeues
+the jobs of dead workers."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery.signals import worker_process_init
+
+from service.jobs import JobStore
+from service.queue import Queue
+from worker.tasks.app import settings
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    pass
+
+
+def holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_alive(holder: str) -> bool:
+    """A lease holder on another host is taken to be alive (its lease expires if not); on this host, its
+    process is checked: a worker process killed here is taken over at once instead of after the lease."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def heartbeat(store: JobStore, name: str) -> None:
+    """Every few seconds: this process is alive (metrics, wait estimates), and jobs of dead workers go back
+    to the queue."""
+    queue = Queue(settings)
+    while True:
+        try:
+            store.beat(name, max(30, 3 * settings.lease_s))
+            for job_id in store.requeue_orphans(queue.send, unsent_after_s=max(10, 2 * settings.lease_s)):
+                log.warning("job %s: requeued (its worker stopped, or it was never sent)", job_id)
+        except Exception:  # Redis away for a moment: the next beat retries
+            log.warning("heartbeat to Redis failed", exc_info=True)
+        time.sleep(min(10, max(1, settings.lease_s / 3)))
+
+
+@worker_process_init.connect
+def _start_heartbeat(**_):
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    threading.Thread(target=heartbeat, args=(JobStore(settings.redis_url), name), daemon=True).start()
+
+
+class Lease(threading.Thread):
+    """Renews this run's lease every third of its TTL; `lost` is set if another holder took it."""
+
+    def __init__(self, store: JobStore, job_id: str, holder: str):
+        super().__init__(daemon=True)
+        self.store, self.job_id, self.holder = store, job_id, holder
+        self.lost, self.done = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(settings.lease_s / 3):
+            try:
+                if not self.store.renew(self.job_id, self.holder, settings.lease_s):
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - Redis away: the lease may lapse; the next renewal tells
+                log.warning("job %s: renewing the lease failed", self.job_id, exc_info=True)
+
+    def check(self) -> None:
+        """LeaseLost once another holder runs the job (this run must stop, and record nothing)."""
+        if self.lost.is_set() or not self.store.holds(self.job_id, self.holder):
+            raise LeaseLost()

@@ -1,0 +1,161 @@
+"""The task `isl.refine`: it takes a job id, runs the engine on the stored input, reports stage and progress,
+and stores the result. One worker process per GPU, one job at a time, the model loaded once per worker process
+and kept. The method lives elsewhere (worker/pipeline.py); this records what happened.
+
+A job runs only under its lease (worker/tasks/lease.py): a redelivered copy of a job that still runs is
+acknowledged without running, and every worker's heartbeat thread also requeues jobs whose worker died."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.jobs import JobStore
+from service.queue import TASK
+from service.records import Job, JobResult, JobState, now
+from service.storage import Storage
+from worker.tasks.app import app, settings
+from worker.tasks.lease import Lease, LeaseLost, holder, holder_alive
+
+log = logging.getLogger(__name__)
+_refiners: dict = {}
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _refiner(model: str, atlases: int | None):
+    key = (model, atlases)
+    if key not in _refiners:
+        from worker.method.config import ISLConfig
+        from worker.pipeline import load_refiner
+
+        cfg = ISLConfig(device=settings.device, **({"atlases": atlases} if atlases else {}))
+        _refiners.clear()  # one model in memory per worker
+        _refiners[key] = load_refiner(settings.models_dir / model, settings.atlas_dir, cfg, settings.device)
+    return _refiners[key]
+
+
+def _input_path(job_dir: Path) -> list[Path]:
+    folder = job_dir / "input"
+    for name in ("image.nii.gz", "image.nii", "series.zip"):
+        if (folder / name).is_file():
+            return [folder / name]
+    return [folder / "dicom"]
+
+
+class _Progress:
+    """The engine's progress callback: writes are throttled to two a second (except when the stage changes); a
+    cancel is seen at once. Redis being away for a moment does not stop the job; a lost lease does (another
+    worker runs it)."""
+
+    def __init__(self, store: JobStore, job_id: str, lease: Lease):
+        self.store, self.job_id, self.lease = store, job_id, lease
+        self.t, self.stage = 0.0, ""
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.lease.lost.is_set():
+            raise LeaseLost()
+        try:
+            if stage == self.stage and time.monotonic() - self.t < 0.5:
+                current = self.store.get(self.job_id)
+            else:
+                self.t, self.stage = time.monotonic(), stage
+                current = self.store.update(self.job_id, stage=stage, progress=round(fraction, 3))
+        except Exception:  # noqa: BLE001 - redis errors after retries: progress is not worth the job
+            log.warning("job %s: progress update failed", self.job_id, exc_info=True)
+            return
+        if current is not None and current.cancel_requested:
+            raise Cancelled()
+
+
+def _push(job: Job, out: Path, report: dict) -> str:
+    """For a DICOMweb job with ISL_STOW_URL set: 'ok', or why pushing its DICOM SEG failed ('' when not pushed)."""
+    if not (job.options.stow and settings.stow_url and "dicom_seg" in report["files"]):
+        return ""
+    from worker.tasks.stow import push
+
+    try:
+        push(settings.stow_url, [out / report["files"]["dicom_seg"]["path"]], settings.stow_api_key)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the result stays available over the API; the reason is kept
+        log.warning("job %s: pushing the DICOM SEG failed: %s", job.id, exc)
+        return f"pushing the DICOM SEG to {settings.stow_url} failed: {exc}"
+
+
+def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
+    """Refine the job's input into job_dir/output (swapped in whole); the fields of its successful end."""
+    from worker.pipeline import refine_file
+
+    out_tmp, out = job_dir / f"output.part-{os.getpid()}", job_dir / "output"
+    progress = _Progress(store, job.id, lease)
+    try:
+        progress("loading model", 0.0)
+        refiner = _refiner(job.options.model, job.options.atlases)
+        report = refine_file(_input_path(job_dir), None, out_tmp, refiner=refiner, progress=progress)
+        store.update(job.id, stage="writing", progress=0.99)
+        lease.check()
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(out_tmp, out)
+    finally:
+        shutil.rmtree(out_tmp, ignore_errors=True)
+    store.record_stage_seconds(report["seconds"])
+    result = JobResult(files=report["files"], model_version=report["model_version"])
+    return dict(state=JobState.SUCCEEDED, stage="done", progress=1.0, push=_push(job, out, report), result=result)
+
+
+def _failure(job_id: str, exc: Exception) -> dict:
+    """The fields of a run's end by `exc`, with the reason in words a person can act on."""
+    from segmentation.errors import ISLError
+
+    if isinstance(exc, Cancelled):
+        return dict(state=JobState.CANCELLED)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        reason = f"the job ran past its time limit of {settings.job_time_limit_s} s and was stopped"
+    elif isinstance(exc, ISLError):
+        reason = str(exc)
+    elif isinstance(exc, OSError):
+        log.exception("job %s failed", job_id)
+        reason = (f"the storage is full ({exc.strerror}); the job wrote nothing: free space and submit it again"
+                  if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"input/output error in the worker: {exc}")
+    else:
+        log.exception("job %s failed", job_id)
+        reason = f"internal error in the worker: {type(exc).__name__}: {exc}"
+    return dict(state=JobState.FAILED, error=reason)
+
+
+@app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, bind=True)
+def refine_job(self, job_id: str) -> None:
+    store, storage, me = JobStore(settings.redis_url), Storage(settings.storage_root), holder()
+    job, action = store.deliver(job_id, settings.max_deliveries, me, settings.lease_s, holder_alive,
+                                worker=self.request.hostname or "")
+    if action != "run":
+        log.warning("job %s: delivery not run (%s)", job_id, action)
+        return
+    lease = Lease(store, job_id, me)
+    lease.start()
+    job_dir = storage.job_dir(job_id)
+    for stale in job_dir.glob("output.part*"):  # left by a run whose worker died
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        try:
+            fields = _run(job, store, job_dir, lease)
+        except LeaseLost:
+            log.warning("job %s: lease lost (another worker took the job over); stopped", job_id)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure ends the job with its reason, never silently
+            fields = _failure(job_id, exc)
+        try:
+            lease.check()
+        except LeaseLost:
+            log.warning("job %s: lease lost; this run's outcome (%s) is dropped", job_id, fields["state"])
+            return
+        store.finish(job_id, me, finished=now(), **fields)
+    finally:
+        lease.done.set()

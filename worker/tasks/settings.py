@@ -1,0 +1,24 @@
+"""What only the workers read, on top of the settings both sides share (service/settings.py); the same `ISL_`
+environment variables (see the README)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from service.settings import Settings
+
+
+class WorkerSettings(Settings):
+    atlas_dir: Path | None = Field(None, description="dataset folder holding the bundles' atlas cases")
+    device: str = Field("auto", description="worker device: auto, cpu or cuda")
+    max_deliveries: int = Field(3, ge=1, description="a job delivered this many times without finishing ends failed")
+    job_time_limit_s: int = Field(1800, ge=1, description="hard time limit of one job; it then ends failed with the "
+                                                          "reason")
+    lease_s: int = Field(30, ge=2, description="a running job's lease, renewed by its worker; a job whose worker died "
+                                               "is requeued this long after")
+    worker_max_memory_mb: int = Field(16000, ge=0, description="a worker process whose resident memory passes this "
+                                                               "after a job is replaced (0: never)")
+    stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM "
+                                          "inputs are pushed to; empty: none")
+    stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
