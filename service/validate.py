@@ -84,8 +84,8 @@ def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str
 def _series(folder: str) -> dict:
     import pydicom
 
+    from segmentation.dicom import list_dicom_series
     from segmentation.errors import InputError
-    from segmentation.io import list_dicom_series
 
     try:
         instances = {}
