@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.records import JobState
+
 KEY = {"bench": "bench-secret-key"}
 
 
@@ -43,7 +45,7 @@ def wait_all(c: httpx.Client, url: str, ids: list[str], timeout: float = 900) ->
         for i in ids:
             if i not in done:
                 job = c.get(f"{url}/v1/jobs/{i}").json()
-                if job["state"] in ("succeeded", "failed", "cancelled"):
+                if JobState(job["state"]).final:
                     done[i] = job
         time.sleep(0.2)
     return [done[i] for i in ids]
@@ -84,7 +86,7 @@ def throughput(c, url, cases, n_jobs) -> dict:
     ids = [submit(c, url, cases[k % len(cases)]) for k in range(n_jobs)]
     jobs = wait_all(c, url, ids)
     span = max(j["finished"] for j in jobs) - t0
-    return {"jobs": n_jobs, "succeeded": sum(j["state"] == "succeeded" for j in jobs), "seconds": round(span, 2),
+    return {"jobs": n_jobs, "succeeded": sum(j["state"] == JobState.SUCCEEDED for j in jobs), "seconds": round(span, 2),
             "jobs_per_minute": round(60 * n_jobs / span, 2)}
 
 
@@ -107,7 +109,8 @@ def main() -> None:
     make_dataset(data, n_train=6, n_test=2, seed=1)
     train_tiny_bundle(data, work / "models" / "tiny")
     cases = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
-    out = {"command": shlex.join(["python", *sys.argv]), "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU",
+    out = {"command": shlex.join(["python", *sys.argv]),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU",
            "jobs": "tiny phantom bundle (30 training iterations), 1 CPU thread per worker"}
     with LocalStack(work / "stack", work / "models", "tiny", data, KEY, workers=1) as stack:
         url = stack.url
@@ -121,8 +124,9 @@ def main() -> None:
                 span = job["finished"] - job["created"]
                 overhead.append(1 - report["seconds"]["total"] / span)
             out["submit_to_start_seconds"] = {"n": len(waits), "median": pct(waits, 50), "p99": pct(waits, 99)}
-            out["service_overhead_share_of_job_time"] = {"median": pct(overhead, 50), "p99": pct(overhead, 99),
-                                                          "what": "1 - engine seconds (read..write) / (finished - created)"}
+            out["service_overhead_share_of_job_time"] = {
+                "median": pct(overhead, 50), "p99": pct(overhead, 99),
+                "what": "1 - engine seconds (read..write) / (finished - created)"}
             print(json.dumps(out), flush=True)
             out["get_job_at_rate"] = asyncio.run(poll_at_rate(url, job["id"], args.rate, args.rate_seconds))
             print(json.dumps(out["get_job_at_rate"]), flush=True)

@@ -116,7 +116,8 @@ def cmd_worker(args) -> int:
         os.environ["ISL_DEVICE"] = args.device
     from worker.tasks import app, settings
 
-    argv = ["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue, "--loglevel=INFO" if args.verbose else "--loglevel=WARNING"]
+    argv = ["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue,
+            "--loglevel=INFO" if args.verbose else "--loglevel=WARNING"]
     if args.name:
         argv += ["-n", args.name]
     app.worker_main(argv)
