@@ -56,12 +56,17 @@ def get_tenant(request: Request, store: StoreDep, key: Annotated[str | None, Dep
 Tenant = Annotated[str, Depends(get_tenant)]
 
 
+def _owned(read, kind: str, record_id: str, who: str):
+    """The caller's record `record_id` read by `read`; 404 when there is none or it is another tenant's (the two
+    are indistinguishable)."""
+    record = read(record_id) if JOB_ID.match(record_id) else None
+    if record is None or record.tenant != who:
+        raise HTTPException(404, f"no {kind} {record_id}")
+    return record
+
+
 def get_owned_job(job_id: str, who: Tenant, store: StoreDep) -> Job:
-    """The caller's job `job_id`; 404 when there is none or it is another tenant's (indistinguishable)."""
-    job = store.get(job_id) if JOB_ID.match(job_id) else None
-    if job is None or job.tenant != who:
-        raise HTTPException(404, f"no job {job_id}")
-    return job
+    return _owned(store.get, "job", job_id, who)
 
 
 OwnedJob = Annotated[Job, Depends(get_owned_job)]
@@ -83,11 +88,7 @@ FinishedJob = Annotated[Job, Depends(get_finished_job)]
 
 
 def get_owned_batch(batch_id: str, who: Tenant, store: StoreDep) -> Batch:
-    """The caller's batch `batch_id`; 404 when there is none or it is another tenant's."""
-    batch = store.get_batch(batch_id) if JOB_ID.match(batch_id) else None
-    if batch is None or batch.tenant != who:
-        raise HTTPException(404, f"no batch {batch_id}")
-    return batch
+    return _owned(store.get_batch, "batch", batch_id, who)
 
 
 OwnedBatch = Annotated[Batch, Depends(get_owned_batch)]
