@@ -12,20 +12,31 @@ def _box(x: torch.Tensor, window: int) -> torch.Tensor:
     return box_filter(x, window_size=window)
 
 
-def local_similarity(warped: torch.Tensor, scan: torch.Tensor, window: int, eps: float = 1e-5) -> torch.Tensor:
+def _scan_moments(scan: torch.Tensor, window: int) -> tuple[torch.Tensor, ...]:
+    """The scan's side of the local NCC, computed once: the scan in float64, the voxel count, sum and variance
+    (times the count) of each `window`^3 patch (fewer voxels near the border: zero padding)."""
+    b = scan.clamp(0, 1).double()
+    n = _box(torch.ones_like(b), window)
+    sb = _box(b, window)
+    var_b = (_box(b * b, window) - sb * sb / n).clamp_min(0)
+    return b, n, sb, var_b
+
+
+def _local_ncc(a: torch.Tensor, moments: tuple[torch.Tensor, ...], window: int, eps: float = 1e-5) -> torch.Tensor:
+    """Local correlation coefficient (K, 1, ...) of images `a` (K, 1, ..., float64 in [0, 1]) with the scan whose
+    `_scan_moments` are given, from neurite's box-filtered moments (its NCC module only returns the spatial mean)."""
+    b, n, sb, var_b = moments
+    sa, saa, sab = _box(torch.cat([a, a * a, a * b.expand_as(a)], 1), window).chunk(3, dim=1)
+    cross = sab - sa * sb / n
+    var_a = (saa - sa * sa / n).clamp_min(0)
+    return cross / torch.sqrt(var_a * var_b + eps)
+
+
+def local_similarity(warped: torch.Tensor, scan: torch.Tensor, window: int) -> torch.Tensor:
     """Local correlation coefficient map (K, 1, ...) in [-1, 1] of each warped atlas image (K, 1, ...) with the
-    scan (1, 1, ...), from neurite's box-filtered moments (its NCC module only returns the spatial mean).
-    In float64, as Losses.image; returned as float32."""
+    scan (1, 1, ...), in float64 as Losses.image; returned as float32."""
     with torch.no_grad():
-        a = warped.clamp(0, 1).double()
-        b = scan.clamp(0, 1).double().expand_as(a)
-        sums = _box(torch.cat([a, b, a * a, b * b, a * b], 1), window)
-        sa, sb, saa, sbb, sab = sums.chunk(5, dim=1)
-        n = _box(torch.ones_like(a[:1]), window)  # fewer voxels near the border (zero padding)
-        cross = sab - sa * sb / n
-        var_a = (saa - sa * sa / n).clamp_min(0)
-        var_b = (sbb - sb * sb / n).clamp_min(0)
-        return (cross / torch.sqrt(var_a * var_b + eps)).float()
+        return _local_ncc(warped.clamp(0, 1).double(), _scan_moments(scan, window), window).float()
 
 
 def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, beta: float, window: int,
@@ -41,10 +52,7 @@ def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, 
     if beta == 0:
         return labels.mean(0)
     with torch.no_grad():
-        b = scan.clamp(0, 1).double()
-        n = _box(torch.ones_like(b), window)  # fewer voxels near the border (zero padding)
-        sb = _box(b, window)
-        var_b = (_box(b * b, window) - sb * sb / n).clamp_min(0)
+        moments = _scan_moments(scan, window)
         shape = labels.shape[2:]
         pad = (search,) * 6
         img_p = torch.nn.functional.pad(images[:, :1].clamp(0, 1).double(), pad, mode="replicate")
@@ -53,11 +61,7 @@ def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, 
         den = torch.zeros((1, *shape), dtype=torch.float64, device=labels.device)
         for dz, dy, dx in itertools.product(range(2 * search + 1), repeat=3):
             at = (..., slice(dz, dz + shape[0]), slice(dy, dy + shape[1]), slice(dx, dx + shape[2]))
-            a = img_p[at]
-            sa, saa, sab = _box(torch.cat([a, a * a, a * b.expand_as(a)], 1), window).chunk(3, dim=1)
-            cross = sab - sa * sb / n
-            var_a = (saa - sa * sa / n).clamp_min(0)
-            sim = cross / torch.sqrt(var_a * var_b + 1e-5)
+            sim = _local_ncc(img_p[at], moments, window)
             weight = torch.exp(beta * (sim - 1.0))  # softmax numerator shifted by NCC's upper bound 1; float64
             num += (weight * lab_p[at]).sum(0)
             den += weight.sum(0)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from segmentation.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from segmentation.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
 
 FORMAT, KIND = 1, "isl-registration"
 
@@ -85,7 +85,8 @@ class Registrar(torch.nn.Module):
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> Registrar:
         ckpt = load_checkpoint(path, KIND, FORMAT)
-        reg = cls(RegistrationConfig(**ckpt["config"]))
+        with describing(path):
+            reg = cls(RegistrationConfig(**ckpt["config"]))
         load_weights(reg.net, ckpt, path)
         return reg.to(device).eval()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segmentation.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from segmentation.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
 from segmentation.network import NetworkConfig, build_network
 from segmentation.preprocess import Preprocessing
 
@@ -34,8 +34,9 @@ class SegmentationModel:
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SegmentationModel:
         ckpt = load_checkpoint(path, KIND, FORMAT)
-        model = cls.create(NetworkConfig(**ckpt["network"]), Preprocessing(**ckpt["preprocessing"]),
-                           {int(k): v for k, v in ckpt["labels"].items()})
+        with describing(path):
+            model = cls.create(NetworkConfig(**ckpt["network"]), Preprocessing(**ckpt["preprocessing"]),
+                               {int(k): v for k, v in ckpt["labels"].items()})
         load_weights(model.network, ckpt, path)
         model.network.to(device).eval()
         return model

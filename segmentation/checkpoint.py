@@ -3,6 +3,7 @@ dict of plain data (kind, format, config, tensors), saved with torch.save and lo
 so that a checkpoint carrying code is refused without running it."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +30,16 @@ def load_checkpoint(path: str | Path, kind: str, format: int) -> dict:
         found = (ckpt.get("kind"), ckpt.get("format")) if isinstance(ckpt, dict) else (type(ckpt).__name__, None)
         raise BundleError(f"{path}: kind {found[0]!r} format {found[1]!r}; expected {kind} format {format}")
     return ckpt
+
+
+@contextmanager
+def describing(path: str | Path):
+    """Turns a checkpoint description that this version cannot build (a missing or unknown config field, a
+    value its config refuses) into BundleError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise BundleError(f"{path}: its description does not fit this version of the code ({exc})") from exc
 
 
 def load_weights(module: torch.nn.Module, ckpt: dict, path: str | Path) -> None:

@@ -94,22 +94,26 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     t0 = time.perf_counter()
     outputs = write_outputs(refined, baseline, volumes[0], refiner, Path(out_dir))
     seconds["write"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    report = _report(inputs, outputs, refiner, volumes[0].geometry, refined, baseline, info["qa"], seconds)
+    report = _report(inputs, outputs, refiner, volumes[0].geometry, refined, baseline, info["qa"], seconds, t_start)
     atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _report(inputs, outputs, refiner: Refiner, geometry: Geometry, refined, baseline, qa: dict, seconds) -> dict:
+def _report(inputs, outputs, refiner: Refiner, geometry: Geometry, refined, baseline, qa: dict, seconds: dict,
+            t_start: float) -> dict:
+    """The report; its total time includes the checksums and volumes computed here."""
     names = refiner.bundle.segmentation.labels
+    files = {k: {"path": p.name, "sha256": file_sha256(p)} for k, p in outputs.items()}
+    volumes = label_volumes_ml(refined, geometry, names), label_volumes_ml(baseline, geometry, names)
+    seconds = seconds | {"total": time.perf_counter() - t_start}
     return {
         "input": [str(p) for p in inputs],
         "output": str(outputs["mask"]),
-        "files": {k: {"path": p.name, "sha256": file_sha256(p)} for k, p in outputs.items()},
+        "files": files,
         "model_version": refiner.bundle.version,
         "labels": {str(k): v for k, v in names.items()},
-        "volumes_ml": label_volumes_ml(refined, geometry, names),
-        "baseline_volumes_ml": label_volumes_ml(baseline, geometry, names),
+        "volumes_ml": volumes[0],
+        "baseline_volumes_ml": volumes[1],
         "qa": qa,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -137,3 +137,20 @@ def test_real_pair_dice_rises_with_little_folding(hippocampus):
     assert net_dice > before + 0.05, (before, net_dice)
     assert after >= net_dice - 0.01, (net_dice, after)
     assert folding_fraction(disp) < 0.01
+
+
+def test_a_checkpoint_this_version_cannot_describe_is_a_bundle_error(registrar, tmp_path):
+    from segmentation.errors import BundleError
+
+    registrar.save(tmp_path / "reg.pt")
+    ckpt = torch.load(tmp_path / "reg.pt", weights_only=True)
+    ckpt["config"]["a_knob_from_the_future"] = 1
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(BundleError, match="future.pt: its description does not fit"):
+        Registrar.load(tmp_path / "future.pt")
+    ckpt["config"].pop("a_knob_from_the_future")
+    ckpt["state_dict"].popitem()
+    torch.save(ckpt, tmp_path / "short.pt")
+    with pytest.raises(BundleError, match="short.pt: its weights do not fit"):
+        Registrar.load(tmp_path / "short.pt")
+    assert isinstance(Registrar.load(tmp_path / "reg.pt"), Registrar)

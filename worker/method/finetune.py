@@ -24,6 +24,7 @@ class Tuned:
     ema: EMAMask  # the moving-average mask of the scan (ROI) and its history
     steps: int  # fine-tuning steps run (fewer than the bound when the stopping rule fired)
     aligned: Aligned  # the atlases after the last feedback re-registration
+    fused: np.ndarray | None  # their fusion, when fine-tuning needed it (scan_weight > 0)
 
 
 class FineTuning:
@@ -103,7 +104,7 @@ def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConf
             with timer.stage("reregistration"):
                 aligned = aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps, cfg.registration)
                 fused = _fused(aligned, start, cfg)
-    return Tuned(tuning.network, ema, steps, aligned)
+    return Tuned(tuning.network, ema, steps, aligned, fused)
 
 
 def _fused(aligned: Aligned, start: Start, cfg: ISLConfig) -> np.ndarray | None:

@@ -83,7 +83,8 @@ class Refiner:
         tuned = finetune(self.net, start, aligned, self.aligner, cfg, rng, timer, report)
         report("fusion", 0.85)
         with timer.stage("fusion"):
-            fused = fuse(tuned.aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
+            fused = tuned.fused if tuned.fused is not None else fuse(
+                tuned.aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
         report("final", 0.95)
         with timer.stage("final"):
             probs, network = final_mix(tuned.network, start, fused, cfg.fusion_weight, cfg.final_flips)
