@@ -128,7 +128,9 @@ def cmd_submit(args) -> int:
     import os
 
     from service.client import submit_batch
+    from service.records import JobState
 
+    done = (JobState.SUCCEEDED, "skipped")  # skipped: its result was already in --out
     key = args.api_key or os.environ.get("ISL_API_KEY")
     if not key:
         print("isl submit: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
@@ -139,10 +141,10 @@ def cmd_submit(args) -> int:
     counts = {}
     for name, r in summary.items():
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-        if r["state"] not in ("succeeded", "skipped"):
+        if r["state"] not in done:
             print(f"{name}: {r['state']}: {r['error']}", file=sys.stderr)
     print(json.dumps({"cases": len(summary), **counts, "out": args.out}))
-    return 0 if all(r["state"] in ("succeeded", "skipped") for r in summary.values()) else 1
+    return 0 if all(r["state"] in done for r in summary.values()) else 1
 
 
 def cmd_revoke_key(args) -> int:
