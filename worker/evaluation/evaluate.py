@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from segmentation.adapt import tent
 from segmentation.dataset import load_case, load_dataset
 from segmentation.errors import DatasetError
+from segmentation.files import atomic_write_text
 from segmentation.infer import predict
 from segmentation.metrics import dice, hd95
 from segmentation.preprocess import to_native
@@ -92,9 +92,7 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
     result = {"command": command, "model": refiner.bundle.version, "dataset": str(dataset_dir),
               "device": str(refiner.device), "config": cfg.model_dump(mode="json"), "cases": rows,
               "summary": summarise(rows)}
-    json_out = Path(json_out)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    json_out = atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
     from worker.evaluation.figures import evaluation_figure
 
     evaluation_figure(rows, example, figure or json_out.with_suffix(".png"))

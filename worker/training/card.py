@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from segmentation.files import atomic_write_text
+
 
 def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
     cfg = meta["config"]
@@ -44,9 +46,7 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "Research and evaluation software; not a medical device. The refined mask is only as good as the atlases"
         " resemble the scan: check the QA block of each report (folding, agreement with the baseline).",
     ]
-    path = bundle_dir / "MODEL_CARD.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(bundle_dir / "MODEL_CARD.md", "\n".join(lines) + "\n")
 
 
 def dataset_metadata(root: Path) -> dict:
