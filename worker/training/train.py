@@ -82,6 +82,7 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, cfg: Bu
     if resume and partial.is_file():
         progress(f"resuming: segmentation network from {partial}")
         return SegmentationModel.load(partial, device), []
+    torch.manual_seed(cfg.training.seed)  # the initial weights too: torch's own seed differs in every process
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
     curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
                           lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
@@ -96,6 +97,7 @@ def _train_registrar(images, labels, n_labels: int, pre: Preprocessing, cfg: Bun
     rois = [atlas_roi(x, y, pre.roi_size, n_labels) for x, y in zip(images, labels)]
     roi_imgs = torch.from_numpy(np.stack([r[0] for r in rois]))
     roi_onehot = torch.from_numpy(np.stack([r[1] for r in rois]))
+    torch.manual_seed(cfg.registration.seed)
     reg = Registrar(cfg.registration)
     curve = train_registration(reg, roi_imgs[:, :1], roi_onehot[:, 1:], device,
                                lambda it, loss: progress(f"registration iteration {it}/{cfg.registration.iterations}: "
