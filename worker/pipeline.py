@@ -19,12 +19,10 @@ from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner, pick_device
 
 
-def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | None = None,
-                 device: str | None = None) -> Refiner:
-    """Load a bundle and its atlases once; the Refiner then serves any number of scans. The device is
-    `device` when given, else the config's."""
+def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | None = None) -> Refiner:
+    """Load a bundle and its atlases once, on the config's device; the Refiner then serves any number of scans."""
     cfg = cfg or ISLConfig()
-    dev = pick_device(device or cfg.device)
+    dev = pick_device(cfg.device)
     bundle = ISLBundle.load(model_dir, dev)
     return Refiner(bundle, bundle.load_atlases(atlas_dir), cfg, dev)
 

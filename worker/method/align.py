@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from registration.fusion import fuse_labels
-from registration.instance import InstanceConfig, folding_fraction, instance_optimise
+from registration.instance import InstanceConfig, instance_optimise
 from registration.model import Losses, Registrar
 from worker.method.bundle import Atlases
 
@@ -24,10 +24,6 @@ class Aligned:
     images: torch.Tensor  # (K, C, *roi) warped atlas images
     labels: torch.Tensor  # (K, L, *roi) warped one-hot atlas labels
     displacement: torch.Tensor  # (K, 3, *roi) the displacements at full resolution (voxels)
-
-    @property
-    def folding(self) -> float:
-        return folding_fraction(self.displacement)
 
 
 class Aligner:

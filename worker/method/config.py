@@ -23,7 +23,7 @@ class ISLConfig(BaseModel):
     # per-case fine-tuning
     finetune_steps: int = Field(40, ge=0, description="upper bound on fine-tuning steps")
     min_steps: int = Field(15, ge=0, description="fine-tuning steps before the stopping rule may stop")
-    finetune_lr: float = 3e-4
+    finetune_lr: float = Field(3e-4, gt=0)
     finetune_batch: int = Field(2, ge=1)
     augment_strength: float = Field(0.5, ge=0, description="scales the training augmentation's probabilities")
     scan_weight: float = Field(0.0, ge=0, description="weight of the scan itself in fine-tuning, on its confident "

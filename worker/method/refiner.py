@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from registration.instance import folding_fraction
 from segmentation.errors import InputError
 from segmentation.metrics import mean_dice
 from worker.method.align import Aligner, fuse, majority_vote
@@ -78,7 +79,7 @@ class Refiner:
         report("registration", 0.05)
         with timer.stage("registration"):
             aligned = self.aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
-            vote, folding = majority_vote(aligned.labels), aligned.folding
+            vote, folding = majority_vote(aligned.labels), folding_fraction(aligned.displacement)
         report("finetune", 0.3)
         tuned = finetune(self.net, start, aligned, self.aligner, cfg, rng, timer, report)
         report("fusion", 0.85)

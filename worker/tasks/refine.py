@@ -38,7 +38,7 @@ def _refiner(model: str, atlases: int | None):
 
         cfg = ISLConfig(device=settings.device, **({"atlases": atlases} if atlases else {}))
         _refiners.clear()  # one model in memory per worker
-        _refiners[key] = load_refiner(settings.models_dir / model, settings.atlas_dir, cfg, settings.device)
+        _refiners[key] = load_refiner(settings.models_dir / model, settings.atlas_dir, cfg)
     return _refiners[key]
 
 
