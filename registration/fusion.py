@@ -40,7 +40,7 @@ def local_similarity(warped: torch.Tensor, scan: torch.Tensor, window: int) -> t
 
 
 def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, beta: float, window: int,
-                search: int = 0) -> torch.Tensor:
+                search: int = 0, known: torch.Tensor | None = None) -> torch.Tensor:
     """Fused class probabilities (L, ...) of warped atlas labels (K, L, ...) (each voxel's classes summing to 1)
     given the warped atlas images (K, 1, ...) and the scan (1, 1, ...).
 
@@ -48,9 +48,15 @@ def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, 
     `window`^3 patch); beta = 0 is the plain mean (soft majority vote). With a search radius r > 0 the softmax
     also runs over the atlas voxels up to r away along each axis, each weighed by the NCC of its own patch:
     non-local patch-based label fusion (Coupe et al., NeuroImage 2011), which absorbs the last voxel of
-    misregistration that a smooth deformation leaves."""
-    if beta == 0:
+    misregistration that a smooth deformation leaves.
+
+    Partial labels: `known` (K, L) bool says which labels each atlas contours. A label's probability is then the
+    weighted vote of the atlases that contour it only, and background is what the labels leave (an atlas
+    without the larynx says nothing about where the larynx is)."""
+    partial = known is not None and not bool(known.all())
+    if beta == 0 and not partial:
         return labels.mean(0)
+    search = search if beta else 0  # beta 0 is the plain mean of the atlases' own voxels
     with torch.no_grad():
         moments = _scan_moments(scan, window)
         shape = labels.shape[2:]
@@ -58,11 +64,17 @@ def fuse_labels(images: torch.Tensor, labels: torch.Tensor, scan: torch.Tensor, 
         img_p = torch.nn.functional.pad(images[:, :1].clamp(0, 1).double(), pad, mode="replicate")
         lab_p = torch.nn.functional.pad(labels, pad, mode="replicate") if search else labels
         num = torch.zeros(labels.shape[1:], dtype=torch.float64, device=labels.device)
-        den = torch.zeros((1, *shape), dtype=torch.float64, device=labels.device)
+        den = torch.zeros((labels.shape[1] if partial else 1, *shape), dtype=torch.float64, device=labels.device)
+        mask = known.double()[(...,) + (None,) * 3] if partial else 1.0  # (K, L, 1, 1, 1)
         for dz, dy, dx in itertools.product(range(2 * search + 1), repeat=3):
             at = (..., slice(dz, dz + shape[0]), slice(dy, dy + shape[1]), slice(dx, dx + shape[2]))
             sim = _local_ncc(img_p[at], moments, window)
             weight = torch.exp(beta * (sim - 1.0))  # softmax numerator shifted by NCC's upper bound 1; float64
-            num += (weight * lab_p[at]).sum(0)
-            den += weight.sum(0)
-        return (num / den).to(labels.dtype)
+            num += (weight * mask * lab_p[at]).sum(0)
+            den += (weight * mask).sum(0)
+        if not partial:
+            return (num / den).to(labels.dtype)
+        probs = num / den.clamp_min(1e-12)
+        fg = probs[1:].sum(0, keepdim=True)
+        probs = torch.cat([(1.0 - fg).clamp_min(0), probs[1:]]) / torch.maximum(fg, torch.ones_like(fg))
+        return probs.to(labels.dtype)

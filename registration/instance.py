@@ -22,10 +22,12 @@ class InstanceConfig(BaseModel):
 
 
 def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tensor,
-                      scan_mask: torch.Tensor, displacement: torch.Tensor, cfg: InstanceConfig) -> torch.Tensor:
+                      scan_mask: torch.Tensor, displacement: torch.Tensor, cfg: InstanceConfig,
+                      known: torch.Tensor | None = None) -> torch.Tensor:
     """Refine coarse displacements (K, 3, ...) so that atlases (K, 1, ...) with labels (K, L-1, ...) match the scan
     (1, 1, ...) and its current foreground probabilities (1, L-1, ...):
-    loss = (1 - NCC) + w_dice * (1 - Dice(warped label, scan mask)) + w_smooth * |grad u|^2.
+    loss = (1 - NCC) + w_dice * (1 - Dice(warped label, scan mask)) + w_smooth * |grad u|^2,
+    the Dice over the labels each atlas contours (`known`, (K, L-1) bool; None: all).
 
     Starts from the network's diffeomorphic field (`reg.integrate(velocity)`) and optimises the displacement
     itself on the coarse grid the network predicts on: the same field at a fraction of the cost of
@@ -40,7 +42,7 @@ def instance_optimise(reg: Registrar, atlas_images: torch.Tensor, atlas_labels: 
     for _ in range(cfg.steps):
         loss = losses.image(reg.warp(moving, u), fixed).mean() + cfg.w_smooth * losses.smooth(u)
         if cfg.w_dice > 0:
-            loss = loss + cfg.w_dice * losses.overlap(reg.warp(moving_labels, u), mask).mean()
+            loss = loss + cfg.w_dice * losses.overlap(reg.warp(moving_labels, u), mask, known).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -107,9 +107,14 @@ class Losses:
         ncc = self.ncc(warped.clamp(0, 1).double(), fixed.clamp(0, 1).double())
         return 1.0 - ncc.flatten(1).mean(1).to(warped.dtype)
 
-    def overlap(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """1 - mean foreground Dice per batch item (inputs are one-hot or probabilities, foreground channels)."""
-        return 1.0 - self.dice(warped.clamp(0, 1), fixed.clamp(0, 1)).flatten(1).mean(1)
+    def overlap(self, warped: torch.Tensor, fixed: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """1 - mean foreground Dice per batch item (inputs are one-hot or probabilities, foreground channels);
+        with `known` (B, L-1) bool, the mean runs over the labels known on both sides only (partial labels)."""
+        dice = self.dice(warped.clamp(0, 1), fixed.clamp(0, 1)).flatten(1)
+        if known is None:
+            return 1.0 - dice.mean(1)
+        w = known.to(dice.dtype)
+        return 1.0 - (dice * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def smooth(self, field: torch.Tensor) -> torch.Tensor:
         return self.grad(field)

@@ -4,6 +4,13 @@
     DATASET/imagesTr/ID.nii.gz  or ID_0000.nii.gz, ID_0001.nii.gz ... for several sequences per case
     DATASET/labelsTr/ID.nii.gz
     DATASET/imagesTs/...        unlabelled
+    DATASET/cases.json          optional: which structures each case's label map contours (partial labels)
+
+Partial labels: a structure that was not contoured in a case is unknown there, not background (a planning CT
+whose plan did not need the larynx still has one). `cases.json` is a list of {"case": ID,
+"structures_present": [label names]}; a case it lists carries exactly those structures, a case it does not
+list carries all of them. Training merges an unknown structure into background in the loss (marginal loss),
+atlases do not vote on it and evaluation does not score it.
 
 Both dataset.json dialects are read: MSD (`"labels": {"0": "background"}`, `"modality"`) and nnU-Net v2
 (`"labels": {"background": 0}`, `"channel_names"`).
@@ -12,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from segmentation.errors import DatasetError
 from segmentation.io import LabelReport, Volume, read_image, read_label_map
@@ -26,6 +35,11 @@ class Case:
     case_id: str
     image_paths: tuple[Path, ...]
     label_path: Path | None
+    annotated: tuple[int, ...] | None = None  # foreground labels contoured in this case; None: all
+
+    def present(self, labels: dict[int, str]) -> np.ndarray:
+        """(L,) bool over `labels` (background included, always known): which labels this case annotates."""
+        return np.array([v == 0 or self.annotated is None or v in self.annotated for v in labels])
 
 
 @dataclass
@@ -62,6 +76,9 @@ def _parse_labels(meta: dict, where: Path) -> dict[int, str]:
                            "supported") from exc
     if 0 not in labels:
         raise DatasetError(f"{where}: 'labels' has no background (0)")
+    if "ignore" in labels.values():
+        raise DatasetError(f"{where}: an 'ignore' label (nnU-Net's voxel-wise partial labels) is not supported; "
+                           "list the structures each case contours in cases.json instead")
     return dict(sorted(labels.items()))
 
 
@@ -102,7 +119,32 @@ def load_dataset(root: str | Path) -> Dataset:
         ds.cases.append(Case(case_id, images, label_path))
     if not ds.cases:
         raise DatasetError(f"{labels_dir}: no label files ending in {ending}")
+    annotated = _annotations(root / "cases.json", ds)
+    ds.cases = [replace(c, annotated=annotated.get(c.case_id)) for c in ds.cases]
     return ds
+
+
+def _annotations(path: Path, ds: Dataset) -> dict[str, tuple[int, ...]]:
+    """Case id -> the label values it contours, from `cases.json` (absent file: every case contours all)."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: invalid JSON ({exc})") from exc
+    by_name = {n: v for v, n in ds.foreground.items()}
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected a list of {{'case': ID, 'structures_present': [names]}}")
+    out = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "case" not in entry or "structures_present" not in entry:
+            raise DatasetError(f"{path}: every entry needs 'case' and 'structures_present' ({str(entry)[:80]})")
+        unknown = [n for n in entry["structures_present"] if n not in by_name]
+        if unknown:
+            raise DatasetError(f"{path}: case {entry['case']} lists structures {unknown} that dataset.json's labels "
+                               f"do not name ({sorted(by_name)})")
+        out[str(entry["case"])] = tuple(sorted(by_name[n] for n in entry["structures_present"]))
+    return out
 
 
 def load_images(paths: tuple[Path, ...] | list[Path]) -> list[Volume]:
@@ -119,6 +161,11 @@ def load_case(ds: Dataset, case: Case) -> tuple[list[Volume], Volume, LabelRepor
     images = load_images(case.image_paths)
     label, report = read_label_map(case.label_path, ds.labels)
     images[0].geometry.check_same(label.geometry, f"label {case.label_path.name} vs image")
+    if case.annotated is not None:
+        stray = sorted(set(np.unique(label.array).tolist()) - {0, *case.annotated})
+        if stray:
+            raise DatasetError(f"{case.label_path}: holds labels {[ds.labels.get(v, v) for v in stray]} that "
+                               f"cases.json says case {case.case_id} does not contour")
     if report.remapped:
         log.warning(report.message())
     return images, label, report

@@ -1,4 +1,5 @@
-"""Supervised training of the initial segmentation network (DiceCE, AdamW, cosine schedule)."""
+"""Supervised training of the initial segmentation network (DiceCE, marginal on partially labelled cases; AdamW,
+one-cycle schedule)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from segmentation.augment import augmentation
+from segmentation.losses import marginal_dice_ce
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +28,36 @@ class TrainConfig(BaseModel):
 
 def _batch(images, labels, transform, rng: np.random.Generator, batch_size: int):
     xs, ys = [], []
-    for i in rng.integers(0, len(images), size=batch_size):
+    picked = rng.integers(0, len(images), size=batch_size)
+    for i in picked:
         sample = transform({"image": images[i], "label": labels[i][None]})
         sample = sample[0] if isinstance(sample, list) else sample
         xs.append(torch.as_tensor(sample["image"]))
         ys.append(torch.as_tensor(sample["label"]))
-    return torch.stack(xs).float(), torch.stack(ys).long()
+    return torch.stack(xs).float(), torch.stack(ys).long(), picked
 
 
 def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch_size, cfg: TrainConfig,
-                  device: torch.device, progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train `net` in place on images (C, z, y, x) in [0, 1] and label maps (z, y, x); returns the loss curve."""
-    from monai.losses import DiceCELoss
+                  device: torch.device, progress: Callable[[int, float], None] | None = None,
+                  annotated: np.ndarray | None = None) -> list[float]:
+    """Train `net` in place on images (C, z, y, x) in [0, 1] and label maps (z, y, x); returns the loss curve.
+    `annotated` (N, L) bool says which labels each case contours (partial labels: see segmentation.losses);
+    None: every case contours every label."""
     from monai.utils import set_determinism
 
     set_determinism(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     transform = augmentation(patch_size)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    known = torch.from_numpy(np.asarray(annotated, bool)) if annotated is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.05)
     net.to(device).train()
     losses, t0 = [], time.perf_counter()
     for it in range(cfg.iterations):
-        x, y = _batch(images, labels, transform, rng, cfg.batch_size)
-        loss = loss_fn(net(x.to(device)), y.to(device))
+        x, y, picked = _batch(images, labels, transform, rng, cfg.batch_size)
+        logits = net(x.to(device))
+        present = known[picked] if known is not None else torch.ones(len(picked), logits.shape[1], dtype=torch.bool)
+        loss = marginal_dice_ce(logits, y.to(device), present.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

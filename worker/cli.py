@@ -24,7 +24,8 @@ def _setup(args) -> None:
 # The one path from options to configs: option (argparse dest) -> config field(s), dotted for nested fields.
 # An option left out (None) keeps the config's default; the config validates what is given.
 REFINE_OPTIONS = {"atlases": "atlases", "device": "device"}
-TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "atlas_pool": "atlas_pool", "name": "name",
+TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "validation": "validation", "atlas_pool": "atlas_pool",
+                 "name": "name", "configure": "configure", "configure_minutes": "configure_minutes",
                  "iterations": "training.iterations", "reg_iterations": "registration.iterations",
                  "seed": ("training.seed", "registration.seed")}
 
@@ -68,12 +69,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_configure(args) -> int:
+    _setup(args)
+    from worker.method.refiner import pick_device
+    from worker.training.train import reconfigure
+
+    record = reconfigure(args.model, args.dataset, args.validation, args.minutes * 60,
+                         pick_device(args.device or "auto"))
+    print(json.dumps({"decision": record["decision"], "config": record["config"], "table": record["table"]}, indent=2))
+    return 0
+
+
 def cmd_refine(args) -> int:
     _setup(args)
     from worker.method.config import ISLConfig
     from worker.pipeline import refine_file
 
-    cfg = config_from(args, ISLConfig, REFINE_OPTIONS)
+    cfg = config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True)  # on the bundle's own
     report = refine_file(args.input, args.model, args.out, atlas_dir=args.atlas_dir, cfg=cfg,
                          series_uid=args.series_uid)
     print(json.dumps({k: report[k] for k in ("output", "volumes_ml", "seconds", "model_version")}, indent=2))
@@ -87,7 +99,7 @@ def cmd_evaluate(args) -> int:
     from worker.evaluation.evaluate import evaluate
     from worker.method.config import ISLConfig
 
-    cfg = config_from(args, ISLConfig, REFINE_OPTIONS)
+    cfg = config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True)
     result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases, cfg=cfg,
                       figure=args.figure, command=shlex.join(["isl", *sys.argv[1:]]))
     print(json.dumps(result["summary"], indent=2))
@@ -173,14 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=None, help="train on the first N cases after the holdout")
     p.add_argument("--holdout", type=int, default=None,
                    help="never train on the first N cases in sorted order (default 0)")
+    p.add_argument("--validation", type=int, default=None,
+                   help="training cases set aside to configure refinement on (default: a fifth, 3 to 10; none under "
+                        "10 cases)")
     p.add_argument("--atlas-pool", type=int, default=None, help="training cases kept as atlases (default 40)")
     p.add_argument("--iterations", type=int, default=None, help="segmentation training iterations (default 2500)")
     p.add_argument("--reg-iterations", type=int, default=None, help="registration training iterations (default 1000)")
     p.add_argument("--seed", type=int, default=None, help="seed of both trainings (default 0)")
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
+    p.add_argument("--no-configure", dest="configure", action="store_const", const=False, default=None,
+                   help="skip the search of refinement settings on the validation cases (the defaults are used)")
+    p.add_argument("--configure-minutes", type=float, default=None,
+                   help="time budget of that search (default 30; whole validation cases, at least 2)")
     _device_arg(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("configure", help="search the refinement settings of an existing bundle on validation cases")
+    p.add_argument("--model", required=True, help="bundle folder (rewritten with the chosen settings)")
+    p.add_argument("--dataset", required=True, help="the dataset folder (validation cases and atlases)")
+    p.add_argument("--validation", type=int, default=10,
+                   help="for a bundle trained without validation cases: how many unused cases to sample (default 10)")
+    p.add_argument("--minutes", type=float, default=30.0, help="time budget (default 30)")
+    _device_arg(p)
+    p.set_defaults(func=cmd_configure)
 
     p = sub.add_parser("refine", help="refine the segmentation of one scan")
     p.add_argument("input", nargs="+", help="NIfTI file, DICOM folder or .zip of a DICOM series (one per channel, "

@@ -70,7 +70,7 @@ def train_tiny_bundle(dataset: Path, out: Path) -> Path:
 
     from worker.training.train import BundleTrainConfig, train_bundle
 
-    cfg = BundleTrainConfig(holdout=2, name=Path(out).name)
+    cfg = BundleTrainConfig(holdout=2, validation=0, name=Path(out).name)
     cfg.training.iterations, cfg.registration.iterations = 30, 20
     train_bundle(dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
     return Path(out)
@@ -79,7 +79,6 @@ def train_tiny_bundle(dataset: Path, out: Path) -> Path:
 def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_train: int = 12, n_test: int = 4,
              progress=print) -> int:
     from worker.evaluation.evaluate import evaluate
-    from worker.method.config import ISLConfig
     from worker.method.refiner import pick_device
     from worker.training.train import BundleTrainConfig, train_bundle
 
@@ -94,12 +93,12 @@ def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_trai
     cfg.registration.iterations = max(100, int(seconds * 0.2 / 0.12))
     dev = pick_device(device)
     train_bundle(data, out / "model", cfg, dev, progress=progress)
-    result = evaluate(data, out / "model", out / "evaluation.json", cfg=ISLConfig(device=device), progress=progress)
+    result = evaluate(data, out / "model", out / "evaluation.json", cfg={"device": device}, progress=progress)
     s = result["summary"]
     progress(f"\nDice (mean over {s['n_cases']} held-out phantoms and both labels):\n"
              f"  baseline {s['mean_dice_baseline']:.4f}\n  ISL      {s['mean_dice_isl']:.4f}  "
              f"({(s['mean_dice_isl'] - s['mean_dice_baseline']) * 100:+.2f} points)\n"
-             f"  flip TTA {s['mean_dice_tta_flip']:.4f}, TENT {s['mean_dice_tent']:.4f}, atlas fusion "
-             f"{s['mean_dice_atlas_fusion']:.4f}\n"
+             f"  flip TTA {s['mean_dice_tta_flip']:.4f}, TENT {s['mean_dice_tent']:.4f}, majority vote "
+             f"{s['mean_dice_majority_vote']:.4f}\n"
              f"outputs in {out}/ (model/, evaluation.json, evaluation.png); total {time.perf_counter() - t0:.0f} s")
     return 0 if s["mean_dice_isl"] > s["mean_dice_baseline"] else 1

@@ -19,11 +19,18 @@ from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner, pick_device
 
 
-def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | None = None) -> Refiner:
-    """Load a bundle and its atlases once, on the config's device; the Refiner then serves any number of scans."""
-    cfg = cfg or ISLConfig()
-    dev = pick_device(cfg.device)
-    bundle = ISLBundle.load(model_dir, dev)
+def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | dict | None = None) -> Refiner:
+    """Load a bundle and its atlases once; the Refiner then serves any number of scans. `cfg`: None for the
+    configuration `isl train` chose for the bundle, a dict of fields to override in it, or a whole ISLConfig."""
+    if isinstance(cfg, ISLConfig):
+        dev = pick_device(cfg.device)
+        bundle = ISLBundle.load(model_dir, dev)
+    else:
+        bundle = ISLBundle.load(model_dir, "cpu")
+        cfg = bundle.refinement_config(cfg)
+        dev = pick_device(cfg.device)
+        bundle.segmentation.network.to(dev)
+        bundle.registrar.to(dev)
     return Refiner(bundle, bundle.load_atlases(atlas_dir), cfg, dev)
 
 
@@ -73,7 +80,7 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
 
 
 def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir: str | Path, *, atlas_dir=None,
-                cfg: ISLConfig | None = None, series_uid: str | None = None, refiner: Refiner | None = None,
+                cfg: ISLConfig | dict | None = None, series_uid: str | None = None, refiner: Refiner | None = None,
                 progress=None) -> dict:
     """Refine one scan given as a file/folder per channel; writes mask.nii.gz (and seg.dcm for DICOM
     input), baseline.nii.gz and report.json into `out_dir`, and returns the report. A loaded `refiner`

@@ -70,11 +70,15 @@ def test_evaluate_writes_the_contract(tiny_bundle, phantom_dataset, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     (case,) = result["cases"]
     assert case["case"] == "phantom_000"  # the first case in sorted order that the model never saw
-    for m in ("baseline", "isl", "tta_flip", "tent", "atlas_fusion"):
+    for m in ("baseline", "isl", "tta_flip", "tent", "majority_vote", "fusion_only", "network_only"):
         assert set(case[f"dice_{m}"]) == {"head", "tail"}
         assert 0.0 <= result["summary"][f"mean_dice_{m}"] <= 1.0
-    for key in ("wilcoxon_p_isl_vs_baseline", "median_seconds_isl_per_case", "peak_rss_mb"):
+        assert set(result["summary"]["per_label"]["head"]) >= {m}
+    for key in ("wilcoxon_p_isl_vs_baseline", "median_seconds_isl_per_case", "peak_rss_mb", "cases_worsened",
+                "config_used"):
         assert key in result["summary"]
+    assert result["summary"]["config_used"]["atlases"] == 3  # the option on top of the bundle's configuration
+    assert set(case["qa"]["safety"]["weights"]["fusion"]) == {"head", "tail"}
     assert (tmp_path / "e.png").stat().st_size > 10_000
 
 

@@ -1,5 +1,7 @@
-"""`isl evaluate`: baseline vs ISL vs three peers (flip TTA, TENT, majority-vote atlas fusion) on
-labelled cases that the model neither trained on nor uses as atlases."""
+"""`isl evaluate`: baseline vs ISL vs three peers (flip TTA, TENT, the majority vote of the warped atlases) and
+two ablations of ISL itself (`fusion_only`: the engine's fusion of its warped atlases without fine-tuning's
+network; `network_only`: the fine-tuned network alone), on labelled cases that the model neither trained on,
+configured on, nor uses as atlases. A case scores only the labels its reference contours (partial labels)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ from segmentation.files import atomic_write_text
 from segmentation.infer import predict
 from segmentation.metrics import dice, hd95
 from segmentation.preprocess import to_native
-from worker.evaluation.stats import mean_over_labels, summarise
+from worker.evaluation.stats import METHODS, mean_over_labels, summarise
 from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner
 from worker.pipeline import load_refiner
@@ -20,7 +22,8 @@ from worker.pipeline import load_refiner
 
 def eligible_cases(ds, meta: dict, n: int | None) -> list[str]:
     """The first n case ids, in sorted order, that the model never trained on nor uses as atlases."""
-    used = set(meta.get("train_cases", [])) | set(meta.get("atlases", []))
+    used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("validation_cases", [])) \
+        | set((meta.get("refinement") or {}).get("validation_cases", []))
     ids = [c for c in sorted(c.case_id for c in ds.cases) if c not in used]
     if not ids:
         raise DatasetError(f"{ds.root}: every labelled case was used to train model {meta.get('version')}; "
@@ -35,13 +38,23 @@ def _timed(fn, *args):
 
 
 def run_methods(refiner: Refiner, x) -> tuple[dict, dict, dict]:
-    """Probabilities of every method on one preprocessed scan, their times, and ISL's own stage times and QA."""
+    """Probabilities of every method on one preprocessed scan, their times, and ISL's own stage times and QA.
+    `isl` is what refinement returns under the bundle's configuration (ISL itself, or the peer the configuration
+    chose instead); the ablations and the majority vote come from an ISL run in every case."""
     pre, net, dev = refiner.pre, refiner.net, refiner.device
     res, t_isl = _timed(refiner.refine, x)
     tta, t_tta = _timed(predict, net, x, pre.patch_size, dev, True)
     adapted, t_tent = _timed(tent, net, x, pre.patch_size, dev)
+    full = res
+    if refiner.cfg.method != "isl":
+        product, refiner.cfg = refiner.cfg, refiner.cfg.model_copy(update={"method": "isl"})
+        try:
+            full = refiner.refine(x)
+        finally:
+            refiner.cfg = product
     probs = {"baseline": res.baseline, "isl": res.probs, "tta_flip": tta, "tent": adapted,
-             "atlas_fusion": res.atlas_vote}
+             "majority_vote": full.atlas_vote, "fusion_only": full.part_on_grid("atlas"),
+             "network_only": full.part_on_grid("network")}
     seconds = {"seconds_isl": t_isl, "seconds_tta_flip": t_tta, "seconds_tent": t_tent}
     return probs, seconds, {"stage_seconds": {k: round(v, 3) for k, v in res.seconds.items()}, "qa": res.qa}
 
@@ -54,7 +67,8 @@ def evaluate_case(refiner: Refiner, ds, case_id: str) -> tuple[dict, dict, objec
     native, truth = images[0].geometry, label.array
     probs, seconds, extra = run_methods(refiner, x)
     names = refiner.bundle.segmentation.labels
-    fg = [v for v in names if v != 0]
+    known = ds.case(case_id).present(names)
+    fg = [v for v, k in zip(names, known) if v != 0 and k]
     out, masks = {"case": case_id}, {}
     for m, p in probs.items():
         masks[m] = to_native(p, canonical, native)
@@ -66,20 +80,19 @@ def evaluate_case(refiner: Refiner, ds, case_id: str) -> tuple[dict, dict, objec
 
 
 def _line(i: int, n: int, row: dict) -> str:
-    means = {m: mean_over_labels(row[f"dice_{m}"]) for m in ("baseline", "isl", "tta_flip", "tent", "atlas_fusion")}
-    return (f"[{i}/{n}] {row['case']}: baseline {means['baseline']:.4f} isl {means['isl']:.4f} "
-            f"tta {means['tta_flip']:.4f} tent {means['tent']:.4f} fusion {means['atlas_fusion']:.4f} "
-            f"({row['seconds_isl']:.1f} s)")
+    means = {m: mean_over_labels(row[f"dice_{m}"]) for m in METHODS}
+    return (f"[{i}/{n}] {row['case']}: " + " ".join(f"{m} {v:.4f}" for m, v in means.items())
+            + f" ({row['seconds_isl']:.1f} s)")
 
 
 def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | None = None,
-             cfg: ISLConfig | None = None, figure: str | None = None, progress=print,
+             cfg: ISLConfig | dict | None = None, figure: str | None = None, progress=print,
              command: str | None = None) -> dict:
     """Evaluate every method on the first `cases` eligible cases; writes the JSON (every per-case figure and
-    the summary) and the figure, and returns the result."""
+    the summary) and the figure, and returns the result. `cfg` as in `load_refiner` (None: the bundle's own)."""
     ds = load_dataset(dataset_dir)
-    cfg = cfg or ISLConfig()
     refiner = load_refiner(model_dir, atlas_dir or dataset_dir, cfg)
+    cfg = refiner.cfg
     ids = eligible_cases(ds, refiner.bundle.meta, cases)
     rows, example = [], None
     for i, case_id in enumerate(ids):
@@ -91,7 +104,9 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
         progress(_line(i + 1, len(ids), row))
     result = {"command": command, "model": refiner.bundle.version, "dataset": str(dataset_dir),
               "device": str(refiner.device), "config": cfg.model_dump(mode="json"), "cases": rows,
-              "summary": summarise(rows)}
+              "summary": summarise(rows) | {"config_used": cfg.model_dump(mode="json"),
+                                            "configuration": (refiner.bundle.meta.get("refinement") or {})
+                                            .get("decision")}}
     json_out = atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
     from worker.evaluation.figures import evaluation_figure
 

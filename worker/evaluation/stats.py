@@ -1,5 +1,6 @@
 """The summary of an evaluation: mean Dice and HD95 per method, Wilcoxon signed-rank tests of ISL against each
-other method, cases improved and worsened, time and memory."""
+other method, cases improved and worsened (overall and per label), time and memory. A case scores only the labels
+its reference contours (partial labels), so per-case means run over those."""
 from __future__ import annotations
 
 import resource
@@ -7,7 +8,8 @@ import resource
 import numpy as np
 from scipy.stats import wilcoxon
 
-METHODS = ("baseline", "isl", "tta_flip", "tent", "atlas_fusion")
+METHODS = ("baseline", "isl", "tta_flip", "tent", "majority_vote", "fusion_only", "network_only")
+PEERS = ("tta_flip", "tent", "majority_vote", "fusion_only", "network_only")
 
 
 def mean_over_labels(scores: dict) -> float:
@@ -29,12 +31,14 @@ def summarise(cases: list[dict]) -> dict:
     summary.update({f"mean_hd95_{m}": float(np.nanmean([np.nanmean(list(c[f"hd95_{m}"].values())) for c in cases]))
                     for m in METHODS})
     summary["wilcoxon_p_isl_vs_baseline"] = paired_p(mean["isl"], mean["baseline"])
-    for m in ("tta_flip", "tent", "atlas_fusion"):
+    for m in PEERS:
         summary[f"wilcoxon_p_isl_vs_{m}"] = paired_p(mean["isl"], mean[m])
     delta = np.asarray(mean["isl"]) - np.asarray(mean["baseline"])
     summary["cases_improved"] = int(np.sum(delta > 1e-6))
     summary["cases_worsened"] = int(np.sum(delta < -1e-6))
     summary["n_cases"] = len(cases)
+    summary["per_label"] = per_label(cases)
+    summary["per_label_cases"] = per_label_cases(cases)
     summary["median_seconds_isl_per_case"] = float(np.median([c["seconds_isl"] for c in cases]))
     stages = sorted({k for c in cases for k in c["stage_seconds"]})
     summary["median_stage_seconds"] = {s: float(np.median([c["stage_seconds"].get(s, 0.0) for c in cases]))
@@ -42,3 +46,23 @@ def summarise(cases: list[dict]) -> dict:
     summary["median_folding_fraction"] = float(np.median([c["qa"]["folding_fraction"] for c in cases]))
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return summary
+
+
+def per_label(cases: list[dict]) -> dict:
+    """label name -> method -> mean Dice over the cases whose reference contours that label."""
+    labels = dict.fromkeys(name for c in cases for name in c["dice_baseline"])  # in label order
+    return {name: {m: float(np.mean([c[f"dice_{m}"][name] for c in cases if name in c[f"dice_{m}"]]))
+                   for m in METHODS} for name in labels}
+
+
+def per_label_cases(cases: list[dict]) -> dict:
+    """label name -> cases scored, improved and worsened by ISL over the baseline (Dice, per label), and the
+    Wilcoxon p of ISL vs the baseline on that label."""
+    out = {}
+    for name in per_label(cases):
+        a = [c["dice_isl"][name] for c in cases if name in c["dice_isl"]]
+        b = [c["dice_baseline"][name] for c in cases if name in c["dice_baseline"]]
+        d = np.asarray(a) - np.asarray(b)
+        out[name] = {"n": len(a), "improved": int(np.sum(d > 1e-6)), "worsened": int(np.sum(d < -1e-6)),
+                     "wilcoxon_p_isl_vs_baseline": paired_p(a, b)}
+    return out

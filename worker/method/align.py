@@ -24,6 +24,7 @@ class Aligned:
     images: torch.Tensor  # (K, C, *roi) warped atlas images
     labels: torch.Tensor  # (K, L, *roi) warped one-hot atlas labels
     displacement: torch.Tensor  # (K, 3, *roi) the displacements at full resolution (voxels)
+    known: torch.Tensor  # (K, L) bool: the labels each atlas contours
 
 
 class Aligner:
@@ -32,6 +33,7 @@ class Aligner:
     def __init__(self, reg: Registrar, atlases: Atlases, device: torch.device):
         self.reg = reg
         self.images, self.onehot, self.ids = atlases.images.to(device), atlases.onehot.to(device), atlases.case_ids
+        self.known = atlases.known.to(device)
         self.losses = Losses(reg.cfg.ncc_window)
 
     @torch.no_grad()
@@ -45,7 +47,8 @@ class Aligner:
             v = self.reg.velocity(imgs[:, :1], target)
             disp = self.reg.displacement(v, scan.shape[2:])
             image_loss = self.losses.image(self.reg.warp(imgs[:, :1], disp), target)
-            label_loss = self.losses.overlap(self.reg.warp(labs, disp), mask.expand(len(imgs), -1, -1, -1, -1))
+            label_loss = self.losses.overlap(self.reg.warp(labs, disp), mask.expand(len(imgs), -1, -1, -1, -1),
+                                             self.known[i:i + 8, 1:])
             velocities.append(v)
             scores.append(-(image_loss + label_loss))
         order = torch.argsort(torch.cat(scores), descending=True)[:k]
@@ -55,11 +58,13 @@ class Aligner:
                  cfg: InstanceConfig) -> Aligned:
         """Instance-optimise the displacements of atlases `index` toward the scan and its current foreground
         probabilities `mask` (1, L-1, *roi), then warp them at full resolution."""
-        field = instance_optimise(self.reg, self.images[index, :1], self.onehot[index, 1:], scan, mask, field, cfg)
+        known = self.known[index]
+        field = instance_optimise(self.reg, self.images[index, :1], self.onehot[index, 1:], scan, mask, field, cfg,
+                                  known[:, 1:])
         with torch.no_grad():
             disp = self.reg.upsample(field, scan.shape[2:])
             images, labels = self.reg.warp(self.images[index], disp), self.reg.warp(self.onehot[index], disp)
-        return Aligned(index, field, images, labels, disp)
+        return Aligned(index, field, images, labels, disp, known)
 
     def register(self, scan: torch.Tensor, probs: np.ndarray, k: int, cfg: InstanceConfig) -> Aligned:
         """Step 2: select k atlases and instance-optimise them toward the scan's mask `probs` (L, *roi)."""
@@ -78,10 +83,16 @@ def _foreground(probs: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(probs[1:])[None].to(device)
 
 
-def majority_vote(labels: torch.Tensor) -> np.ndarray:
-    """One-hot (L, *roi) of the per-voxel majority of the warped atlas labels (K, L, *roi)."""
+def majority_vote(labels: torch.Tensor, known: torch.Tensor | None = None) -> np.ndarray:
+    """One-hot (L, *roi) of the per-voxel majority of the warped atlas labels (K, L, *roi). With partial labels
+    (`known` (K, L) bool, not all true) each label's vote is the share of the atlases contouring it that say it."""
     n_labels = labels.shape[1]
-    votes = torch.nn.functional.one_hot(labels.argmax(1), n_labels).sum(0)  # (z, y, x, L)
+    votes = torch.nn.functional.one_hot(labels.argmax(1), n_labels)  # (K, z, y, x, L)
+    if known is None or bool(known.all()):
+        votes = votes.sum(0)
+    else:
+        k = known.to(torch.float32)[:, None, None, None, :]
+        votes = (votes * k).sum(0) / k.sum(0).clamp_min(1.0)
     return torch.nn.functional.one_hot(votes.argmax(-1), n_labels).permute(3, 0, 1, 2).float().cpu().numpy()
 
 
@@ -89,4 +100,4 @@ def fuse(aligned: Aligned, scan: torch.Tensor, beta: float, window: int, search:
     """Fused probabilities (L, *roi) of the warped atlas labels; see registration.fusion.fuse_labels."""
     labels = aligned.labels.clone()
     labels[:, 0] += 1.0 - labels.sum(1)  # warping pads with zeros: what left the atlas grid is background
-    return fuse_labels(aligned.images, labels, scan, beta, window, search).cpu().numpy()
+    return fuse_labels(aligned.images, labels, scan, beta, window, search, aligned.known).cpu().numpy()

@@ -31,11 +31,17 @@ def atlas_roi(image: np.ndarray, label: np.ndarray, roi_size, n_labels: int) -> 
 
 @dataclass
 class Atlases:
-    """Labelled training cases cropped to the ROI around their label: images (N, C, ...), one-hot (N, L, ...)."""
+    """Labelled training cases cropped to the ROI around their label: images (N, C, ...), one-hot (N, L, ...),
+    and which labels each contours (N, L) bool (partial labels: see segmentation.dataset)."""
 
     case_ids: list[str]
     images: torch.Tensor
     onehot: torch.Tensor
+    known: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.known is None:
+            self.known = torch.ones(self.onehot.shape[:2], dtype=torch.bool)
 
 
 @dataclass
@@ -53,6 +59,14 @@ class ISLBundle:
     def atlas_ids(self) -> list[str]:
         return list(self.meta["atlases"])
 
+    def refinement_config(self, overrides: dict | None = None):
+        """The ISLConfig that `isl train` configured for this bundle (the defaults for a bundle never
+        configured), with `overrides` (field -> value) on top, validated."""
+        from worker.method.config import ISLConfig
+
+        chosen = (self.meta.get("refinement") or {}).get("config") or {}
+        return ISLConfig.model_validate(chosen | (overrides or {}))
+
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:
         path = Path(path)
@@ -67,9 +81,11 @@ class ISLBundle:
         self.path.mkdir(parents=True, exist_ok=True)
         self.segmentation.save(self.path / SEG_FILE)
         self.registrar.save(self.path / REG_FILE)
-        digest = hashlib.sha256()  # one digest of both checkpoints together: the version names the pair
-        for name in (SEG_FILE, REG_FILE):
+        digest = hashlib.sha256()  # one digest of both checkpoints and the refinement configuration: the version
+        for name in (SEG_FILE, REG_FILE):  # names what the bundle does
             digest.update((self.path / name).read_bytes())
+        if self.meta.get("refinement"):
+            digest.update(json.dumps(self.meta["refinement"]["config"], sort_keys=True).encode())
         self.meta["version"] = f"{self.meta.get('name', self.path.name)}-{digest.hexdigest()[:12]}"
         atomic_write_text(self.path / META_FILE, json.dumps(self.meta, indent=2) + "\n")
 
@@ -84,10 +100,13 @@ class ISLBundle:
         ds = load_dataset(atlas_dir)
         pre = self.segmentation.preprocessing
         n_labels = len(self.segmentation.labels)
-        images, onehots = [], []
+        images, onehots, known = [], [], []
         for case_id in self.atlas_ids:
-            vols, label, _ = load_case(ds, ds.case(case_id))
+            case = ds.case(case_id)
+            vols, label, _ = load_case(ds, case)
             img, onehot = atlas_roi(pre.images(vols)[0], pre.label(label), pre.roi_size, n_labels)
             images.append(img)
             onehots.append(onehot)
-        return Atlases(self.atlas_ids, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(onehots)))
+            known.append(case.present(self.segmentation.labels))
+        return Atlases(self.atlas_ids, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(onehots)),
+                       torch.from_numpy(np.stack(known)))

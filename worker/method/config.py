@@ -13,6 +13,10 @@ from registration.instance import InstanceConfig
 class ISLConfig(BaseModel):
     model_config = ConfigDict(validate_assignment=True, extra="forbid")
 
+    method: Literal["isl", "tta_flip", "baseline"] = Field(
+        "isl", description="what refinement returns: ISL, or the network's own flip-averaged (tta_flip) or plain "
+                           "(baseline) mask, where `isl train`'s configuration found that no ISL setting beat them")
+
     atlases: int = Field(14, ge=1, description="K: deformed training cases per scan")
     # mask-weakly-supervised registration of the atlases toward the scan
     registration: InstanceConfig = Field(default_factory=InstanceConfig)
@@ -41,6 +45,9 @@ class ISLConfig(BaseModel):
                                                 "prediction")
     fusion_weight: float = Field(0.8, ge=0, le=1, description="weight of the fused warped atlas labels in the final "
                                                               "mask")
+    min_agreement: float = Field(0.5, ge=0, le=1, description="per-case safety: a label's fusion (or tuned "
+                                 "network) counts in the final mask only where its Dice with the starting mask is "
+                                 "at least this; otherwise the starting mask stands for that label (0: off)")
     fusion_beta: float = Field(30.0, ge=0, description="sharpness of the per-voxel atlas weights softmax(beta * local "
                                                        "NCC); 0: plain mean")
     fusion_window: int = Field(5, ge=3, description="window (voxels) of the local NCC that weighs atlases in fusion")

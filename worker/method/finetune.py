@@ -12,6 +12,7 @@ import torch
 
 from segmentation.augment import augmentation
 from segmentation.infer import predict_probs
+from segmentation.losses import marginal_dice_ce
 from worker.method.align import Aligned, Aligner, fuse
 from worker.method.config import ISLConfig
 from worker.method.mask import EMAMask, Start
@@ -31,12 +32,9 @@ class FineTuning:
     """One case's fine-tuning: the optimiser, the augmentation and the batches of deformed atlases."""
 
     def __init__(self, net, start: Start, cfg: ISLConfig, rng: np.random.Generator, device: torch.device):
-        from monai.losses import DiceCELoss
-
         self.cfg, self.start, self.rng, self.device = cfg, start, rng, device
         self.network = copy.deepcopy(net).to(device)
         self.opt = torch.optim.Adam(self.network.parameters(), lr=cfg.finetune_lr)
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength)
         self.transform.set_random_state(seed=cfg.seed)
 
@@ -45,15 +43,18 @@ class FineTuning:
         xs.append(torch.as_tensor(sample["image"]))
         ys.append(torch.as_tensor(sample["label"]))
 
-    def batch(self, aligned: Aligned, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of augmented deformed atlases, plus the augmented scan with its confident pseudo-label
-        (`target`: (1, *roi) class indices, L where not confident) when given."""
+    def batch(self, aligned: Aligned,
+              target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of augmented deformed atlases and the labels each contours, plus the augmented scan with its
+        confident pseudo-label (`target`: (1, *roi) class indices, L where not confident) when given."""
         xs, ys = [], []
-        for i in self.rng.integers(0, len(aligned.images), size=self.cfg.finetune_batch):
+        picked = self.rng.integers(0, len(aligned.images), size=self.cfg.finetune_batch)
+        for i in picked:
             self._sample(aligned.images[i], aligned.labels[i].argmax(0, keepdim=True).cpu(), xs, ys)
         if target is not None:
             self._sample(self.start.image[0], target, xs, ys)
-        return torch.stack(xs).float().to(self.device), torch.stack(ys).long().to(self.device)
+        known = aligned.known[torch.from_numpy(picked).to(aligned.known.device)]
+        return torch.stack(xs).float().to(self.device), torch.stack(ys).long().to(self.device), known
 
     def pseudo_label(self, ema: np.ndarray, fused: np.ndarray) -> torch.Tensor:
         """The current estimate's class where it is confident, L (ignored) elsewhere."""
@@ -67,14 +68,14 @@ class FineTuning:
         """One Adam step on the deformed atlases (and, with `scan_weight` > 0, on the scan's pseudo-label)."""
         self.network.train()
         if fused is None:
-            xb, yb = self.batch(aligned)
-            loss = self.loss(self.network(xb), yb)
+            xb, yb, known = self.batch(aligned)
+            loss = marginal_dice_ce(self.network(xb), yb, known)
         else:
-            xb, yb = self.batch(aligned, self.pseudo_label(ema.probs, fused))
+            xb, yb, known = self.batch(aligned, self.pseudo_label(ema.probs, fused))
             logits, n = self.network(xb), self.cfg.finetune_batch
             ignore = aligned.labels.shape[1]
-            loss = self.loss(logits[:n], yb[:n]) + self.cfg.scan_weight * torch.nn.functional.cross_entropy(
-                logits[n:], yb[n:, 0], ignore_index=ignore)
+            loss = marginal_dice_ce(logits[:n], yb[:n], known) + self.cfg.scan_weight * \
+                torch.nn.functional.cross_entropy(logits[n:], yb[n:, 0], ignore_index=ignore)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -84,10 +85,13 @@ class FineTuning:
 
 
 def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConfig, rng: np.random.Generator,
-             timer: Timer, report: Callable[[str, float], None]) -> Tuned:
+             timer: Timer, report: Callable[[str, float], None],
+             snapshot: Callable[[int, torch.nn.Module, Aligned], None] | None = None) -> Tuned:
     """Fine-tune a copy of `net` for at most `finetune_steps`; every `predict_every` steps fold its prediction
     into the moving-average mask (stop once it is stable, after `min_steps`); every `reregister_every` steps
-    re-register the atlases toward that mask. Fine-tuning and re-registration are timed as separate stages."""
+    re-register the atlases toward that mask. Fine-tuning and re-registration are timed as separate stages.
+    `snapshot(steps, network, aligned)`, when given, sees the state after every step, before any
+    re-registration: what a run with `finetune_steps = steps` (and no early stop) would end with."""
     with timer.stage("finetune"):
         tuning = FineTuning(net, start, cfg, rng, aligner.images.device)
         ema = EMAMask(start.mask, cfg.ema_decay, cfg.stop_tolerance, cfg.stop_patience)
@@ -98,8 +102,11 @@ def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConf
         with timer.stage("finetune"):
             tuning.step(aligned, ema, fused)
             report("finetune", 0.3 + 0.55 * steps / max(cfg.finetune_steps, 1))
-            if steps % cfg.predict_every == 0 and ema.update(tuning.predict()) and steps >= cfg.min_steps:
-                break
+            stop = steps % cfg.predict_every == 0 and ema.update(tuning.predict()) and steps >= cfg.min_steps
+        if snapshot is not None:
+            snapshot(steps, tuning.network, aligned)
+        if stop:
+            break
         if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
             with timer.stage("reregistration"):
                 aligned = aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps, cfg.registration)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from segmentation.infer import predict, predict_probs
-from segmentation.metrics import mean_dice
+from segmentation.metrics import dice, mean_dice
 from segmentation.preprocess import Preprocessing, centroid, crop, paste
 
 
@@ -60,14 +60,43 @@ class EMAMask:
         return self.calm >= self.patience
 
 
-def final_mix(tuned, start: Start, fused: np.ndarray, fusion_weight: float,
-              flips: bool) -> tuple[np.ndarray, np.ndarray]:
+def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(L,) Dice of the argmax masks of two probability maps (L, ...) per label (background: 1.0)."""
+    la, lb = a.argmax(0), b.argmax(0)
+    return np.array([1.0] + list(dice(la, lb, range(1, len(a))).values()))
+
+
+def safe_mix(start: np.ndarray, network: np.ndarray, fused: np.ndarray, fusion_weight: float,
+             min_agreement: float, agreements: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """(1 - w) x network + w x fused per label, with the per-case safety: a label whose fusion (or tuned network)
+    agrees with the starting mask by a Dice under `min_agreement` takes the starting mask's probability in its
+    place for that label; the mix is renormalised per voxel. Returns the ROI probabilities and, per label, the
+    agreements and the weights used (QA). `agreements`: (fusion, network) vs start, when already computed."""
+    agree_fused, agree_net = agreements or (agreement(fused, start), agreement(network, start))
+    ok_fused, ok_net = agree_fused >= min_agreement, agree_net >= min_agreement
+    w_fused = np.where(ok_fused, fusion_weight, 0.0)
+    w_net = np.where(ok_net, 1.0 - fusion_weight, 0.0)
+    w_start = 1.0 - w_fused - w_net
+    shape = (-1,) + (1,) * (start.ndim - 1)
+    mixed = w_fused.reshape(shape) * fused + w_net.reshape(shape) * network + w_start.reshape(shape) * start
+    if min_agreement > 0:
+        mixed = mixed / np.maximum(mixed.sum(0, keepdims=True), 1e-8)
+    qa = {"fusion_vs_start_dice": agree_fused[1:].round(4).tolist(),
+          "network_vs_start_dice": agree_net[1:].round(4).tolist(),
+          "weights": {"fusion": w_fused[1:].round(3).tolist(), "network": w_net[1:].round(3).tolist(),
+                      "start": w_start[1:].round(3).tolist()}}
+    return mixed.astype(np.float32), qa
+
+
+def final_mix(tuned, start: Start, fused: np.ndarray, fusion_weight: float, flips: bool,
+              min_agreement: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Step 4: (1 - w) x the tuned network's prediction (flip-averaged when `flips`) + w x the fused warped atlas
-    labels in the ROI, pasted into the starting mask (which stands outside the ROI). Returns the whole-grid
-    probabilities and the tuned network's own ROI prediction."""
+    labels in the ROI, label by label under the per-case safety of `safe_mix`, pasted into the starting mask
+    (which stands outside the ROI). Returns the whole-grid probabilities, the tuned network's own ROI
+    prediction and the safety QA."""
     network = predict_probs(tuned, start.image, start.mask.shape[1:], flips=flips)[0].cpu().numpy()
-    refined_roi = (1 - fusion_weight) * network + fusion_weight * fused
-    return paste(start.start.copy(), refined_roi, start.center), network
+    refined_roi, safety = safe_mix(start.mask, network, fused, fusion_weight, min_agreement)
+    return paste(start.start.copy(), refined_roi, start.center), network, safety
 
 
 def roi_onehot_on(baseline: np.ndarray, roi_onehot: np.ndarray, center) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 from registration.instance import folding_fraction
 from segmentation.errors import InputError
 from segmentation.metrics import mean_dice
+from segmentation.preprocess import paste
 from worker.method.align import Aligner, fuse, majority_vote
 from worker.method.bundle import Atlases, ISLBundle
 from worker.method.config import ISLConfig
@@ -44,6 +45,11 @@ class ISLResult:
     # prediction), atlas (fusion)
     parts: dict[str, np.ndarray] = field(default_factory=dict)
     center: tuple[int, ...] = ()
+    start: np.ndarray | None = None  # (L, z, y, x) the starting mask on the whole grid (outside the ROI it stands)
+
+    def part_on_grid(self, name: str) -> np.ndarray:
+        """One ingredient of the final mask (`parts`) pasted into the starting mask: its whole-grid form."""
+        return paste(self.start.copy(), self.parts[name], self.center)
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,12 +80,14 @@ class Refiner:
         rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         report("baseline", 0.0)
+        if cfg.method != "isl":
+            return self._peer(image, timer)
         with timer.stage("baseline"):
             start = initial_mask(self.net, image, self.pre, cfg.mask_flips, self.device)
         report("registration", 0.05)
         with timer.stage("registration"):
             aligned = self.aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
-            vote, folding = majority_vote(aligned.labels), folding_fraction(aligned.displacement)
+            vote, folding = majority_vote(aligned.labels, aligned.known), folding_fraction(aligned.displacement)
         report("finetune", 0.3)
         tuned = finetune(self.net, start, aligned, self.aligner, cfg, rng, timer, report)
         report("fusion", 0.85)
@@ -88,15 +96,35 @@ class Refiner:
                 tuned.aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
         report("final", 0.95)
         with timer.stage("final"):
-            probs, network = final_mix(tuned.network, start, fused, cfg.fusion_weight, cfg.final_flips)
+            probs, network, safety = final_mix(tuned.network, start, fused, cfg.fusion_weight, cfg.final_flips,
+                                               cfg.min_agreement)
             tuned.ema.update(network)
-        qa = self._qa(start, tuned, probs, folding, aligned.index)
+        qa = self._qa(start, tuned, probs, folding, aligned.index) | {"safety": self._labelled(safety)}
         parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}
         return ISLResult(probs, start.baseline, roi_onehot_on(start.baseline, vote, start.center), qa,
-                         timer.seconds, parts, tuple(start.center))
+                         timer.seconds, parts, tuple(start.center), start.start)
+
+    def _peer(self, image: np.ndarray, timer: Timer) -> ISLResult:
+        """The configured method is the network's own mask (flip-averaged or plain): no atlases, no fine-tuning."""
+        with timer.stage("baseline"):
+            start = initial_mask(self.net, image, self.pre, self.cfg.method == "tta_flip", self.device)
+        qa = {"method": self.cfg.method, "atlases_used": [], "finetune_steps": 0,
+              "roi_center_voxel": list(start.center),
+              "baseline_vs_refined_dice": mean_dice(start.baseline.argmax(0), start.start.argmax(0))}
+        vote = np.eye(len(start.baseline), dtype=np.float32)[start.baseline.argmax(0)].transpose(3, 0, 1, 2)
+        return ISLResult(start.start, start.baseline, vote, qa, timer.seconds, {}, tuple(start.center), start.start)
+
+    def _labelled(self, safety: dict) -> dict:
+        """The safety QA with label names instead of positions."""
+        names = [n for v, n in self.bundle.segmentation.labels.items() if v != 0]
+        out = {k: dict(zip(names, v)) for k, v in safety.items() if k != "weights"}
+        out["weights"] = {part: dict(zip(names, w)) for part, w in safety["weights"].items()}
+        out["min_agreement"] = self.cfg.min_agreement
+        return out
 
     def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, index: torch.Tensor) -> dict:
-        return {"atlases_used": [self.aligner.ids[int(i)] for i in index], "finetune_steps": tuned.steps,
+        return {"method": "isl", "atlases_used": [self.aligner.ids[int(i)] for i in index],
+                "finetune_steps": tuned.steps,
                 "stopped_early": tuned.steps < self.cfg.finetune_steps,
                 "ema_changes": [round(c, 5) for c in tuned.ema.changes], "folding_fraction": folding,
                 "roi_center_voxel": list(start.center),

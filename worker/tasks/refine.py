@@ -36,7 +36,8 @@ def _refiner(model: str, atlases: int | None):
         from worker.method.config import ISLConfig
         from worker.pipeline import load_refiner
 
-        cfg = ISLConfig(device=settings.device, **({"atlases": atlases} if atlases else {}))
+        cfg = ISLConfig(device=settings.device, **({"atlases": atlases} if atlases else {})).model_dump(
+            exclude_unset=True)  # overrides on the configuration the bundle carries
         _refiners.clear()  # one model in memory per worker
         _refiners[key] = load_refiner(settings.models_dir / model, settings.atlas_dir, cfg)
     return _refiners[key]

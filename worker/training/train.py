@@ -30,23 +30,41 @@ class BundleTrainConfig(BaseModel):
 
     holdout: int = Field(0, ge=0, description="the first N cases in sorted order are never trained on (the test split)")
     cases: int | None = Field(None, ge=2, description="train on the first N cases after the holdout")
+    validation: int | None = Field(None, ge=0, description="cases held out of the training cases (a seeded sample) "
+                                                           "to configure refinement on; None: a fifth of them, 3 to "
+                                                           "10, and none under 10 training cases")
     atlas_pool: int = Field(40, ge=2, description="training cases kept as atlases (a seeded sample when more)")
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     training: TrainConfig = Field(default_factory=TrainConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    configure: bool = Field(True, description="search the refinement settings on the validation cases after training")
+    configure_minutes: float = Field(30.0, gt=0, description="time budget of that search (whole validation cases "
+                                                             "are processed until it is spent; at least 2)")
     name: str | None = None
     command: str | None = Field(None, description="the command line that trained it, for the model card")
 
 
-def split(ds: Dataset, cfg: BundleTrainConfig) -> tuple[list[str], list[str]]:
-    """(held-out ids, training ids), both in sorted order."""
+def validation_count(n_train: int, asked: int | None) -> int:
+    """How many training cases to set aside for configuration: as asked, or a fifth (3 to 10) from 10 cases on."""
+    if asked is not None:
+        return asked
+    return 0 if n_train < 10 else int(np.clip(round(n_train / 5), 3, 10))
+
+
+def split(ds: Dataset, cfg: BundleTrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """(held-out ids, validation ids, training ids), each in sorted order. The held-out cases are the first
+    `holdout` in sorted order (a test split the user can name); validation is a seeded sample of the rest."""
     ids = sorted(c.case_id for c in ds.cases)
     held, rest = ids[: cfg.holdout], ids[cfg.holdout:]
-    train = rest[: cfg.cases] if cfg.cases else rest
+    rest = rest[: cfg.cases] if cfg.cases else rest
+    n_val = validation_count(len(rest), cfg.validation)
+    rng = np.random.default_rng(cfg.training.seed)
+    val = sorted(rng.choice(rest, n_val, replace=False).tolist()) if n_val else []
+    train = [c for c in rest if c not in val]
     if len(train) < 2:
-        raise DatasetError(f"{ds.root}: {len(train)} training case(s) after holding out {cfg.holdout}; at least 2 are "
-                           "needed")
-    return held, train
+        raise DatasetError(f"{ds.root}: {len(train)} training case(s) after holding out {cfg.holdout} and "
+                           f"{n_val} for validation; at least 2 are needed")
+    return held, val, train
 
 
 def _ceil(n: float, multiple: int) -> int:
@@ -75,8 +93,9 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
     return pre.model_copy(update={"roi_size": roi, "patch_size": roi})
 
 
-def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, cfg: BundleTrainConfig, out_dir: Path,
-                        device: torch.device, progress, resume: bool) -> tuple[SegmentationModel, list[float]]:
+def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
+                        out_dir: Path, device: torch.device, progress,
+                        resume: bool) -> tuple[SegmentationModel, list[float]]:
     """The initial network; kept as `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
     partial = out_dir / "segmentation.partial.pt"
     if resume and partial.is_file():
@@ -86,22 +105,23 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, cfg: Bu
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
     curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
                           lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
-                                                    f"loss {loss:.4f}"))
+                                                    f"loss {loss:.4f}"), annotated=known)
     seg.save(partial)
     return seg, curve
 
 
-def _train_registrar(images, labels, n_labels: int, pre: Preprocessing, cfg: BundleTrainConfig,
+def _train_registrar(images, labels, known: np.ndarray, pre: Preprocessing, cfg: BundleTrainConfig,
                      device: torch.device, progress) -> tuple[Registrar, list[float]]:
     """The registration network, on the ROIs of all training cases."""
-    rois = [atlas_roi(x, y, pre.roi_size, n_labels) for x, y in zip(images, labels)]
+    rois = [atlas_roi(x, y, pre.roi_size, known.shape[1]) for x, y in zip(images, labels)]
     roi_imgs = torch.from_numpy(np.stack([r[0] for r in rois]))
     roi_onehot = torch.from_numpy(np.stack([r[1] for r in rois]))
     torch.manual_seed(cfg.registration.seed)
     reg = Registrar(cfg.registration)
     curve = train_registration(reg, roi_imgs[:, :1], roi_onehot[:, 1:], device,
                                lambda it, loss: progress(f"registration iteration {it}/{cfg.registration.iterations}: "
-                                                         f"loss {loss:.4f}"))
+                                                         f"loss {loss:.4f}"),
+                               known=torch.from_numpy(known[:, 1:]))
     return reg, curve
 
 
@@ -117,38 +137,87 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
                  progress=print, resume: bool = False) -> ISLBundle:
     t0 = time.perf_counter()
     ds = load_dataset(dataset_dir)
-    held, train_ids = split(ds, cfg)
+    held, val_ids, train_ids = split(ds, cfg)
     progress(f"dataset {ds.name}: {len(ds.cases)} labelled cases; training on {len(train_ids)}, "
-             f"holding out {len(held)}")
+             f"{len(val_ids)} for validation, holding out {len(held)}")
     loaded = [load_case(ds, ds.case(i)) for i in train_ids]
     volumes, labels = [v for v, _, _ in loaded], [lab for _, lab, _ in loaded]
     pre = fingerprint(ds, volumes, labels)
     progress(f"preprocessing: spacing {pre.spacing} mm, ROI/patch {pre.roi_size} voxels")
     images = [pre.images(v)[0] for v in volumes]
     label_arrays = [pre.label(lab) for lab in labels]
+    known = np.stack([ds.case(i).present(ds.labels) for i in train_ids])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_seg = time.perf_counter()
-    seg, curve = _train_segmentation(ds, pre, images, label_arrays, cfg, out_dir, device, progress, resume)
+    seg, curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device, progress, resume)
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
-    reg, reg_curve = _train_registrar(images, label_arrays, len(ds.labels), pre, cfg, device, progress)
+    reg, reg_curve = _train_registrar(images, label_arrays, known, pre, cfg, device, progress)
     t_reg = time.perf_counter() - t_reg
     training = {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                 "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
                 "registration_final_loss": float(np.mean(reg_curve[-100:])),
                 "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device), "torch": torch.__version__}
-    meta = _meta(ds, cfg, out_dir, held, train_ids, atlas_pool(train_ids, cfg),
+    meta = _meta(ds, cfg, out_dir, held, val_ids, train_ids, atlas_pool(train_ids, cfg),
                  [r.message() for _, _, r in loaded if r.remapped], training)
     bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
     bundle.save()
     (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
+    if val_ids and cfg.configure:
+        configure_bundle(bundle, ds, val_ids, cfg.configure_minutes * 60, device, progress)
+    elif val_ids or cfg.configure:
+        progress("configuration skipped (" + ("--no-configure" if val_ids else "no validation cases: fewer than 10 "
+                 "training cases, or --validation 0") + "): refinement uses the defaults")
     write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
     progress(f"wrote {out_dir} ({bundle.version})")
     return bundle
 
 
-def _meta(ds: Dataset, cfg: BundleTrainConfig, out_dir: Path, held, train_ids, pool, label_notes, training) -> dict:
+def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget_s: float, device: torch.device,
+                     progress=print) -> dict:
+    """Search the refinement settings on `case_ids` (see worker/training/configure.py) and write the result into
+    the bundle (a new version: the configuration is part of what the bundle does)."""
+    from worker.method.refiner import Refiner
+    from worker.training.configure import configure
+
+    refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config({"device": device.type}),
+                      device)
+    record = configure(refiner, ds, case_ids, budget_s, progress)
+    bundle.meta["refinement"] = record
+    bundle.segmentation.network.cpu()
+    bundle.registrar.cpu()
+    bundle.save()
+    return record
+
+
+def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, budget_s: float, device: torch.device,
+                progress=print) -> dict:
+    """`isl configure`: configure an existing bundle on its validation cases, or, for a bundle trained without any,
+    on a seeded sample of `n_cases` cases of the dataset that it neither trained on, uses as atlases, nor holds out
+    as its test split."""
+    bundle = ISLBundle.load(model_dir)
+    ds = load_dataset(dataset_dir)
+    meta = bundle.meta
+    ids = list(meta.get("validation_cases") or [])
+    if not ids:
+        used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
+        free = sorted(c.case_id for c in ds.cases if c.case_id not in used)
+        if len(free) < 2:
+            raise DatasetError(f"{ds.root}: {len(free)} case(s) that model {bundle.version} neither trained on, uses "
+                               "as atlases nor holds out; configuration needs at least 2")
+        rng = np.random.default_rng(0)
+        ids = sorted(rng.choice(free, min(n_cases, len(free)), replace=False).tolist())
+        meta["validation_cases"] = ids
+    progress(f"configuring {bundle.version} on {len(ids)} validation cases: {', '.join(ids)}")
+    record = configure_bundle(bundle, ds, ids, budget_s, device, progress)
+    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
+    progress(f"wrote {bundle.path} ({bundle.version})")
+    return record
+
+
+def _meta(ds: Dataset, cfg: BundleTrainConfig, out_dir: Path, held, val_ids, train_ids, pool, label_notes,
+          training) -> dict:
     return {
         "name": cfg.name or Path(out_dir).name,
         "command": cfg.command,
@@ -157,6 +226,7 @@ def _meta(ds: Dataset, cfg: BundleTrainConfig, out_dir: Path, held, train_ids, p
                     "channels": ds.channel_names},
         "train_cases": train_ids,
         "holdout_cases": held,
+        "validation_cases": val_ids,
         "atlases": pool,
         "label_notes": label_notes,
         "config": cfg.model_dump(mode="json"),
