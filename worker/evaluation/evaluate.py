@@ -108,6 +108,10 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
                                             "configuration": (refiner.bundle.meta.get("refinement") or {})
                                             .get("decision")}}
     json_out = atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+    if json_out.resolve() == (refiner.bundle.path / "evaluation.json").resolve():  # the bundle's own: on its card
+        from worker.training.card import dataset_metadata, write_model_card
+
+        write_model_card(refiner.bundle.path, refiner.bundle.meta, dataset_metadata(ds.root))
     from worker.evaluation.figures import evaluation_figure
 
     evaluation_figure(rows, example, figure or json_out.with_suffix(".png"))

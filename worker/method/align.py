@@ -85,14 +85,16 @@ def _foreground(probs: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def majority_vote(labels: torch.Tensor, known: torch.Tensor | None = None) -> np.ndarray:
     """One-hot (L, *roi) of the per-voxel majority of the warped atlas labels (K, L, *roi). With partial labels
-    (`known` (K, L) bool, not all true) each label's vote is the share of the atlases contouring it that say it."""
+    (`known` (K, L) bool, not all true) each label's vote is the share of the atlases contouring it that say it,
+    and background's what those shares leave."""
     n_labels = labels.shape[1]
     votes = torch.nn.functional.one_hot(labels.argmax(1), n_labels)  # (K, z, y, x, L)
     if known is None or bool(known.all()):
         votes = votes.sum(0)
-    else:
+    else:  # as in fusion: background is what the labels' shares leave
         k = known.to(torch.float32)[:, None, None, None, :]
         votes = (votes * k).sum(0) / k.sum(0).clamp_min(1.0)
+        votes[..., 0] = (1.0 - votes[..., 1:].sum(-1)).clamp_min(0)
     return torch.nn.functional.one_hot(votes.argmax(-1), n_labels).permute(3, 0, 1, 2).float().cpu().numpy()
 
 

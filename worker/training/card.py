@@ -27,6 +27,8 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "order"
         + (f" ({meta['holdout_cases'][0]} to {meta['holdout_cases'][-1]})." if meta["holdout_cases"] else "."),
         f"- Trained on {len(meta['train_cases'])} cases: {', '.join(meta['train_cases'])}.",
+        *([f"- Validation (configuration only; neither trained on nor atlases): {', '.join(meta['validation_cases'])}."]
+          if meta.get("validation_cases") else []),
         f"- Atlases (by case id; give their dataset folder with `--atlas-dir`): {', '.join(meta['atlases'])}.",
         *([f"- Label notes: {'; '.join(meta['label_notes'])}."] if meta.get("label_notes") else []),
         "",
@@ -38,15 +40,52 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "iterations, "
         f"{train['registration_seconds']} s, final loss {train['registration_final_loss']:.4f}.",
         "",
-        "## Metrics",
-        "Measured by `isl evaluate` on held-out cases: `evaluation.json` beside this card holds every per-case figure"
-        " and the command that made it (absent until evaluated).",
-        "",
+        *_configuration(meta.get("refinement")),
+        *_metrics(bundle_dir / "evaluation.json"),
         "## Intended use and limits",
         "Research and evaluation software; not a medical device. The refined mask is only as good as the atlases"
         " resemble the scan: check the QA block of each report (folding, agreement with the baseline).",
     ]
     return atomic_write_text(bundle_dir / "MODEL_CARD.md", "\n".join(lines) + "\n")
+
+
+def _configuration(record: dict | None) -> list[str]:
+    if not record:
+        return ["## Refinement configuration", "Not configured: refinement uses the defaults of `ISLConfig` "
+                "(trained with fewer than 10 cases, `--validation 0` or `--no-configure`).", ""]
+    cfg = record["config"]
+    lines = ["## Refinement configuration",
+             f"Searched by `isl train` on {len(record['validation_cases'])} validation cases in {record['seconds']} s "
+             f"(budget {record['budget_seconds']:.0f} s): {record['decision']['reason']}.",
+             f"Refinement returns **{record['decision']['method']}**. ISL setting: K = {cfg['atlases']}, "
+             f"{cfg['finetune_steps']} fine-tuning steps, fusion weight {cfg['fusion_weight']}, fusion beta "
+             f"{cfg['fusion_beta']} / search {cfg['fusion_search']}, mirror averaging of the start "
+             f"{cfg['mask_flips']} and of the tuned network {cfg['final_flips']}, per-case safety threshold "
+             f"{cfg['min_agreement']}.", "", "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]
+    lines += [f"| {r['candidate']} | {r['mean_dice']:.4f} | {r['improved']} | {r['worsened']} |"
+              for r in record["table"]]
+    return [*lines, ""]
+
+
+def _metrics(path: Path) -> list[str]:
+    lines = ["## Metrics"]
+    if not path.is_file():
+        return [*lines, "Measured by `isl evaluate` on held-out cases into `evaluation.json` beside this card "
+                "(absent until evaluated).", ""]
+    result = json.loads(path.read_text())
+    s = result["summary"]
+    methods = [m for m in ("baseline", "isl", "tta_flip", "tent", "majority_vote", "fusion_only", "network_only")
+               if f"mean_dice_{m}" in s]
+    lines += [f"`{result.get('command')}` on {s['n_cases']} held-out cases ({result.get('device')}): ISL improved "
+              f"{s['cases_improved']} cases and worsened {s['cases_worsened']} (Wilcoxon p vs baseline "
+              f"{s['wilcoxon_p_isl_vs_baseline']}); median {s['median_seconds_isl_per_case']:.1f} s per case, peak "
+              f"RSS {s['peak_rss_mb']:.0f} MB.", "", "| label | " + " | ".join(methods) + " |",
+              "|---" * (len(methods) + 1) + "|",
+              "| **mean** | " + " | ".join(f"{s[f'mean_dice_{m}']:.4f}" for m in methods) + " |"]
+    for name, row in (s.get("per_label") or {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4f}" for m in methods if m in row) + " |")
+    return [*lines, "", "Mean Dice per case over the labels its reference contours; `evaluation.json` holds every "
+            "per-case figure.", ""]
 
 
 def dataset_metadata(root: Path) -> dict:

@@ -1,0 +1,167 @@
+"""Partial labels (structures not contoured in some cases), the per-case safety of the final mix, and the
+self-configuration of refinement: unit checks of each rule, then one bundle end to end on phantoms."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from segmentation.dataset import load_case, load_dataset
+from segmentation.errors import DatasetError
+
+
+def _drop_label(dataset, case_id: str, value: int) -> None:
+    path = dataset / "labelsTr" / f"{case_id}.nii.gz"
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    array[array == value] = 0
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(path))
+
+
+@pytest.fixture(scope="module")
+def partial_dataset(tmp_path_factory):
+    """14 phantoms (2 held out); the tail of two training cases is not contoured, as cases.json says."""
+    from worker.demo import make_dataset
+
+    root = tmp_path_factory.mktemp("partial")
+    make_dataset(root, n_train=12, n_test=2, seed=3)
+    for case_id in ("phantom_001", "phantom_005"):
+        _drop_label(root, case_id, 2)
+    (root / "cases.json").write_text(json.dumps([{"case": "phantom_001", "structures_present": ["head"]},
+                                                 {"case": "phantom_005", "structures_present": ["head"]}]))
+    return root
+
+
+def test_cases_json_marks_what_each_case_contours(partial_dataset):
+    ds = load_dataset(partial_dataset)
+    assert ds.case("phantom_005").present(ds.labels).tolist() == [True, True, False]
+    assert ds.case("phantom_006").present(ds.labels).tolist() == [True, True, True]  # not listed: all
+
+
+def test_cases_json_contradicting_the_label_map_or_the_labels_is_refused(partial_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(partial_dataset, copy)
+    (copy / "cases.json").write_text(json.dumps([{"case": "phantom_006", "structures_present": ["head"]}]))
+    ds = load_dataset(copy)
+    with pytest.raises(DatasetError, match="does not contour"):
+        load_case(ds, ds.case("phantom_006"))
+    (copy / "cases.json").write_text(json.dumps([{"case": "phantom_006", "structures_present": ["hed"]}]))
+    with pytest.raises(DatasetError, match="hed"):
+        load_dataset(copy)
+
+
+def test_marginal_loss_is_dice_ce_when_everything_is_contoured_and_ignores_what_is_not():
+    from monai.losses import DiceCELoss
+
+    from segmentation.losses import _marginal, marginal_dice_ce
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 6, 6, 6), torch.randint(0, 3, (2, 1, 6, 6, 6))
+    all_known = torch.ones(2, 3, dtype=torch.bool)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+    assert torch.allclose(_marginal(logits, target, all_known, 1e-5), monai, atol=1e-5)
+    # a case without label 2: its map says background where the network says 2. Not penalised when unknown.
+    target = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    target[..., :2, :, :] = 1
+    logits = torch.full((1, 3, 6, 6, 6), -5.0)
+    logits[:, 1, :2] = 5.0
+    logits[:, 2, 2:4] = 5.0  # the uncontoured structure, found
+    logits[:, 0, 4:] = 5.0
+    known = torch.tensor([[True, True, False]])
+    assert marginal_dice_ce(logits, target, known) < 0.5 * marginal_dice_ce(logits, target, torch.ones_like(known))
+
+
+def test_atlases_that_lack_a_label_do_not_vote_on_it():
+    from registration.fusion import fuse_labels
+    from worker.method.align import majority_vote
+
+    labels = torch.zeros(3, 3, 4, 4, 4)
+    labels[:, 0] = 1.0
+    labels[0, 2, :2], labels[0, 0, :2] = 1.0, 0.0  # atlas 0 contours label 2 in the first half
+    labels[1, 2, :2], labels[1, 0, :2] = 1.0, 0.0  # so does atlas 1
+    known = torch.ones(3, 3, dtype=torch.bool)
+    known[2, 2] = False  # atlas 2 never contoured label 2: its background there says nothing
+    images, scan = torch.rand(3, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4)
+    fused = fuse_labels(images, labels, scan, beta=0.0, window=3, known=known)
+    assert torch.allclose(fused[2, :2], torch.ones(2, 4, 4)) and torch.allclose(fused.sum(0), torch.ones(4, 4, 4))
+    assert torch.allclose(fuse_labels(images, labels, scan, beta=0.0, window=3)[2, :2], torch.full((2, 4, 4), 2 / 3))
+    labels = torch.cat([labels, labels[2:]])  # a fourth atlas without label 2
+    known = torch.cat([known, known[2:]])
+    assert majority_vote(labels, known)[2, :2].all()  # both atlases that contour label 2 say it
+    assert not majority_vote(labels)[2, :2].any()  # counting the other two as background: a tie, to background
+
+
+def test_safety_keeps_the_starting_mask_for_a_label_whose_fusion_disagrees():
+    from worker.method.mask import safe_mix
+
+    start = np.zeros((3, 8, 8, 8), np.float32)
+    start[0] = 1.0
+    start[1, :4], start[0, :4] = 1.0, 0.0  # label 1 in the first half
+    start[2, 6:], start[0, 6:] = 1.0, 0.0  # label 2 in the last slices
+    fused = start.copy()
+    fused[1], fused[0] = 0.0, 1.0 - fused[2]
+    fused[1, 4:6], fused[0, 4:6] = 1.0, 0.0  # the atlases put label 1 somewhere else entirely
+    mixed, qa = safe_mix(start, start.copy(), fused, 0.8, 0.5)
+    assert qa["weights"]["fusion"] == [0.0, 0.8] and qa["fusion_vs_start_dice"][0] == 0.0
+    assert (mixed.argmax(0) == start.argmax(0)).all()
+    unsafe, _ = safe_mix(start, start.copy(), fused, 0.8, 0.0)
+    assert (unsafe.argmax(0)[4:6] == 1).all() and (unsafe.argmax(0)[:4] == 0).all()
+
+
+def test_decide_keeps_a_setting_that_worsens_too_many_cases_out():
+    from worker.training.configure import Setting, decide
+
+    def setting(w):
+        return Setting(True, 8, 20, True, 30.0, 1, w, 0.5)
+
+    risky, safe = setting(0.8), setting(0.2)
+    per_case = [{"baseline": 0.70, "tta_flip": 0.71, risky: s_r, safe: s_s}
+                for s_r, s_s in ((0.95, 0.72), (0.95, 0.72), (0.60, 0.71), (0.60, 0.71), (0.95, 0.72))]
+    per_case = [c | {Setting(True, 8, 20, True, 30.0, 1, k.fusion_weight, 0.0): c[k] for k in (risky, safe)}
+                | {setting(1.0): 0.5, setting(0.0): 0.5} for c in per_case]
+    method, best, table, reason = decide(per_case)
+    assert method == "isl" and best == safe  # the risky one is better on average but worsens 2 of 5 (> 1)
+    assert table[0]["candidate"] == "baseline" and "worsening 0" in reason
+    for c in per_case:
+        for k in list(c):
+            if isinstance(k, Setting):
+                c[k] = 0.705
+    method, _, _, reason = decide(per_case)
+    assert method == "tta_flip" and "refinement returns tta_flip" in reason
+
+
+def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp_path):
+    """End to end: training with partial labels sets validation cases aside, searches, writes the choice into the
+    bundle and its card; refinement then uses it unless overridden; evaluation skips labels not contoured."""
+    from worker.evaluation.evaluate import evaluate
+    from worker.pipeline import load_refiner
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    cfg = BundleTrainConfig(holdout=2, validation=3, name="configured")
+    cfg.training.iterations, cfg.registration.iterations = 40, 20
+    bundle = train_bundle(partial_dataset, tmp_path / "m", cfg, torch.device("cpu"), progress=lambda m: None)
+    record = bundle.meta["refinement"]
+    assert len(record["validation_cases"]) == 3 and set(record["validation_cases"]).isdisjoint(bundle.meta["atlases"])
+    assert record["decision"]["method"] in ("isl", "tta_flip", "baseline") and record["decision"]["reason"]
+    assert [r["candidate"] for r in record["table"][:2]] == ["baseline", "tta_flip"]
+    card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert "## Refinement configuration" in card and record["decision"]["reason"] in card
+    refiner = load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu"})
+    assert refiner.cfg.fusion_weight == record["config"]["fusion_weight"]
+    assert refiner.cfg.min_agreement == record["config"]["min_agreement"]
+    assert load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu", "atlases": 3}).cfg.atlases == 3
+    assert not refiner.aligner.known[refiner.aligner.ids.index("phantom_005"), 2]
+    # a held-out case whose tail is not contoured is scored on the head only
+    _drop_label(partial_dataset, "phantom_000", 2)
+    (partial_dataset / "cases.json").write_text(json.dumps(
+        json.loads((partial_dataset / "cases.json").read_text()) + [{"case": "phantom_000",
+                                                                      "structures_present": ["head"]}]))
+    result = evaluate(partial_dataset, tmp_path / "m", tmp_path / "e.json", cases=1, cfg={"device": "cpu"},
+                      progress=lambda m: None)
+    assert set(result["cases"][0]["dice_isl"]) == {"head"}
+    assert result["summary"]["configuration"]["method"] == record["decision"]["method"]
