@@ -72,6 +72,10 @@ class Refiner:
         self.net = bundle.segmentation.network.to(device).eval()
         self.pre = bundle.segmentation.preprocessing
         self.aligner = Aligner(bundle.registrar.to(device).eval(), atlases, device)
+        # why this method: the bundle's configuration decision (what `isl train` measured), for every report
+        self.decision = (bundle.meta.get("refinement") or {}).get("decision") or {
+            "method": "isl", "reason": "the bundle was not configured (fewer than 10 training cases, --validation 0 "
+                                       "or --no-configure): ISLConfig defaults"}
 
     def refine(self, image: np.ndarray, progress=None) -> ISLResult:
         """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when
@@ -108,7 +112,7 @@ class Refiner:
         """The configured method is the network's own mask (flip-averaged or plain): no atlases, no fine-tuning."""
         with timer.stage("baseline"):
             start = initial_mask(self.net, image, self.pre, self.cfg.method == "tta_flip", self.device)
-        qa = {"method": self.cfg.method, "atlases_used": [], "finetune_steps": 0,
+        qa = {"method": self.cfg.method, "configuration": self.decision, "atlases_used": [], "finetune_steps": 0,
               "roi_center_voxel": list(start.center),
               "baseline_vs_refined_dice": mean_dice(start.baseline.argmax(0), start.start.argmax(0))}
         vote = np.eye(len(start.baseline), dtype=np.float32)[start.baseline.argmax(0)].transpose(3, 0, 1, 2)
@@ -123,7 +127,8 @@ class Refiner:
         return out
 
     def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, index: torch.Tensor) -> dict:
-        return {"method": "isl", "atlases_used": [self.aligner.ids[int(i)] for i in index],
+        return {"method": "isl", "configuration": self.decision,
+                "atlases_used": [self.aligner.ids[int(i)] for i in index],
                 "finetune_steps": tuned.steps,
                 "stopped_early": tuned.steps < self.cfg.finetune_steps,
                 "ema_changes": [round(c, 5) for c in tuned.ema.changes], "folding_fraction": folding,
