@@ -144,7 +144,9 @@ def decide(per_case: list[dict]) -> tuple[str, Setting | None, list[dict], str]:
     table = [peers["baseline"], peers["tta_flip"], isl_row]
     off = Setting(**(asdict(best_isl) | {"min_agreement": 0.0}))
     table.append(rows[off] | {"candidate": "isl, same setting, per-case safety off"})
-    for name, pick in (("fusion_only (best, weight 1)", lambda k: k.fusion_weight == 1.0),
+    for name, pick in (("isl, best with the per-case safety off", lambda k: k.min_agreement == 0.0),
+                       ("isl, best with the per-case safety on", lambda k: k.min_agreement > 0.0),
+                       ("fusion_only (best, weight 1)", lambda k: k.fusion_weight == 1.0),
                        ("network_only (best, weight 0)", lambda k: k.fusion_weight == 0.0)):
         k = max((k for k in keys if pick(k)), key=lambda k: rows[k]["mean_dice"])
         table.append(rows[k] | {"candidate": name, "setting": asdict(k)})
