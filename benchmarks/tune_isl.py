@@ -46,7 +46,8 @@ def main() -> None:
         return mean_dice(p.argmax(0), y, fg)
 
     def peer(flips):
-        return np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device, flips), y)
+        return np.mean([score(predict(refiner.net, x, refiner.pre.patch_size, refiner.device,
+                                      refiner.pre.mirror_axes if flips else False), y)
                         for x, y in cases])
 
     out = {"model": refiner.bundle.version, "cases": ids, "baseline": peer(False), "tta_flip": peer(True),

@@ -46,6 +46,9 @@ class Preprocessing(BaseModel):
     channels: list[ChannelNorm] = Field(default_factory=lambda: [ChannelNorm()])
     patch_size: tuple[int, int, int] = (64, 64, 64)  # z, y, x voxels: training crops, sliding window
     roi_size: tuple[int, int, int] = (64, 64, 64)  # z, y, x voxels: registration and refinement box
+    # spatial axes (z, y, x) along which a mirrored image with mirrored labels is still a valid case: not an axis
+    # along which labels are lateralised (left/right parotid), in augmentation and in mirror averaging
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
 
     def canonical(self, image: sitk.Image, interpolator=sitk.sitkLinear) -> sitk.Image:
         """Reorient and resample one image onto this model's canonical grid."""

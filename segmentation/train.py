@@ -39,15 +39,16 @@ def _batch(images, labels, transform, rng: np.random.Generator, batch_size: int)
 
 def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch_size, cfg: TrainConfig,
                   device: torch.device, progress: Callable[[int, float], None] | None = None,
-                  annotated: np.ndarray | None = None) -> list[float]:
+                  annotated: np.ndarray | None = None, mirror_axes=(0, 1, 2)) -> list[float]:
     """Train `net` in place on images (C, z, y, x) in [0, 1] and label maps (z, y, x); returns the loss curve.
     `annotated` (N, L) bool says which labels each case contours (partial labels: see segmentation.losses);
-    None: every case contours every label."""
+    None: every case contours every label. `mirror_axes`: the spatial axes along which mirroring keeps labels
+    valid (see worker.training.train.mirror_axes)."""
     from monai.utils import set_determinism
 
     set_determinism(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    transform = augmentation(patch_size)
+    transform = augmentation(patch_size, mirror_axes=mirror_axes)
     known = torch.from_numpy(np.asarray(annotated, bool)) if annotated is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.05)

@@ -165,3 +165,19 @@ def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp
                       progress=lambda m: None)
     assert set(result["cases"][0]["dice_isl"]) == {"head"}
     assert result["summary"]["configuration"]["method"] == record["decision"]["method"]
+
+
+def test_mirroring_is_left_out_along_axes_where_labels_are_lateralised():
+    from segmentation.infer import flip_sets
+    from worker.training.train import mirror_axes
+
+    labels = []
+    for shift in range(3):
+        lab = np.zeros((16, 16, 24), np.uint8)
+        lab[6:10, 6:10, 2 + shift:8 + shift] = 1  # "right" organ, always on the low-x side
+        lab[6:10, 6:10, 16 - shift:22 - shift] = 2  # its partner, always on the high-x side
+        lab[4:12, 6:10, 10:14] = 3  # a midline organ
+        labels.append(lab)
+    assert mirror_axes(labels, 4) == (0, 1)  # not along x: a mirrored case would swap right and left
+    assert mirror_axes([(lab > 0).astype(np.uint8) for lab in labels], 2) == (0, 1, 2)  # one label: any axis
+    assert len(flip_sets(True)) == 8 and flip_sets(()) == [()] and flip_sets((0, 2)) == [(), (2,), (4,), (2, 4)]

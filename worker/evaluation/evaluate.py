@@ -43,7 +43,7 @@ def run_methods(refiner: Refiner, x) -> tuple[dict, dict, dict]:
     chose instead); the ablations and the majority vote come from an ISL run in every case."""
     pre, net, dev = refiner.pre, refiner.net, refiner.device
     res, t_isl = _timed(refiner.refine, x)
-    tta, t_tta = _timed(predict, net, x, pre.patch_size, dev, True)
+    tta, t_tta = _timed(predict, net, x, pre.patch_size, dev, pre.mirror_axes)
     adapted, t_tent = _timed(tent, net, x, pre.patch_size, dev)
     full = res
     if refiner.cfg.method != "isl":

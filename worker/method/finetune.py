@@ -35,7 +35,8 @@ class FineTuning:
         self.cfg, self.start, self.rng, self.device = cfg, start, rng, device
         self.network = copy.deepcopy(net).to(device)
         self.opt = torch.optim.Adam(self.network.parameters(), lr=cfg.finetune_lr)
-        self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength)
+        self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength,
+                                      mirror_axes=start.mirror_axes)
         self.transform.set_random_state(seed=cfg.seed)
 
     def _sample(self, image: torch.Tensor, label: torch.Tensor, xs: list, ys: list) -> None:

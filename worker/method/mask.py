@@ -22,6 +22,7 @@ class Start:
     center: tuple[int, ...]  # ROI centre (voxels): the starting mask's centre of mass
     image: torch.Tensor  # (1, C, *roi) the scan in the ROI
     mask: np.ndarray  # (L, *roi) the starting mask in the ROI (outside the image: background)
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # the model's (Preprocessing.mirror_axes)
 
     @property
     def scan(self) -> torch.Tensor:
@@ -36,10 +37,10 @@ def initial_mask(net, image: np.ndarray, pre: Preprocessing, flips: bool, device
     center = centroid(baseline.argmax(0) > 0)
     roi = pre.roi_size
     x_roi = torch.from_numpy(crop(image, center, roi))[None].to(device)
-    start = predict(net, image, pre.patch_size, device, flips=True) if flips else baseline
+    start = predict(net, image, pre.patch_size, device, flips=pre.mirror_axes) if flips else baseline
     p_roi = crop(start, center, roi)
     p_roi[0][crop(np.ones(image.shape[1:], bool), center, roi) == 0] = 1.0  # outside the image is background
-    return Start(baseline, start, center, x_roi, p_roi)
+    return Start(baseline, start, center, x_roi, p_roi, tuple(pre.mirror_axes))
 
 
 class EMAMask:
@@ -94,7 +95,8 @@ def final_mix(tuned, start: Start, fused: np.ndarray, fusion_weight: float, flip
     labels in the ROI, label by label under the per-case safety of `safe_mix`, pasted into the starting mask
     (which stands outside the ROI). Returns the whole-grid probabilities, the tuned network's own ROI
     prediction and the safety QA."""
-    network = predict_probs(tuned, start.image, start.mask.shape[1:], flips=flips)[0].cpu().numpy()
+    network = predict_probs(tuned, start.image, start.mask.shape[1:],
+                            flips=start.mirror_axes if flips else False)[0].cpu().numpy()
     refined_roi, safety = safe_mix(start.mask, network, fused, fusion_weight, min_agreement)
     return paste(start.start.copy(), refined_roi, start.center), network, safety
 

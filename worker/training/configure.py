@@ -111,7 +111,8 @@ class CaseSearch:
     def _mixes(self, mask_flips, k, steps, network, aligned, start, whole) -> None:
         fused = self._fusions(aligned, start)
         for final_flips in (False, True):
-            net = predict_probs(network, start.image, start.mask.shape[1:], flips=final_flips)[0].cpu().numpy()
+            net = predict_probs(network, start.image, start.mask.shape[1:],
+                                flips=start.mirror_axes if final_flips else False)[0].cpu().numpy()
             agree_net = agreement(net, start.mask)
             for f, fp in fused.items():
                 agreements = (agreement(fp, start.mask), agree_net)

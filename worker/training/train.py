@@ -71,8 +71,31 @@ def _ceil(n: float, multiple: int) -> int:
     return int(np.ceil(n / multiple) * multiple)
 
 
+def mirror_axes(labels: list[np.ndarray], n_labels: int) -> tuple[int, ...]:
+    """The spatial axes along which mirroring keeps a label map valid. An axis is left out when a label sits
+    consistently on one side of the foreground's centre along it (median offset over the cases more than half the
+    label's own extent): left and right parotid along left-right, brainstem above the spinal cord. A mirrored case
+    would carry that label where the anatomy never has it, and mirror averaging would swap it with its partner."""
+    allowed = []
+    for axis in range(3):
+        lateral = False
+        for value in range(1, n_labels):
+            offsets, extents = [], []
+            for lab in labels:
+                where = np.nonzero(lab == value)[axis]
+                if len(where):
+                    fg = np.nonzero(lab > 0)[axis]
+                    offsets.append(where.mean() - (fg.min() + fg.max()) / 2)
+                    extents.append(np.ptp(where) + 1)
+            lateral |= bool(offsets) and abs(np.median(offsets)) > 0.5 * np.median(extents)
+        if not lateral:
+            allowed.append(axis)
+    return tuple(allowed)
+
+
 def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
-    """Preprocessing from the training data: median spacing, CT windows, an ROI that holds every label."""
+    """Preprocessing from the training data: median spacing, CT windows, an ROI that holds every label, the axes
+    that mirroring may use."""
     spacing = tuple(float(s) for s in np.median([v[0].geometry.spacing for v in volumes], axis=0))
     norms = []
     for c, name in enumerate(ds.channel_names):
@@ -90,7 +113,8 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
             extents.append(idx.max(0) - idx.min(0) + 1)
     extent = np.max(extents, axis=0)
     roi = tuple(max(16, _ceil(e * 1.15 + 4, 8)) for e in extent)
-    return pre.model_copy(update={"roi_size": roi, "patch_size": roi})
+    axes = mirror_axes([pre.label(lab) for lab in labels], len(ds.labels))
+    return pre.model_copy(update={"roi_size": roi, "patch_size": roi, "mirror_axes": axes})
 
 
 def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
@@ -105,7 +129,8 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: 
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
     curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
                           lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
-                                                    f"loss {loss:.4f}"), annotated=known)
+                                                    f"loss {loss:.4f}"), annotated=known,
+                          mirror_axes=pre.mirror_axes)
     seg.save(partial)
     return seg, curve
 
@@ -143,7 +168,8 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     loaded = [load_case(ds, ds.case(i)) for i in train_ids]
     volumes, labels = [v for v, _, _ in loaded], [lab for _, lab, _ in loaded]
     pre = fingerprint(ds, volumes, labels)
-    progress(f"preprocessing: spacing {pre.spacing} mm, ROI/patch {pre.roi_size} voxels")
+    progress(f"preprocessing: spacing {pre.spacing} mm, ROI/patch {pre.roi_size} voxels, mirror axes (z, y, x) "
+             f"{pre.mirror_axes}")
     images = [pre.images(v)[0] for v in volumes]
     label_arrays = [pre.label(lab) for lab in labels]
     known = np.stack([ds.case(i).present(ds.labels) for i in train_ids])
