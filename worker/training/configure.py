@@ -78,8 +78,9 @@ class CaseSearch:
         self.refiner, self.image, self.truth, self.labels = refiner, image, truth, labels
         self.n_labels = len(refiner.bundle.segmentation.labels)
         r = refiner
-        self.scores: dict = {"baseline": self.score(initial_mask(r.net, image, r.pre, False, r.device).start),
-                             "tta_flip": self.score(initial_mask(r.net, image, r.pre, True, r.device).start)}
+        self.scores: dict = {"baseline": self.score(initial_mask(r.net, image, r.pre, False, r.device).start)}
+        self.scores["tta_flip"] = self.score(initial_mask(r.net, image, r.pre, True, r.device).start) \
+            if r.pre.mirror_axes else self.scores["baseline"]  # no mirror axis: flip TTA is the baseline
         self._fused: tuple = (None, {})
 
     def score(self, probs: np.ndarray) -> float:
@@ -110,7 +111,7 @@ class CaseSearch:
 
     def _mixes(self, mask_flips, k, steps, network, aligned, start, whole) -> None:
         fused = self._fusions(aligned, start)
-        for final_flips in (False, True):
+        for final_flips in (False, True) if start.mirror_axes else (False,):
             net = predict_probs(network, start.image, start.mask.shape[1:],
                                 flips=start.mirror_axes if final_flips else False)[0].cpu().numpy()
             agree_net = agreement(net, start.mask)
