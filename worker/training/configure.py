@@ -142,7 +142,7 @@ def decide(per_case: list[dict]) -> tuple[str, Setting | None, list[dict], str]:
     best_isl = max(feasible or keys, key=lambda k: (rows[k]["mean_dice"], -rows[k]["worsened"]))
     peers = {m: _table_row(m, [c[m] for c in per_case], baseline) for m in ("baseline", "tta_flip")}
     peer = max((m for m in peers if peers[m]["worsened"] <= allowed), key=lambda m: peers[m]["mean_dice"])
-    isl_row = rows[best_isl] | {"candidate": "isl (chosen setting)"}
+    isl_row = rows[best_isl] | {"candidate": "isl (best setting)"}
     table = [peers["baseline"], peers["tta_flip"], isl_row]
     off = Setting(**(asdict(best_isl) | {"min_agreement": 0.0}))
     table.append(rows[off] | {"candidate": "isl, same setting, per-case safety off"})
