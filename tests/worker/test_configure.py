@@ -181,3 +181,15 @@ def test_mirroring_is_left_out_along_axes_where_labels_are_lateralised():
     assert mirror_axes(labels, 4) == (0, 1)  # not along x: a mirrored case would swap right and left
     assert mirror_axes([(lab > 0).astype(np.uint8) for lab in labels], 2) == (0, 1, 2)  # one label: any axis
     assert len(flip_sets(True)) == 8 and flip_sets(()) == [()] and flip_sets((0, 2)) == [(), (2,), (4,), (2, 4)]
+
+
+def test_evaluation_of_a_bundle_that_returns_a_peer_still_reports_isl_and_its_parts(tiny_bundle, phantom_dataset,
+                                                                                   tmp_path):
+    from worker.evaluation.evaluate import evaluate
+
+    result = evaluate(phantom_dataset, tiny_bundle, tmp_path / "e.json", cases=1, progress=lambda m: None,
+                      cfg={"device": "cpu", "atlases": 3, "method": "baseline"})
+    (case,) = result["cases"]
+    assert case["dice_isl"] == case["dice_baseline"] and case["qa"]["method"] == "baseline"
+    assert case["qa"]["atlases_used"] and "folding_fraction" in case["qa"] and case["seconds_isl_full_run"] > 0
+    assert result["summary"]["median_folding_fraction"] >= 0

@@ -26,7 +26,8 @@ def test_refinement_is_no_worse_than_the_baseline_nor_the_committed_figures(bund
 
     folder, cases = ANATOMIES[bundle]
     data, model = shared(folder), ROOT / "models" / bundle
-    committed = {c["case"]: c for c in json.loads((model / "evaluation.json").read_text())["cases"]}
+    evaluation = model / "evaluation.json"  # committed figures, where the bundle's evaluation is committed
+    committed = {c["case"]: c for c in json.loads(evaluation.read_text())["cases"]} if evaluation.is_file() else {}
     refiner = load_refiner(model, data, {"device": "cpu"})
     ds = load_dataset(data)
     for case_id in cases:
@@ -38,6 +39,7 @@ def test_refinement_is_no_worse_than_the_baseline_nor_the_committed_figures(bund
         native = volumes[0].geometry
         isl = mean_dice(to_native(result.probs, canonical, native), truth.array, labels)
         baseline = mean_dice(to_native(result.baseline, canonical, native), truth.array, labels)
-        before = float(np.mean(list(committed[case_id]["dice_isl"].values())))
         assert isl >= baseline - NOISE, (case_id, isl, baseline)
-        assert isl >= before - NOISE, (case_id, isl, before)
+        if case_id in committed:
+            before = float(np.mean(list(committed[case_id]["dice_isl"].values())))
+            assert isl >= before - NOISE, (case_id, isl, before)

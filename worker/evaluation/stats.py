@@ -40,6 +40,8 @@ def summarise(cases: list[dict]) -> dict:
     summary["per_label"] = per_label(cases)
     summary["per_label_cases"] = per_label_cases(cases)
     summary["median_seconds_isl_per_case"] = float(np.median([c["seconds_isl"] for c in cases]))
+    summary["median_seconds_isl_full_run_per_case"] = float(np.median([c.get("seconds_isl_full_run", c["seconds_isl"])
+                                                                       for c in cases]))
     stages = sorted({k for c in cases for k in c["stage_seconds"]})
     summary["median_stage_seconds"] = {s: float(np.median([c["stage_seconds"].get(s, 0.0) for c in cases]))
                                        for s in stages}
