@@ -87,7 +87,8 @@ def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_trai
     data = out / "data"
     make_dataset(data, n_train, n_test)
     progress(f"made {n_train + n_test} phantoms in {data} ({n_test} held out, with lower contrast)")
-    cfg = BundleTrainConfig(holdout=n_test, name="phantom-demo")
+    # no self-configuration: 3 validation phantoms would decide nothing; `isl train` on real data does it
+    cfg = BundleTrainConfig(holdout=n_test, validation=0, name="phantom-demo")
     seconds = minutes * 60
     cfg.training.iterations = max(100, int(seconds * 0.65 / 0.11))  # about 0.11 s per step on 2 CPU threads
     cfg.registration.iterations = max(100, int(seconds * 0.2 / 0.12))
