@@ -24,6 +24,7 @@ import torch
 
 from segmentation.dataset import load_case
 from segmentation.infer import predict_probs
+from segmentation.metrics import mean_dice
 from segmentation.preprocess import paste
 from worker.method.align import fuse
 from worker.method.config import ISLConfig
@@ -60,23 +61,11 @@ class Setting:
         return base.model_copy(update=asdict(self) | {"min_steps": self.finetune_steps, "method": "isl"})
 
 
-def case_dice(pred: np.ndarray, truth: np.ndarray, labels: list[int], n_labels: int) -> float:
-    """Mean Dice over `labels` of two label maps, from one confusion count."""
-    counts = np.bincount(truth.ravel().astype(np.int64) * n_labels + pred.ravel(), minlength=n_labels * n_labels)
-    conf = counts.reshape(n_labels, n_labels)
-    scores = []
-    for v in labels:
-        denom = conf[v].sum() + conf[:, v].sum()
-        scores.append(1.0 if denom == 0 else 2.0 * conf[v, v] / denom)
-    return float(np.mean(scores)) if scores else 1.0
-
-
 class CaseSearch:
     """Every candidate's Dice on one validation case."""
 
     def __init__(self, refiner: Refiner, image: np.ndarray, truth: np.ndarray, labels: list[int]):
         self.refiner, self.image, self.truth, self.labels = refiner, image, truth, labels
-        self.n_labels = len(refiner.bundle.segmentation.labels)
         r = refiner
         self.scores: dict = {"baseline": self.score(initial_mask(r.net, image, r.pre, False, r.device).start)}
         self.scores["tta_flip"] = self.score(initial_mask(r.net, image, r.pre, True, r.device).start) \
@@ -84,7 +73,7 @@ class CaseSearch:
         self._fused: tuple = (None, {})
 
     def score(self, probs: np.ndarray) -> float:
-        return case_dice(probs.argmax(0).astype(np.int64), self.truth, self.labels, self.n_labels)
+        return mean_dice(probs.argmax(0), self.truth, self.labels)
 
     def run(self, mask_flips: bool, k: int, base: ISLConfig) -> None:
         r, cfg = self.refiner, base.model_copy(update={"mask_flips": mask_flips, "atlases": k,
@@ -121,7 +110,7 @@ class CaseSearch:
                     roi, _ = safe_mix(start.mask, net, fp, w, tau, agreements)
                     pred = paste(whole.copy(), roi.argmax(0), start.center)
                     key = Setting(mask_flips, k, steps, final_flips, f[0], f[1], w, tau)
-                    self.scores[key] = case_dice(pred, self.truth, self.labels, self.n_labels)
+                    self.scores[key] = mean_dice(pred, self.truth, self.labels)
 
 
 def _table_row(name: str, scores: list[float], baseline: list[float]) -> dict:
