@@ -75,7 +75,7 @@ def cmd_configure(args) -> int:
     from worker.training.train import reconfigure
 
     record = reconfigure(args.model, args.dataset, args.validation, args.minutes * 60,
-                         pick_device(args.device or "auto"))
+                         pick_device(args.device or "auto"), from_scores=args.from_scores)
     print(json.dumps({"decision": record["decision"], "config": record["config"], "table": record["table"]}, indent=2))
     return 0
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int, default=10,
                    help="for a bundle trained without validation cases: how many unused cases to sample (default 10)")
     p.add_argument("--minutes", type=float, default=30.0, help="time budget (default 30)")
+    p.add_argument("--from-scores", action="store_true",
+                   help="no search: re-make the decision by the current rule from the scores the last search left "
+                        "in the bundle (configuration_scores.json)")
     _device_arg(p)
     p.set_defaults(func=cmd_configure)
 

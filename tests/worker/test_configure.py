@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from segmentation.dataset import load_case, load_dataset
-from segmentation.errors import DatasetError
+from segmentation.errors import DatasetError, InputError
 
 
 def _drop_label(dataset, case_id: str, value: int) -> None:
@@ -113,26 +113,109 @@ def test_safety_keeps_the_starting_mask_for_a_label_whose_fusion_disagrees():
     assert (unsafe.argmax(0)[4:6] == 1).all() and (unsafe.argmax(0)[:4] == 0).all()
 
 
+def _setting(w, tau=0.5):
+    from worker.training.configure import Setting
+
+    return Setting(True, 8, 20, True, 30.0, 1, w, tau)
+
+
+def _case(baseline, tta, settings: dict) -> dict:
+    """One validation case's scores, one label (1), with the ablation settings the table needs."""
+    settings = {_setting(1.0): 0.5, _setting(0.0): 0.5} | settings
+    one = {s: {1: v} for s, v in settings.items()}
+    one |= {_setting(s.fusion_weight, 0.0): {1: v} for s, v in settings.items()}
+    return {"baseline": {1: baseline}, "tta_flip": {1: tta}} | one
+
+
 def test_decide_keeps_a_setting_that_worsens_too_many_cases_out():
-    from worker.training.configure import Setting, decide
+    from worker.training.configure import decide
 
-    def setting(w):
-        return Setting(True, 8, 20, True, 30.0, 1, w, 0.5)
-
-    risky, safe = setting(0.8), setting(0.2)
-    per_case = [{"baseline": 0.70, "tta_flip": 0.71, risky: s_r, safe: s_s}
-                for s_r, s_s in ((0.95, 0.72), (0.95, 0.72), (0.60, 0.71), (0.60, 0.71), (0.95, 0.72))]
-    per_case = [c | {Setting(True, 8, 20, True, 30.0, 1, k.fusion_weight, 0.0): c[k] for k in (risky, safe)}
-                | {setting(1.0): 0.5, setting(0.0): 0.5} for c in per_case]
+    risky, safe = _setting(0.8), _setting(0.2)
+    per_case = [_case(0.70, 0.71, {risky: s_r, safe: s_s})
+                for s_r, s_s in ((0.95, 0.72), (0.95, 0.72), (0.60, 0.71), (0.60, 0.72), (0.95, 0.72))]
     method, best, table, reason = decide(per_case)
-    assert method == "isl" and best == safe  # the risky one is better on average but worsens 2 of 5 (> 1)
+    assert method == "isl" and best.setting == safe  # the risky one is better on average but worsens 2 of 5 (> 1)
     assert table[0]["candidate"] == "baseline" and "worsening 0" in reason
-    for c in per_case:
-        for k in list(c):
-            if isinstance(k, Setting):
-                c[k] = 0.705
+    assert table[3]["candidate"].startswith("isl, this rule judged on each case left out")
+    per_case = [_case(0.70, 0.71, {risky: 0.705, safe: 0.705}) for _ in range(5)]
     method, _, _, reason = decide(per_case)
     assert method == "tta_flip" and "refinement returns tta_flip" in reason
+
+
+def test_decide_refines_only_the_labels_a_setting_helps():
+    """A setting that lifts one organ and hurts another is used for the first only; the other stays as the
+    network has it, and the figure on the validation cases is what that composite scores."""
+    from worker.training.configure import decide
+
+    s = _setting(0.5)
+    per_case = []
+    for lift, hurt in ((0.10, -0.05), (0.08, -0.04), (0.12, -0.06), (0.09, -0.02), (0.11, -0.05)):
+        case = _case(0.6, 0.6, {s: 0.0})
+        case["baseline"] = case["tta_flip"] = {1: 0.6, 2: 0.8}
+        for k in [k for k in case if k not in ("baseline", "tta_flip")]:
+            case[k] = {1: 0.6 + lift, 2: 0.8 + hurt} if k.fusion_weight == 0.5 else {1: 0.5, 2: 0.5}
+        per_case.append(case)
+    method, best, table, reason = decide(per_case, {1: "liver", 2: "gallbladder"})
+    assert method == "isl" and best.keep == frozenset({2}) and "gallbladder" in reason
+    assert table[2]["mean_dice"] == pytest.approx((0.6 + 0.1 + 0.8) / 2, abs=1e-4)
+    assert table[2]["labels_left_to_the_network"] == "gallbladder"
+
+
+def test_decide_gives_each_label_the_fusion_weight_that_serves_it():
+    """Where the atlases are right for one organ and the network for another, each gets its own weight."""
+    from worker.training.configure import decide
+
+    per_case = []
+    for i in range(5):
+        case = {"baseline": {1: 0.6, 2: 0.6}, "tta_flip": {1: 0.6, 2: 0.6}}
+        for w in (0.0, 0.5, 1.0):
+            for tau in (0.0, 0.5):
+                case[_setting(w, tau)] = {1: 0.6 + 0.1 * w + 0.01 * i, 2: 0.7 - 0.1 * w}
+        per_case.append(case)
+    method, best, table, reason = decide(per_case, {1: "mandible", 2: "parotid"})
+    assert method == "isl" and dict(best.weights) == {1: 1.0, 2: 0.0} and not best.keep
+    assert best.mean == pytest.approx(np.mean([(0.7 + 0.01 * i + 0.7) / 2 for i in range(5)]))
+    assert "mandible 1.0" in reason and "parotid 0.0" in reason
+
+
+def test_decide_does_not_trust_a_choice_that_only_its_own_cases_support():
+    """Five settings, each lucky on one validation case: in-sample the best beats the network, but re-made with
+    each case left out it never picks the setting that was lucky on that case, so it gains nothing: refused."""
+    from worker.training.configure import decide
+
+    lucky = [_setting(w) for w in (0.1, 0.2, 0.3, 0.4, 0.6)]
+    per_case = [_case(0.7, 0.7, {s: 0.8 if i == j else 0.7 for j, s in enumerate(lucky)}) for i in range(5)]
+    method, best, table, reason = decide(per_case)
+    assert best.mean == pytest.approx(0.72) and table[3]["mean_dice"] == pytest.approx(0.7)
+    assert method == "baseline" and "left out" in reason
+
+
+def test_safe_mix_leaves_a_kept_label_exactly_as_the_start_has_it():
+    from worker.method.mask import safe_mix
+
+    rng = np.random.default_rng(0)
+    start, net, fused = (rng.dirichlet(np.ones(3), size=(6, 6, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+                         for _ in range(3))
+    keep = np.array([False, False, True])
+    mixed, qa = safe_mix(start, net, fused, 0.5, 0.0, keep=keep)
+    assert ((mixed.argmax(0) == 2) == (start.argmax(0) == 2)).all()
+    assert ((mixed.argmax(0) == 1) != (start.argmax(0) == 1)).any()  # the other label is refined
+    assert qa["weights"]["start"] == [0.0, 1.0]
+
+
+def test_safe_mix_with_a_weight_per_label_draws_each_label_as_its_own_mix():
+    from worker.method.mask import safe_mix
+
+    rng = np.random.default_rng(1)
+    start, net, fused = (rng.dirichlet(np.ones(3), size=(8, 8, 8)).transpose(3, 0, 1, 2).astype(np.float32)
+                         for _ in range(3))
+    mixed, qa = safe_mix(start, net, fused, np.array([0.5, 1.0, 0.0]), 0.0)
+    as_fused, as_net, out = fused.argmax(0) == 1, net.argmax(0) == 2, mixed.argmax(0)
+    assert ((out == 1) == (as_fused & ~(as_net & (net[2] > fused[1])))).all()  # label 1: where the fusion says it
+    assert ((out == 2) == (as_net & ~(as_fused & (fused[1] >= net[2])))).all()  # label 2: where the network does
+    assert ((out == 0) == ~(as_fused | as_net)).all()  # the rest is background
+    assert qa["weights"]["fusion"] == [1.0, 0.0]
+    np.testing.assert_allclose(mixed.sum(0), 1.0, atol=1e-5)
 
 
 def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp_path):
@@ -154,7 +237,16 @@ def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp
     refiner = load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu"})
     assert refiner.cfg.fusion_weight == record["config"]["fusion_weight"]
     assert refiner.cfg.min_agreement == record["config"]["min_agreement"]
+    assert refiner.cfg.keep_start == record["config"]["keep_start"] and "per_label" in record
     assert load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu", "atlases": 3}).cfg.atlases == 3
+    # the decision re-made from the scores the search left beside the bundle is the same decision
+    from worker.training.train import reconfigure
+
+    again = reconfigure(tmp_path / "m", partial_dataset, 3, 60.0, torch.device("cpu"), lambda m: None,
+                        from_scores=True)
+    assert again["config"] == record["config"] and again["table"] == record["table"]
+    with pytest.raises(InputError, match="does not segment"):
+        load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu", "keep_start": ["spleen"]})
     assert not refiner.aligner.known[refiner.aligner.ids.index("phantom_005"), 2]
     # a held-out case whose tail is not contoured is scored on the head only
     _drop_label(partial_dataset, "phantom_000", 2)

@@ -73,6 +73,22 @@ def test_refiner_runs_and_reports(tiny_bundle, phantom_dataset):
     assert res.qa["finetune_steps"] <= 10 and len(res.qa["ema_changes"]) >= 1
 
 
+def test_the_untuned_network_in_the_roi_is_exactly_the_starting_mask(tiny_bundle, phantom_dataset):
+    """The tuned network's ROI prediction is inferred as the baseline is (sliding windows over the whole scan):
+    with no fine-tuning and no fusion, ISL returns the starting mask itself, not a context-starved variant."""
+    from segmentation.dataset import load_case, load_dataset
+    from worker.method.config import ISLConfig
+    from worker.pipeline import load_refiner
+
+    cfg = ISLConfig(device="cpu", atlases=2, finetune_steps=0, min_steps=0, fusion_weight=0.0, min_agreement=0.0,
+                    mask_flips=True, final_flips=True)
+    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg)
+    ds = load_dataset(phantom_dataset)
+    vols, _, _ = load_case(ds, ds.case("phantom_001"))
+    res = refiner.refine(refiner.pre.images(vols)[0])
+    np.testing.assert_allclose(res.probs, res.start, atol=1e-6)
+
+
 def test_the_config_validates_on_assignment_too():
     from pydantic import ValidationError
 

@@ -3,7 +3,7 @@ hippocampus set (see docs/method.md for what each does and why it is set so). It
 and on assignment, so that no caller (the CLI, the API, a script) can hand the engine a value it refuses."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,12 @@ class ISLConfig(BaseModel):
     min_agreement: float = Field(0.5, ge=0, le=1, description="per-case safety: a label's fusion (or tuned "
                                  "network) counts in the final mask only where its Dice with the starting mask is "
                                  "at least this; otherwise the starting mask stands for that label (0: off)")
+    label_fusion_weights: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="per-label fusion weight (label name -> weight) where it differs from "
+                                          "fusion_weight: each organ is drawn by the mix made with its own weight")
+    keep_start: list[str] = Field(default_factory=list, description="labels (by name) that refinement leaves as the "
+                                  "starting mask: those on which `isl train`'s configuration found that ISL did not "
+                                  "raise the validation Dice")
     fusion_beta: float = Field(30.0, ge=0, description="sharpness of the per-voxel atlas weights softmax(beta * local "
                                                        "NCC); 0: plain mean")
     fusion_window: int = Field(5, ge=3, description="window (voxels) of the local NCC that weighs atlases in fusion")

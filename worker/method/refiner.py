@@ -72,6 +72,12 @@ class Refiner:
         self.net = bundle.segmentation.network.to(device).eval()
         self.pre = bundle.segmentation.preprocessing
         self.aligner = Aligner(bundle.registrar.to(device).eval(), atlases, device)
+        labels = bundle.segmentation.labels
+        names = [n for v, n in labels.items() if v != 0]
+        unknown = sorted((set(cfg.keep_start) | set(cfg.label_fusion_weights)) - set(names))
+        if unknown:
+            raise InputError(f"keep_start / label_fusion_weights name {unknown}, which model {bundle.version} does "
+                             f"not segment (its labels: {', '.join(names)})")
         # why this method: the bundle's configuration decision (what `isl train` measured), for every report
         self.decision = (bundle.meta.get("refinement") or {}).get("decision") or {
             "method": "isl", "reason": "the bundle was not configured (fewer than 10 training cases, --validation 0 "
@@ -100,13 +106,21 @@ class Refiner:
                 tuned.aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
         report("final", 0.95)
         with timer.stage("final"):
-            probs, network, safety = final_mix(tuned.network, start, fused, cfg.fusion_weight, cfg.final_flips,
-                                               cfg.min_agreement)
+            weights, keep = self._per_label()
+            probs, network, safety = final_mix(tuned.network, start, fused, weights, cfg.final_flips,
+                                               cfg.min_agreement, keep)
             tuned.ema.update(network)
         qa = self._qa(start, tuned, probs, folding, aligned.index) | {"safety": self._labelled(safety)}
         parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}
         return ISLResult(probs, start.baseline, roi_onehot_on(start.baseline, vote, start.center), qa,
                          timer.seconds, parts, tuple(start.center), start.start)
+
+    def _per_label(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fusion weight per label, labels kept as the starting mask) of the final mix, from the config."""
+        cfg, labels = self.cfg, self.bundle.segmentation.labels
+        weights = np.array([cfg.fusion_weight] + [cfg.label_fusion_weights.get(labels[v], cfg.fusion_weight)
+                                                  for v in range(1, len(labels))])
+        return weights, np.array([v != 0 and labels[v] in cfg.keep_start for v in range(len(labels))])
 
     def _peer(self, image: np.ndarray, timer: Timer) -> ISLResult:
         """The configured method is the network's own mask (flip-averaged or plain): no atlases, no fine-tuning."""
@@ -124,6 +138,7 @@ class Refiner:
         out = {k: dict(zip(names, v)) for k, v in safety.items() if k != "weights"}
         out["weights"] = {part: dict(zip(names, w)) for part, w in safety["weights"].items()}
         out["min_agreement"] = self.cfg.min_agreement
+        out["labels_left_as_start"] = list(self.cfg.keep_start)
         return out
 
     def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, index: torch.Tensor) -> dict:

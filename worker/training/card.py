@@ -61,9 +61,18 @@ def _configuration(record: dict | None) -> list[str]:
              f"{cfg['finetune_steps']} fine-tuning steps, fusion weight {cfg['fusion_weight']}, fusion beta "
              f"{cfg['fusion_beta']} / search {cfg['fusion_search']}, mirror averaging of the start "
              f"{cfg['mask_flips']} and of the tuned network {cfg['final_flips']}, per-case safety threshold "
-             f"{cfg['min_agreement']}.", "", "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]
+             f"{cfg['min_agreement']}; per-label fusion weights "
+             f"{', '.join(f'{k} {v}' for k, v in (cfg.get('label_fusion_weights') or {}).items()) or 'none'}; labels "
+             f"left as the network's mask: {', '.join(cfg.get('keep_start') or []) or 'none'}.", "",
+             "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['mean_dice']:.4f} | {r['improved']} | {r['worsened']} |"
               for r in record["table"]]
+    if record.get("per_label"):
+        lines += ["", "Per label, the ISL setting above against the starting mask on the validation cases that "
+                  "contour it:", "", "| label | cases | start | ISL | fusion weight |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['n']} | {r['start']:.4f} | {r['isl']:.4f} | "
+                  f"{'left as the start' if r['fusion_weight'] is None else r['fusion_weight']} |"
+                  for name, r in record["per_label"].items()]
     return [*lines, ""]
 
 

@@ -16,20 +16,21 @@ So a validation case costs 2 ISL runs plus the extra fusions and mixes, about 3x
 from __future__ import annotations
 
 import itertools
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from segmentation.dataset import load_case
-from segmentation.infer import predict_probs
-from segmentation.metrics import mean_dice
+from segmentation.metrics import dice
 from segmentation.preprocess import paste
 from worker.method.align import fuse
 from worker.method.config import ISLConfig
 from worker.method.finetune import finetune
-from worker.method.mask import agreement, initial_mask, safe_mix
+from worker.method.mask import agreement, initial_mask, predict_roi, safe_mix
 from worker.method.refiner import Refiner
 from worker.method.timer import Timer
 
@@ -72,8 +73,12 @@ class CaseSearch:
             if r.pre.mirror_axes else self.scores["baseline"]  # no mirror axis: flip TTA is the baseline
         self._fused: tuple = (None, {})
 
-    def score(self, probs: np.ndarray) -> float:
-        return mean_dice(probs.argmax(0), self.truth, self.labels)
+    def score(self, probs: np.ndarray) -> dict[int, float]:
+        return self._dice(probs.argmax(0))
+
+    def _dice(self, pred: np.ndarray) -> dict[int, float]:
+        """Dice per label the reference contours (the search keeps labels apart; a case's score is their mean)."""
+        return dice(pred, self.truth, self.labels)
 
     def run(self, mask_flips: bool, k: int, base: ISLConfig) -> None:
         r, cfg = self.refiner, base.model_copy(update={"mask_flips": mask_flips, "atlases": k,
@@ -101,8 +106,7 @@ class CaseSearch:
     def _mixes(self, mask_flips, k, steps, network, aligned, start, whole) -> None:
         fused = self._fusions(aligned, start)
         for final_flips in (False, True) if start.mirror_axes else (False,):
-            net = predict_probs(network, start.image, start.mask.shape[1:],
-                                flips=start.mirror_axes if final_flips else False)[0].cpu().numpy()
+            net = predict_roi(network, start, final_flips)
             agree_net = agreement(net, start.mask)
             for f, fp in fused.items():
                 agreements = (agreement(fp, start.mask), agree_net)
@@ -110,54 +114,199 @@ class CaseSearch:
                     roi, _ = safe_mix(start.mask, net, fp, w, tau, agreements)
                     pred = paste(whole.copy(), roi.argmax(0), start.center)
                     key = Setting(mask_flips, k, steps, final_flips, f[0], f[1], w, tau)
-                    self.scores[key] = mean_dice(pred, self.truth, self.labels)
+                    self.scores[key] = self._dice(pred)
 
 
-def _table_row(name: str, scores: list[float], baseline: list[float]) -> dict:
+def case_mean(scores: dict[int, float]) -> float:
+    """A case's score: the mean Dice over the labels its reference contours."""
+    return float(np.mean(list(scores.values())))
+
+
+def _start_key(setting: Setting) -> str:
+    """The peer whose mask an ISL setting starts from (and returns for the labels it leaves alone)."""
+    return "tta_flip" if setting.mask_flips else "baseline"
+
+
+def composite(case: dict, choice: Choice) -> float:
+    """One case's mean Dice under `choice`, label by label from the search's scores: a refined label scores what
+    the mix with its own weight scored, a kept label what the starting mask scored."""
+    start = case[_start_key(choice.setting)]
+    return float(np.mean([start[v] if v in choice.keep else case[choice.member(v)][v] for v in start]))
+
+
+def _worsened(scores, baseline) -> int:
+    return int(np.sum(np.asarray(scores) - np.asarray(baseline) < -1e-6))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An ISL setting with, per label, its fusion weight or whether it is left as the starting mask; and its score
+    per validation case."""
+
+    setting: Setting  # its fusion_weight: the weight of the labels not listed in `weights`
+    weights: tuple[tuple[int, float], ...] = ()  # (label, fusion weight) of the refined labels
+    keep: frozenset[int] = frozenset()
+    scores: tuple[float, ...] = ()
+    worsened: int = 0
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+    def member(self, label: int) -> Setting:
+        """The search's setting whose mix draws `label` under this choice."""
+        return replace(self.setting, fusion_weight=dict(self.weights).get(label, self.setting.fusion_weight))
+
+
+def _choose(cases: list[dict], members: dict[float, Setting], baseline: list[float], allowed: int) -> Choice:
+    """For one setting and each fusion weight (`members`): per label, the weight that raises its mean Dice most over
+    the cases that contour it, and the label refined only if that gain is positive; then, while more than
+    `allowed` cases end worse than the baseline, the label with the smallest gain is left alone too."""
+    first = next(iter(members.values()))
+    start = _start_key(first)
+    best_w, gain = {}, {}
+    for v in sorted({v for c in cases for v in c[start]}):
+        contoured = [c for c in cases if v in c[start]]
+        g = {w: float(np.mean([c[m][v] - c[start][v] for c in contoured])) for w, m in members.items()}
+        best_w[v] = max(g, key=g.get)
+        gain[v] = g[best_w[v]]
+    keep = {v for v, g in gain.items() if g <= 0}
+    refined = sorted(set(gain) - keep, key=gain.get)
+    while True:
+        ws = [best_w[v] for v in refined]
+        default = max(set(ws), key=ws.count) if ws else first.fusion_weight
+        choice = Choice(replace(first, fusion_weight=default), tuple((v, best_w[v]) for v in refined),
+                        frozenset(keep))
+        scores = [composite(c, choice) for c in cases]
+        choice = replace(choice, scores=tuple(scores), worsened=_worsened(scores, baseline))
+        if choice.worsened <= allowed or not refined:
+            return choice
+        keep.add(refined.pop(0))
+
+
+def _pick(cases: list[dict]) -> tuple[str, Choice, str]:
+    """The decision on `cases`: (method, the best ISL choice, the best peer). ISL is picked when its best choice
+    that worsens at most MAX_WORSENED of the cases beats the better of the network's own masks."""
+    allowed = int(np.floor(MAX_WORSENED * len(cases)))
+    baseline = [case_mean(c["baseline"]) for c in cases]
+    groups: dict[Setting, dict[float, Setting]] = {}
+    for k in cases[0]:
+        if isinstance(k, Setting):
+            groups.setdefault(replace(k, fusion_weight=0.0), {})[k.fusion_weight] = k
+    choices = [_choose(cases, members, baseline, allowed) for members in groups.values()]  # a weight per label
+    choices += [_choose(cases, {w: k}, baseline, allowed)  # one weight for all: fewer cases' worth of choosing
+                for members in groups.values() for w, k in members.items()]
+    feasible = [c for c in choices if c.worsened <= allowed]
+    best = max(feasible or choices, key=lambda c: (c.mean, -c.worsened))
+    peers = {m: [case_mean(c[m]) for c in cases] for m in ("baseline", "tta_flip")}
+    peer = max((m for m in peers if _worsened(peers[m], baseline) <= allowed), key=lambda m: np.mean(peers[m]))
+    isl = best.worsened <= allowed and best.mean > np.mean(peers[peer])
+    return ("isl" if isl else peer), best, peer
+
+
+def _table_row(name: str, scores, baseline) -> dict:
     d = np.asarray(scores) - np.asarray(baseline)
     return {"candidate": name, "mean_dice": round(float(np.mean(scores)), 5),
             "improved": int(np.sum(d > 1e-6)), "worsened": int(np.sum(d < -1e-6))}
 
 
-def decide(per_case: list[dict]) -> tuple[str, Setting | None, list[dict], str]:
-    """The best candidate on the validation cases among those that worsen at most MAX_WORSENED of them:
-    (method, the best ISL setting, the validation table, the reason in words)."""
-    baseline = [c["baseline"] for c in per_case]
+def decide(per_case: list[dict], names: dict[int, str] | None = None) -> tuple[str, Choice, list[dict], str]:
+    """The decision, from every candidate's per-label Dice on the validation cases: (method, the best ISL choice,
+    the validation table, the reason in words).
+
+    ISL's best choice (a setting, and per label whether to refine it: `_choose`) must beat the network's own
+    masks while worsening at most MAX_WORSENED of the cases, and the whole rule must hold up when it is re-run
+    with each case left out in turn and judged on that case (leave-one-case-out): a choice made among many on a
+    few cases flatters itself, and only the left-out figure says what it does on a scan it was not picked on."""
+    names = names or {}
     n, allowed = len(per_case), int(np.floor(MAX_WORSENED * len(per_case)))
-    keys = [k for k in per_case[0] if isinstance(k, Setting)]
-    scores = {k: [c[k] for c in per_case] for k in keys}
-    rows = {k: _table_row("", v, baseline) for k, v in scores.items()}
-    feasible = [k for k in keys if rows[k]["worsened"] <= allowed]
-    best_isl = max(feasible or keys, key=lambda k: (rows[k]["mean_dice"], -rows[k]["worsened"]))
-    peers = {m: _table_row(m, [c[m] for c in per_case], baseline) for m in ("baseline", "tta_flip")}
-    peer = max((m for m in peers if peers[m]["worsened"] <= allowed), key=lambda m: peers[m]["mean_dice"])
-    isl_row = rows[best_isl] | {"candidate": "isl (best setting)"}
-    table = [peers["baseline"], peers["tta_flip"], isl_row]
-    off = Setting(**(asdict(best_isl) | {"min_agreement": 0.0}))
-    table.append(rows[off] | {"candidate": "isl, same setting, per-case safety off"})
-    for name, pick in (("isl, best with the per-case safety off", lambda k: k.min_agreement == 0.0),
-                       ("isl, best with the per-case safety on", lambda k: k.min_agreement > 0.0),
+    baseline = [case_mean(c["baseline"]) for c in per_case]
+    method, best, peer = _pick(per_case)
+    peer_mean = float(np.mean([case_mean(c[peer]) for c in per_case]))
+    loo = []
+    for i, case in enumerate(per_case):
+        m, choice, _ = _pick(per_case[:i] + per_case[i + 1:]) if n > 1 else (method, best, peer)
+        loo.append(composite(case, choice) if m == "isl" else case_mean(case[m]))
+    loo_row = _table_row("isl, this rule judged on each case left out of the choice", loo, baseline)
+    kept = ", ".join(names.get(v, str(v)) for v in sorted(best.keep)) or "none"
+    weights = ", ".join(f"{names.get(v, str(v))} {w}" for v, w in best.weights) or "none"
+    table = [_table_row(m, [case_mean(c[m]) for c in per_case], baseline) for m in ("baseline", "tta_flip")]
+    table += [_table_row("isl (best setting)", best.scores, baseline)
+              | {"labels_left_to_the_network": kept, "fusion_weight_per_label": weights}, loo_row]
+    uniform = {k: _table_row("", [case_mean(c[k]) for c in per_case], baseline)
+               for k in per_case[0] if isinstance(k, Setting)}
+    table.append(uniform[best.setting] | {"candidate": f"isl, same setting, every label refined with fusion weight "
+                                                       f"{best.setting.fusion_weight}"})
+    off = Setting(**(asdict(best.setting) | {"min_agreement": 0.0}))
+    table.append(uniform[off] | {"candidate": "isl, same setting, every label refined, per-case safety off"})
+    for name, pick in (("isl, best with every label refined and the per-case safety off",
+                        lambda k: k.min_agreement == 0.0),
+                       ("isl, best with every label refined and the per-case safety on",
+                        lambda k: k.min_agreement > 0.0),
                        ("fusion_only (best, weight 1)", lambda k: k.fusion_weight == 1.0),
                        ("network_only (best, weight 0)", lambda k: k.fusion_weight == 0.0)):
-        k = max((k for k in keys if pick(k)), key=lambda k: rows[k]["mean_dice"])
-        table.append(rows[k] | {"candidate": name, "setting": asdict(k)})
-    isl_ok = best_isl in feasible and rows[best_isl]["mean_dice"] > peers[peer]["mean_dice"]
-    method = "isl" if isl_ok else peer
-    if isl_ok:
-        reason = (f"ISL's best setting scored {rows[best_isl]['mean_dice']:.4f} mean Dice on {n} validation cases "
-                  f"against {peers[peer]['mean_dice']:.4f} for {peer}, worsening {rows[best_isl]['worsened']} of "
-                  f"them (at most {allowed} allowed)")
+        k = max((k for k in uniform if pick(k)), key=lambda k: uniform[k]["mean_dice"])
+        table.append(uniform[k] | {"candidate": name, "setting": asdict(k)})
+    if method == "isl" and (loo_row["mean_dice"] <= peer_mean or loo_row["worsened"] > allowed):
+        method = peer
+        reason = (f"ISL's best setting scored {best.mean:.4f} mean Dice on {n} validation cases against "
+                  f"{peer_mean:.4f} for {peer}, but the same rule judged on each case left out of the choice scored "
+                  f"{loo_row['mean_dice']:.4f} and worsened {loo_row['worsened']} (at most {allowed} allowed): "
+                  f"the gain is not one to expect on a new scan; refinement returns {peer}")
+    elif method == "isl":
+        reason = (f"ISL's best setting scored {best.mean:.4f} mean Dice on {n} validation cases against "
+                  f"{peer_mean:.4f} for {peer}, worsening {best.worsened} of them (at most {allowed} allowed), "
+                  f"and {loo_row['mean_dice']:.4f} judged on each case left out of the choice; fusion weight per "
+                  f"refined label: {weights}; labels left to the network: {kept}")
     else:
-        reason = (f"no ISL setting beat {peer} ({peers[peer]['mean_dice']:.4f} mean Dice on {n} validation cases) "
-                  f"while worsening at most {allowed} of them (best ISL: {rows[best_isl]['mean_dice']:.4f}, "
-                  f"{rows[best_isl]['worsened']} worsened); refinement returns {peer}")
-    return method, best_isl, table, reason
+        reason = (f"no ISL setting beat {peer} ({peer_mean:.4f} mean Dice on {n} validation cases) while "
+                  f"worsening at most {allowed} of them (best ISL: {best.mean:.4f}, {best.worsened} worsened); "
+                  f"refinement returns {peer}")
+    return method, best, table, reason
 
 
-def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.0, progress=print) -> dict:
+def per_label_table(per_case: list[dict], choice: Choice, names: dict[int, str]) -> dict:
+    """label name -> cases contouring it, the starting mask's and the chosen mix's mean Dice on them, and the
+    label's fusion weight (None: left as the starting mask)."""
+    start, out = _start_key(choice.setting), {}
+    for v in sorted({v for c in per_case for v in c[start]}):
+        rows = [(c[start][v], c[choice.member(v)][v]) for c in per_case if v in c[start]]
+        out[names.get(v, str(v))] = {"n": len(rows), "start": round(float(np.mean([r[0] for r in rows])), 5),
+                                     "isl": round(float(np.mean([r[1] for r in rows])), 5),
+                                     "fusion_weight": None if v in choice.keep else choice.member(v).fusion_weight}
+    return out
+
+
+def save_scores(path, case_ids: list[str], per_case: list[dict]) -> None:
+    """Every candidate's Dice per validation case and label (`configuration_scores.json` beside the bundle), so
+    that a decision can be re-examined, or re-made by a new rule, without re-running the search."""
+    settings = [k for k in per_case[0] if isinstance(k, Setting)]
+    cases = [{"case": c, "labels": list(s["baseline"]),
+              "baseline": list(s["baseline"].values()), "tta_flip": list(s["tta_flip"].values()),
+              "settings": [[round(v, 5) for v in s[k].values()] for k in settings]}
+             for c, s in zip(case_ids, per_case)]
+    Path(path).write_text(json.dumps({"settings": [asdict(k) for k in settings], "cases": cases}))
+
+
+def load_scores(path) -> tuple[list[str], list[dict]]:
+    """`save_scores`' file back: (case ids, per-case scores keyed as in the search)."""
+    data = json.loads(Path(path).read_text())
+    settings = [Setting(**k) for k in data["settings"]]
+    per_case = []
+    for c in data["cases"]:
+        labels = [int(v) for v in c["labels"]]
+        scores = {m: dict(zip(labels, c[m])) for m in ("baseline", "tta_flip")}
+        scores |= {k: dict(zip(labels, v)) for k, v in zip(settings, c["settings"])}
+        per_case.append(scores)
+    return [c["case"] for c in data["cases"]], per_case
+
+
+def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.0, progress=print,
+              scores_path=None) -> dict:
     """Search the refinement settings on validation cases `case_ids` of dataset `ds` (whole cases, processed in
     order until `budget_s` seconds are spent; at least 2) and return the bundle's `refinement` record: the
-    chosen config, the decision and its reason, the validation table and what the search cost."""
+    chosen config, the decision and its reason, the validation table and what the search cost. Every
+    candidate's per-label scores go to `scores_path` when given."""
     t0 = time.perf_counter()
     pre, names = refiner.pre, refiner.bundle.segmentation.labels
     base = refiner.cfg.model_copy(update={"method": "isl"})
@@ -168,11 +317,11 @@ def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.
         volumes, label, _ = load_case(ds, case)
         labels = [v for v, known in zip(names, case.present(names)) if v != 0 and known]
         searches.append(CaseSearch(refiner, pre.images(volumes)[0], pre.label(label).astype(np.int64), labels))
-    mask_flips = bool(np.mean([s.scores["tta_flip"] for s in searches])
-                      >= np.mean([s.scores["baseline"] for s in searches]))
+    tta = np.mean([case_mean(s.scores["tta_flip"]) for s in searches])
+    plain = np.mean([case_mean(s.scores["baseline"]) for s in searches])
+    mask_flips = bool(tta >= plain)
     progress(f"configuration: starting mask {'flip-averaged' if mask_flips else 'plain'} (flip TTA "
-             f"{np.mean([s.scores['tta_flip'] for s in searches]):.4f} vs baseline "
-             f"{np.mean([s.scores['baseline'] for s in searches]):.4f} on {len(searches)} validation cases)")
+             f"{tta:.4f} vs baseline {plain:.4f} on {len(searches)} validation cases)")
     per_case, used = [], []
     for i, (case_id, search) in enumerate(zip(case_ids, searches)):
         if i >= 2 and time.perf_counter() - t0 > budget_s:
@@ -182,18 +331,32 @@ def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.
             search.run(mask_flips, k, base)
         per_case.append(search.scores)
         used.append(case_id)
-        progress(f"configuration [{i + 1}/{len(case_ids)}] {case_id}: baseline {search.scores['baseline']:.4f} "
-                 f"tta {search.scores['tta_flip']:.4f} best ISL "
-                 f"{max(v for k, v in search.scores.items() if isinstance(k, Setting)):.4f}")
-    method, best, table, reason = decide(per_case)
-    chosen = best.config(base).model_copy(update={"method": method})
+        progress(f"configuration [{i + 1}/{len(case_ids)}] {case_id}: baseline "
+                 f"{case_mean(search.scores['baseline']):.4f} tta {case_mean(search.scores['tta_flip']):.4f} best "
+                 f"ISL {max(case_mean(v) for k, v in search.scores.items() if isinstance(k, Setting)):.4f}")
+        if scores_path:
+            save_scores(scores_path, used, per_case)
+    record = decision_record(per_case, used, {int(v): n for v, n in names.items()}, base, progress)
+    return record | {"seconds": round(time.perf_counter() - t0, 1), "budget_seconds": budget_s}
+
+
+def decision_record(per_case: list[dict], case_ids: list[str], names: dict[int, str], base: ISLConfig,
+                    progress=print) -> dict:
+    """The bundle's `refinement` record from the search's scores (without what the search cost)."""
+    method, best, table, reason = decide(per_case, names)
+    chosen = best.setting.config(base).model_copy(update={
+        "method": method, "keep_start": [names[v] for v in sorted(best.keep)],
+        "label_fusion_weights": {names[v]: w for v, w in best.weights if w != best.setting.fusion_weight}})
     progress(f"configuration: {reason}")
-    return {"config": chosen.model_dump(mode="json", exclude={"device"}), "decision": {"method": method,
-                                                                                     "reason": reason},
-            "validation_cases": used, "table": table, "seconds": round(time.perf_counter() - t0, 1),
-            "budget_seconds": budget_s,
-            "grid": {"mask_flips": "flip TTA vs baseline on the validation cases", "atlases": list(ks),
-                     "finetune_steps": list(STEPS),
-                     "final_flips": [False, True], "fusion_beta_search": [list(f) for f in FUSIONS],
-                     "fusion_weight": list(WEIGHTS), "min_agreement": list(AGREEMENTS),
-                     "max_worsened_share": MAX_WORSENED}}
+    settings = [k for k in per_case[0] if isinstance(k, Setting)]
+    return {"config": chosen.model_dump(mode="json", exclude={"device"}),
+            "decision": {"method": method, "reason": reason}, "validation_cases": case_ids, "table": table,
+            "per_label": per_label_table(per_case, best, names),
+            "grid": {"mask_flips": "flip TTA vs baseline on the validation cases",
+                     "atlases": sorted({k.atlases for k in settings}), "finetune_steps": list(STEPS),
+                     "final_flips": sorted({k.final_flips for k in settings}),
+                     "fusion_beta_search": [list(f) for f in FUSIONS], "fusion_weight": list(WEIGHTS),
+                     "min_agreement": list(AGREEMENTS), "max_worsened_share": MAX_WORSENED,
+                     "per_label": "each label's fusion weight chosen on its own; a label is refined only where "
+                                  "that raised its validation Dice",
+                     "leave_one_case_out": True}}

@@ -15,12 +15,14 @@ from registration.model import Registrar, RegistrationConfig
 from registration.train import train_registration
 from segmentation.bundle import SegmentationModel
 from segmentation.dataset import Dataset, load_case, load_dataset
-from segmentation.errors import DatasetError
+from segmentation.errors import BundleError, DatasetError
 from segmentation.network import NetworkConfig
 from segmentation.preprocess import ChannelNorm, Preprocessing
 from segmentation.train import TrainConfig, train_network
 from worker.method.bundle import ISLBundle, atlas_roi
 from worker.training.card import dataset_metadata, write_model_card
+
+SCORES_FILE = "configuration_scores.json"  # every candidate's per-label validation Dice (configure.save_scores)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget
 
     refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config({"device": device.type}),
                       device)
-    record = configure(refiner, ds, case_ids, budget_s, progress)
+    record = configure(refiner, ds, case_ids, budget_s, progress, bundle.path / SCORES_FILE)
     bundle.meta["refinement"] = record
     bundle.segmentation.network.cpu()
     bundle.registrar.cpu()
@@ -218,13 +220,29 @@ def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget
 
 
 def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, budget_s: float, device: torch.device,
-                progress=print) -> dict:
+                progress=print, from_scores: bool = False) -> dict:
     """`isl configure`: configure an existing bundle on its validation cases, or, for a bundle trained without any,
     on a seeded sample of `n_cases` cases of the dataset that it neither trained on, uses as atlases, nor holds out
-    as its test split."""
+    as its test split. `from_scores`: no search; re-make the decision by the current rule from the scores the last
+    search left beside the bundle."""
     bundle = ISLBundle.load(model_dir)
     ds = load_dataset(dataset_dir)
     meta = bundle.meta
+    if from_scores:
+        from worker.training.configure import decision_record, load_scores
+
+        path = bundle.path / SCORES_FILE
+        if not path.is_file():
+            raise BundleError(f"{path} is missing: run `isl configure` without --from-scores first (it searches and "
+                               "leaves the scores there)")
+        ids, per_case = load_scores(path)
+        previous = meta.get("refinement") or {}
+        record = decision_record(per_case, ids, bundle.segmentation.labels, bundle.refinement_config(), progress)
+        meta["refinement"] = record | {k: previous[k] for k in ("seconds", "budget_seconds") if k in previous}
+        bundle.save()
+        write_model_card(bundle.path, meta, dataset_metadata(ds.root))
+        progress(f"wrote {bundle.path} ({bundle.version})")
+        return meta["refinement"]
     ids = list(meta.get("validation_cases") or [])
     if not ids:
         used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
