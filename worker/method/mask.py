@@ -93,9 +93,9 @@ def safe_mix(start: np.ndarray, network: np.ndarray, fused: np.ndarray, fusion_w
     `fusion_weight` may be one per label (L,; the first, background's, applies where no label is found): each
     label is then found where the mix made with ITS weight (on every channel) says it, so that each organ ends
     exactly as a mix with its own weight would draw it (where two claim a voxel, the more probable wins; a voxel
-    no label claims is background, with the soft values of the mix most sure of it). Labels flagged in `keep` (L,) stay exactly as the
-    starting mask has them: wherever the start or the mix says a kept label, the voxel takes the start's
-    probabilities."""
+    no label claims is background, with the soft values of the mix most sure of it). Labels flagged in `keep`
+    (L,) stay exactly as the starting mask has them: wherever the start or the mix says a kept label, the voxel
+    takes the start's probabilities."""
     agree_fused, agree_net = agreements or (agreement(fused, start), agreement(network, start))
     n = len(start)
     keep = np.zeros(n, bool) if keep is None else np.asarray(keep, bool)

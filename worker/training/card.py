@@ -55,7 +55,8 @@ def _configuration(record: dict | None) -> list[str]:
                 "(trained with fewer than 10 cases, `--validation 0` or `--no-configure`).", ""]
     cfg = record["config"]
     lines = ["## Refinement configuration",
-             f"Searched by `isl train` on {len(record['validation_cases'])} validation cases in {record['seconds']} s "
+             f"Searched by `isl train` / `isl configure` on {len(record['validation_cases'])} validation cases in "
+             f"{record['seconds']} s "
              f"(budget {record['budget_seconds']:.0f} s): {record['decision']['reason']}.",
              f"Refinement returns **{record['decision']['method']}**. ISL setting: K = {cfg['atlases']}, "
              f"{cfg['finetune_steps']} fine-tuning steps, fusion weight {cfg['fusion_weight']}, fusion beta "
@@ -85,10 +86,11 @@ def _metrics(path: Path) -> list[str]:
     s = result["summary"]
     methods = [m for m in ("baseline", "isl", "tta_flip", "tent", "majority_vote", "fusion_only", "network_only")
                if f"mean_dice_{m}" in s]
+    p = s["wilcoxon_p_isl_vs_baseline"]
     lines += [f"`{result.get('command')}` on {s['n_cases']} held-out cases ({result.get('device')}): ISL improved "
               f"{s['cases_improved']} cases and worsened {s['cases_worsened']} (Wilcoxon p vs baseline "
-              f"{s['wilcoxon_p_isl_vs_baseline']}); median {s['median_seconds_isl_per_case']:.1f} s per case, peak "
-              f"RSS {s['peak_rss_mb']:.0f} MB.", "", "| label | " + " | ".join(methods) + " |",
+              f"{'n/a: identical masks' if p is None else p}); median {s['median_seconds_isl_per_case']:.1f} s per "
+              f"case, peak RSS {s['peak_rss_mb']:.0f} MB.", "", "| label | " + " | ".join(methods) + " |",
               "|---" * (len(methods) + 1) + "|",
               "| **mean** | " + " | ".join(f"{s[f'mean_dice_{m}']:.4f}" for m in methods) + " |"]
     for name, row in (s.get("per_label") or {}).items():
