@@ -283,7 +283,7 @@ def save_scores(path, case_ids: list[str], per_case: list[dict]) -> None:
     settings = [k for k in per_case[0] if isinstance(k, Setting)]
     cases = [{"case": c, "labels": list(s["baseline"]),
               "baseline": list(s["baseline"].values()), "tta_flip": list(s["tta_flip"].values()),
-              "settings": [[round(v, 5) for v in s[k].values()] for k in settings]}
+              "settings": [list(s[k].values()) for k in settings]}
              for c, s in zip(case_ids, per_case)]
     Path(path).write_text(json.dumps({"settings": [asdict(k) for k in settings], "cases": cases}))
 
