@@ -40,9 +40,15 @@ def initial_mask(net, image: np.ndarray, pre: Preprocessing, flips: bool, device
     roi = pre.roi_size
     x_roi = torch.from_numpy(crop(image, center, roi))[None].to(device)
     start = predict(net, image, pre.patch_size, device, flips=pre.mirror_axes) if flips else baseline
-    p_roi = crop(start, center, roi)
-    p_roi[0][crop(np.ones(image.shape[1:], bool), center, roi) == 0] = 1.0  # outside the image is background
-    return Start(baseline, start, center, x_roi, p_roi, tuple(pre.mirror_axes), image, tuple(pre.patch_size))
+    return Start(baseline, start, center, x_roi, _crop_probs(start, center, roi), tuple(pre.mirror_axes), image,
+                 tuple(pre.patch_size))
+
+
+def _crop_probs(probs: np.ndarray, center, roi) -> np.ndarray:
+    """Whole-grid probabilities cropped to the ROI; where the ROI leaves the image, background."""
+    out = crop(probs, center, roi)
+    out[0][crop(np.ones(probs.shape[1:], bool), center, roi) == 0] = 1.0
+    return out
 
 
 def predict_roi(net, start: Start, flips: bool) -> np.ndarray:
@@ -53,9 +59,7 @@ def predict_roi(net, start: Start, flips: bool) -> np.ndarray:
     before it could add anything. So the untuned network here gives exactly the starting mask."""
     probs = predict(net, start.whole, start.patch_size, start.image.device,
                     flips=start.mirror_axes if flips else False)
-    roi = crop(probs, start.center, start.mask.shape[1:])
-    roi[0][crop(np.ones(start.whole.shape[1:], bool), start.center, start.mask.shape[1:]) == 0] = 1.0
-    return roi
+    return _crop_probs(probs, start.center, start.mask.shape[1:])
 
 
 class EMAMask:
