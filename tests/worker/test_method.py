@@ -89,6 +89,32 @@ def test_the_untuned_network_in_the_roi_is_exactly_the_starting_mask(tiny_bundle
     np.testing.assert_allclose(res.probs, res.start, atol=1e-6)
 
 
+def test_final_inference_roi_is_one_pass_over_the_region_of_interest(tiny_bundle, phantom_dataset):
+    """`final_inference="roi"`: the tuned network's final prediction is one (flip-averaged) pass over the ROI crop it
+    was fine-tuned on, and that is what the final mix is made of."""
+    import torch
+
+    from segmentation.dataset import load_case, load_dataset
+    from segmentation.infer import predict_probs
+    from worker.method.config import ISLConfig
+    from worker.method.mask import initial_mask
+    from worker.pipeline import load_refiner
+
+    cfg = ISLConfig(device="cpu", atlases=2, finetune_steps=0, min_steps=0, fusion_weight=0.0, min_agreement=0.0,
+                    final_inference="roi")
+    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg)
+    ds = load_dataset(phantom_dataset)
+    vols, _, _ = load_case(ds, ds.case("phantom_001"))
+    image = refiner.pre.images(vols)[0]
+    res = refiner.refine(image)
+    start = initial_mask(refiner.net, image, refiner.pre, True, torch.device("cpu"))
+    expected = predict_probs(refiner.net, start.image, start.mask.shape[1:], flips=start.mirror_axes)[0].numpy()
+    np.testing.assert_allclose(res.parts["network"], expected, atol=1e-5)
+    np.testing.assert_allclose(res.probs, paste(res.start.copy(), expected, res.center), atol=1e-5)
+    with pytest.raises(Exception, match="final_inference"):
+        ISLConfig(final_inference="crop")
+
+
 def test_the_config_validates_on_assignment_too():
     from pydantic import ValidationError
 

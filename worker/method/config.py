@@ -43,6 +43,10 @@ class ISLConfig(BaseModel):
     # the final mask
     final_flips: bool = Field(True, description="average the tuned network over 8 mirror flips for the final "
                                                 "prediction")
+    final_inference: Literal["scan", "roi"] = Field(
+        "scan", description="where the tuned network's final prediction is inferred: sliding windows over the whole "
+                            "scan, as the baseline is (so an untuned network returns the starting mask), or one pass "
+                            "over the region of interest it was fine-tuned on; `isl train`'s configuration decides")
     fusion_weight: float = Field(0.8, ge=0, le=1, description="weight of the fused warped atlas labels in the final "
                                                               "mask")
     min_agreement: float = Field(0.5, ge=0, le=1, description="per-case safety: a label's fusion (or tuned "

@@ -108,7 +108,7 @@ class Refiner:
         with timer.stage("final"):
             weights, keep = self._per_label()
             probs, network, safety = final_mix(tuned.network, start, fused, weights, cfg.final_flips,
-                                               cfg.min_agreement, keep)
+                                               cfg.min_agreement, keep, cfg.final_inference)
             tuned.ema.update(network)
         qa = self._qa(start, tuned, probs, folding, aligned.index) | {"safety": self._labelled(safety)}
         parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}

@@ -61,8 +61,9 @@ def _configuration(record: dict | None) -> list[str]:
              f"Refinement returns **{record['decision']['method']}**. ISL setting: K = {cfg['atlases']}, "
              f"{cfg['finetune_steps']} fine-tuning steps, fusion weight {cfg['fusion_weight']}, fusion beta "
              f"{cfg['fusion_beta']} / search {cfg['fusion_search']}, mirror averaging of the start "
-             f"{cfg['mask_flips']} and of the tuned network {cfg['final_flips']}, per-case safety threshold "
-             f"{cfg['min_agreement']}; per-label fusion weights "
+             f"{cfg['mask_flips']} and of the tuned network {cfg['final_flips']}, the tuned network inferred over "
+             f"{'the region of interest' if cfg.get('final_inference') == 'roi' else 'the whole scan'}, per-case "
+             f"safety threshold {cfg['min_agreement']}; per-label fusion weights "
              f"{', '.join(f'{k} {v}' for k, v in (cfg.get('label_fusion_weights') or {}).items()) or 'none'}; labels "
              f"left as the network's mask: {', '.join(cfg.get('keep_start') or []) or 'none'}.", "",
              "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]

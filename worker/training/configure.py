@@ -10,7 +10,8 @@ Cost: the starting mask's mirror averaging is decided first, from the network al
 the plain network on the validation cases: the weak supervision is only as good as that mask). K needs a run
 each; fine-tuning steps are snapshots of one run (a run stopped at 20 steps is the first 20 steps of a run of
 40, the stopping rule being off in configured bundles); the final mix (weight, fusion sharpness and search, the
-tuned network's mirror averaging, the per-case safety threshold) is recomputed from each snapshot's ingredients.
+tuned network's mirror averaging and where it is inferred, the per-case safety threshold) is recomputed from
+each snapshot's ingredients.
 So a validation case costs 2 ISL runs plus the extra fusions and mixes, about 3x one refinement.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ STEPS = (0, 20, 40)  # fine-tuning steps (0: the untuned network)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # fusion weight in the final mix
 FUSIONS = ((30.0, 1), (0.0, 0))  # (fusion_beta, fusion_search): non-local weighted, plain mean
 AGREEMENTS = (0.0, 0.5, 0.7)  # per-case safety threshold (0: off)
+INFERENCE = ("scan", "roi")  # the tuned network's final prediction: over the whole scan, or the ROI crop alone
 MAX_WORSENED = 0.2  # share of validation cases a setting may make worse than the baseline
 
 
@@ -56,6 +58,7 @@ class Setting:
     fusion_search: int
     fusion_weight: float
     min_agreement: float
+    final_inference: str = "scan"  # last, with a default: scores saved before it was searched still load
 
     def config(self, base: ISLConfig) -> ISLConfig:
         """`base` with this setting; the stopping rule off (min_steps = finetune_steps), as searched."""
@@ -105,15 +108,15 @@ class CaseSearch:
 
     def _mixes(self, mask_flips, k, steps, network, aligned, start, whole) -> None:
         fused = self._fusions(aligned, start)
-        for final_flips in (False, True) if start.mirror_axes else (False,):
-            net = predict_roi(network, start, final_flips)
+        for final_flips, where in itertools.product((False, True) if start.mirror_axes else (False,), INFERENCE):
+            net = predict_roi(network, start, final_flips, where)
             agree_net = agreement(net, start.mask)
             for f, fp in fused.items():
                 agreements = (agreement(fp, start.mask), agree_net)
                 for w, tau in itertools.product(WEIGHTS, AGREEMENTS):
                     roi, _ = safe_mix(start.mask, net, fp, w, tau, agreements)
                     pred = paste(whole.copy(), roi.argmax(0), start.center)
-                    key = Setting(mask_flips, k, steps, final_flips, f[0], f[1], w, tau)
+                    key = Setting(mask_flips, k, steps, final_flips, f[0], f[1], w, tau, where)
                     self.scores[key] = self._dice(pred)
 
 
@@ -356,7 +359,8 @@ def decision_record(per_case: list[dict], case_ids: list[str], names: dict[int, 
                      "atlases": sorted({k.atlases for k in settings}), "finetune_steps": list(STEPS),
                      "final_flips": sorted({k.final_flips for k in settings}),
                      "fusion_beta_search": [list(f) for f in FUSIONS], "fusion_weight": list(WEIGHTS),
-                     "min_agreement": list(AGREEMENTS), "max_worsened_share": MAX_WORSENED,
+                     "min_agreement": list(AGREEMENTS), "final_inference": list(INFERENCE),
+                     "max_worsened_share": MAX_WORSENED,
                      "per_label": "each label's fusion weight chosen on its own; a label is refined only where "
                                   "that raised its validation Dice",
                      "leave_one_case_out": True}}
