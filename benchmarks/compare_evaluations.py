@@ -9,13 +9,18 @@ from __future__ import annotations
 import json
 import sys
 
-TIMINGS = ("median_seconds_isl_per_case", "median_stage_seconds", "peak_rss_mb")
+TIMINGS = ("median_seconds_isl_per_case", "median_seconds_isl_full_run_per_case", "median_stage_seconds", "peak_rss_mb")
 QA = ("folding_fraction", "finetune_steps", "ema_changes", "atlases_used", "baseline_vs_refined_dice")
 
 
 def agree(key: str, a, b) -> bool:
     if a is None or b is None:
         return a is b
+    if isinstance(a, dict) or isinstance(b, dict):  # per-label tables, the configuration: every entry agrees
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
+            agree(key, a[k], b[k]) for k in a)
+    if isinstance(a, (str, bool, list)) or isinstance(b, (str, bool, list)):
+        return a == b
     if key.startswith("wilcoxon"):
         return f"{a:.4g}" == f"{b:.4g}"
     return round(a, 4) == round(b, 4)
