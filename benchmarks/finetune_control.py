@@ -1,7 +1,7 @@
 """Control for ISL's fine-tuning: the same per-case fine-tuning on the atlases as deformed toward the scan (the
 method) and on the atlases left undeformed (zero displacement: the network's own training crops), on a bundle's
 first validation cases. If the tuned network falls under its start either way, the fine-tuning recipe, not the
-registration, is what pulls it down. Prints JSON.
+registration, is what pulls it down. Prints JSON (each arm as `validation_score.py` scores a variant).
 
     python benchmarks/finetune_control.py --model models/headneck_ct --dataset ../shared/data/headneck_ct --cases 3 \\
         > benchmarks/results/finetune_control_headneck_ct.json
@@ -15,17 +15,13 @@ import json
 import shlex
 import sys
 
-import numpy as np
 import torch
+from validation_score import score_variant
 
-from segmentation.dataset import load_case, load_dataset
-from segmentation.metrics import dice
 from worker.method.align import Aligned, Aligner
-from worker.method.config import ISLConfig
-from worker.pipeline import load_refiner
 
-CONFIG = dict(device="cpu", method="isl", atlases=8, finetune_steps=20, min_steps=20, fusion_weight=0.5,
-              min_agreement=0.0, final_flips=False, mask_flips=False, reregister_steps=0)
+CONFIG = dict(method="isl", atlases=8, finetune_steps=20, min_steps=20, fusion_weight=0.5, min_agreement=0.0,
+              final_flips=False, mask_flips=False, reregister_steps=0)
 
 
 def undeformed(self: Aligner, index, field, scan, mask, cfg) -> Aligned:
@@ -35,38 +31,21 @@ def undeformed(self: Aligner, index, field, scan, mask, cfg) -> Aligned:
                    self.known[index])
 
 
-def run(args, ids: list[str]) -> dict:
-    refiner = load_refiner(args.model, args.dataset, ISLConfig(**CONFIG))
-    ds, names = load_dataset(args.dataset), refiner.bundle.segmentation.labels
-    rows = {}
-    for case_id in ids:
-        case = ds.case(case_id)
-        volumes, label, _ = load_case(ds, case)
-        labels = [v for v, known in zip(names, case.present(names)) if v and known]
-        result = refiner.refine(refiner.pre.images(volumes)[0])
-        truth = refiner.pre.label(label).astype(np.int64)
-        parts = {"start": result.start, "tuned_network": result.part_on_grid("network"),
-                 "fusion": result.part_on_grid("atlas")}
-        rows[case_id] = {k: round(float(np.mean(list(dice(p.argmax(0), truth, labels).values()))), 5)
-                         for k, p in parts.items()}
-    return {"mean_dice": {k: round(float(np.mean([r[k] for r in rows.values()])), 5) for k in parts},
-            "per_case": rows}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", required=True)
-    ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--cases", type=int, default=3, help="the first N validation cases")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    args.defaults = True  # the control's setting starts from the ISLConfig defaults, as CONFIG says
     torch.set_num_threads(args.threads)
     meta = json.loads(open(f"{args.model}/bundle.json").read())
     ids = meta["refinement"]["validation_cases"][: args.cases]
     out = {"command": "python benchmarks/finetune_control.py " + shlex.join(sys.argv[1:]), "model": meta["version"],
-           "validation_cases": ids, "config": CONFIG, "deformed": run(args, ids)}
+           "validation_cases": ids, "deformed": score_variant(args, CONFIG, ids)}
     Aligner.optimise = undeformed
-    out["undeformed"] = run(args, ids)
+    out["undeformed"] = score_variant(args, CONFIG, ids)
     print(json.dumps(out, indent=1))
 
 
