@@ -12,6 +12,9 @@ whose plan did not need the larynx still has one). `cases.json` is a list of {"c
 list carries all of them. Training merges an unknown structure into background in the loss (marginal loss),
 atlases do not vote on it and evaluation does not score it.
 
+Coded segments: dataset.json may carry `"segment_codes"` (label name -> SNOMED CT category, type, laterality,
+colour; see segmentation.codes), which `isl train` keeps in the bundle for DICOM exports.
+
 Both dataset.json dialects are read: MSD (`"labels": {"0": "background"}`, `"modality"`) and nnU-Net v2
 (`"labels": {"background": 0}`, `"channel_names"`).
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segmentation.codes import check_overrides
 from segmentation.errors import DatasetError
 from segmentation.io import LabelReport, Volume, read_image, read_label_map
 
@@ -50,6 +54,7 @@ class Dataset:
     channel_names: list[str]
     file_ending: str
     cases: list[Case] = field(default_factory=list)
+    segment_codes: dict[str, dict] = field(default_factory=dict)  # label name -> code spec (segmentation.codes)
 
     @property
     def foreground(self) -> dict[int, str]:
@@ -109,7 +114,9 @@ def load_dataset(root: str | Path) -> Dataset:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{meta_path}: invalid JSON ({exc})") from exc
     ending = meta.get("file_ending", ".nii.gz")
-    ds = Dataset(root, meta.get("name", root.name), _parse_labels(meta, meta_path), _channel_names(meta), ending)
+    labels = _parse_labels(meta, meta_path)
+    ds = Dataset(root, meta.get("name", root.name), labels, _channel_names(meta), ending,
+                 segment_codes=check_overrides(meta.get("segment_codes"), labels, str(meta_path)))
     labels_dir = root / "labelsTr"
     if not labels_dir.is_dir():
         raise DatasetError(f"{root}: no labelsTr/ folder")

@@ -6,38 +6,48 @@ from pathlib import Path
 
 import numpy as np
 
+from segmentation.codes import SegmentCode, segment_codes
 from segmentation.errors import InputError
 from segmentation.files import atomic_write
 from segmentation.io import Volume
 
 
 def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, str], path: str | os.PathLike,
-                    *, software_version: str, series_description: str = "ISL refined segmentation") -> Path:
+                    *, software_version: str, series_description: str = "ISL refined segmentation",
+                    codes: dict[int, SegmentCode] | None = None) -> Path:
     """Write a label map on `source`'s grid as a DICOM SEG that references the source series.
 
-    Each label value present in `label_names` becomes one segment (numbered 1..n in label order).
+    Each label value present in `label_names` becomes one segment (numbered 1..n in label order), with its coded
+    category, type and laterality and its display colour from `codes` (default: segmentation.codes by name).
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as dicom_codes
 
     if source.kind != "dicom" or not source.dicom_headers:
         raise InputError(f"{source.source}: DICOM SEG needs a DICOM input; this one was {source.kind}")
     if labels.shape != source.array.shape:
         raise InputError(f"label map shape {labels.shape} differs from the source series {source.array.shape}")
     values = sorted(v for v in label_names if v != 0)
+    codes = codes or segment_codes(label_names)
     segment_map = np.zeros(labels.shape, dtype=np.uint16)
     descriptions = []
     for number, value in enumerate(values, start=1):
         segment_map[labels == value] = number
-        descriptions.append(hd.seg.SegmentDescription(
+        code = codes[value]
+        description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=label_names[value][:64],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
+            segmented_property_category=hd.sr.CodedConcept(*code.category[1::-1], code.category[2]),
+            segmented_property_type=hd.sr.CodedConcept(*code.type[1::-1], code.type[2]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="isl-refine", version=software_version, family=codes.cid7162.ArtificialIntelligence),
-        ))
+                name="isl-refine", version=software_version, family=dicom_codes.cid7162.ArtificialIntelligence),
+            display_color=hd.color.CIELabColor.from_rgb(*code.colour),
+        )
+        if code.laterality:  # highdicom takes no type modifier: the Segmented Property Type Modifier Code Sequence
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(*code.laterality[1::-1], code.laterality[2])]
+        descriptions.append(description)
     seg = hd.seg.Segmentation(
         source_images=_with_type2_attributes(source.dicom_headers),
         pixel_array=segment_map,

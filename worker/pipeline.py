@@ -72,10 +72,13 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
     outputs = {"mask": write_label_map(refined, source.geometry, out / "mask.nii.gz"),
                "baseline": write_label_map(baseline, source.geometry, out / "baseline.nii.gz")}
     if source.kind == "dicom":
+        from segmentation.codes import segment_codes
         from segmentation.dicomseg import write_dicom_seg
 
-        outputs["dicom_seg"] = write_dicom_seg(refined, source, refiner.bundle.segmentation.labels, out / "seg.dcm",
-                                               software_version=refiner.bundle.version)
+        labels = refiner.bundle.segmentation.labels
+        codes = segment_codes(labels, refiner.bundle.meta.get("dataset", {}).get("segment_codes"))
+        outputs["dicom_seg"] = write_dicom_seg(refined, source, labels, out / "seg.dcm",
+                                               software_version=refiner.bundle.version, codes=codes)
     return outputs
 
 

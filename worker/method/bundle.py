@@ -13,6 +13,7 @@ import torch
 
 from registration.model import Registrar
 from segmentation.bundle import SegmentationModel
+from segmentation.codes import check_overrides
 from segmentation.dataset import load_case, load_dataset
 from segmentation.errors import BundleError, DatasetError
 from segmentation.files import atomic_write_text
@@ -75,6 +76,10 @@ class ISLBundle:
         meta = json.loads((path / META_FILE).read_text())
         seg = SegmentationModel.load(path / SEG_FILE, device)
         reg = Registrar.load(path / REG_FILE, device)
+        try:  # a bad code map fails here, not at export after a scan was refined
+            check_overrides((meta.get("dataset") or {}).get("segment_codes"), seg.labels, str(path / META_FILE))
+        except DatasetError as exc:
+            raise BundleError(str(exc)) from None
         return cls(seg, reg, meta, path)
 
     def save(self) -> None:

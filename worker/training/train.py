@@ -267,7 +267,7 @@ def _meta(ds: Dataset, cfg: BundleTrainConfig, out_dir: Path, held, val_ids, tra
         "command": cfg.command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": {"name": ds.name, "folder": ds.root.name, "labels": {str(k): v for k, v in ds.labels.items()},
-                    "channels": ds.channel_names},
+                    "channels": ds.channel_names, **({"segment_codes": ds.segment_codes} if ds.segment_codes else {})},
         "train_cases": train_ids,
         "holdout_cases": held,
         "validation_cases": val_ids,
