@@ -2,6 +2,8 @@
 DICOM SEG written with them says when read back."""
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pydicom
@@ -124,3 +126,25 @@ def test_isl_train_keeps_the_dataset_code_map_in_the_bundle(phantom_dataset, tmp
     assert record["dataset"]["segment_codes"] == meta["segment_codes"]
     assert "segment_codes" not in _meta(load_dataset(phantom_dataset), BundleTrainConfig(), tmp_path / "b", [], [],
                                         [], [], [], {})["dataset"]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy (Debian's dicom3tools, which .ci/run installs) is not on this machine")
+def test_dicom_seg_with_codes_passes_dciodvfy(tmp_path):
+    from segmentation.dicomseg import write_dicom_seg
+
+    volume = read_image(CT5N)
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[:, :4], labels[:, 4:8], labels[:, 8:12] = 1, 2, 3
+    path = write_dicom_seg(labels, volume, {0: "background", 1: "Brainstem", 2: "LeftParotid", 3: "Anterior"},
+                           tmp_path / "seg.dcm", software_version="t")
+
+    def verdict(p):
+        run = subprocess.run(["dciodvfy", str(p)], capture_output=True, text=True, timeout=60)
+        return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+    assert verdict(path) == []
+    broken = pydicom.dcmread(path)  # the validator does check: a segment without its category is an error
+    del broken.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence
+    broken.save_as(tmp_path / "broken.dcm")
+    assert verdict(tmp_path / "broken.dcm")
