@@ -130,23 +130,84 @@ def _dicom_headers(files: list[str]) -> list:
 
 
 def _check_slice_spacing(source: str, headers: list) -> None:
-    """Refuse a series with a missing slice (a gap wider than 1.5 times the usual step)."""
+    """Refuse, before anything is queued, a series that is not one regular stack of parallel slices: slices of
+    several orientations (a localizer, a multi-angle series), a gantry tilt (slices stepping sideways, which a
+    volume reader would silently shear), or a missing or duplicated slice (a gap wider than 1.5 times the usual
+    step, or under half of it). Each reason says what to send instead."""
     if len(headers) < 2:
         raise UnsupportedImageError(f"{source}: a single DICOM slice is not a 3D volume")
     try:
-        row, col = np.asarray(headers[0].ImageOrientationPatient, float).reshape(2, 3)
+        orientations = np.array([np.asarray(h.ImageOrientationPatient, float) for h in headers]).reshape(-1, 2, 3)
         positions = np.array([np.asarray(h.ImagePositionPatient, float) for h in headers])
     except (AttributeError, ValueError) as exc:
         raise CorruptImageError(f"{source}: slices lack ImagePositionPatient/ImageOrientationPatient") from exc
-    steps = np.diff(positions @ np.cross(row, col))
+    row, col = orientations[0]
+    tilted = np.abs(orientations - orientations[0]).max(axis=(1, 2)) > 1e-3
+    if tilted.any():
+        raise UnsupportedImageError(
+            f"{source}: the slices are not all parallel ({int(tilted.sum())} of {len(headers)} differ in "
+            "ImageOrientationPatient from the first): a localizer or a series of several stacks; send one stack "
+            "of parallel slices (one series per orientation)")
+    normal = np.cross(row, col)
+    steps = np.diff(positions @ normal)
+    sideways = np.linalg.norm(np.diff(positions, axis=0) - steps[:, None] * normal, axis=1)
     typical = np.median(np.abs(steps))
+    if typical > 0 and np.median(sideways) > 0.05 * typical:
+        angle = float(np.degrees(np.arctan2(np.median(sideways), typical)))
+        raise UnsupportedImageError(
+            f"{source}: the slices step {np.median(sideways):.2f} mm sideways for every {typical:.2f} mm along "
+            f"their normal (a gantry tilt of about {angle:.1f} degrees); refused rather than read as a sheared "
+            "volume: send a series reconstructed without tilt (or resampled to an orthogonal grid)")
     if typical <= 0 or np.any(np.abs(steps) > 1.5 * typical) or np.any(np.abs(steps) < 0.5 * typical):
         raise CorruptImageError(f"{source}: uneven slice positions (steps {np.round(steps, 3).tolist()} mm): a slice "
                                 "is missing or duplicated")
 
 
+def _read_multiframe(source: str, path: str, header, limits: ReadLimits) -> Volume:
+    """One enhanced (multi-frame) CT or MR object: its frames' planes from the functional groups, checked as a
+    series' slices are, then read by ITK (GDCM), which places the frames from the same groups."""
+    from types import SimpleNamespace
+
+    frames = int(header.NumberOfFrames)
+    shared = (header.get("SharedFunctionalGroupsSequence") or [{}])[0]
+    planes = []
+    for i, group in enumerate(header.get("PerFrameFunctionalGroupsSequence") or []):
+        try:
+            orient = (group.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence"))[0]
+            planes.append(SimpleNamespace(ImageOrientationPatient=orient.ImageOrientationPatient,
+                                          ImagePositionPatient=group.PlanePositionSequence[0].ImagePositionPatient))
+        except (AttributeError, IndexError, TypeError):
+            raise UnsupportedImageError(
+                f"{source}: a multi-frame object whose frame {i + 1} has no plane position or orientation (a cine "
+                "loop or a 2D multi-frame image, not a volume); send a 3D CT or MR series") from None
+    if len(planes) != frames:
+        raise UnsupportedImageError(f"{source}: a multi-frame object with {frames} frames but per-frame geometry for "
+                                    f"{len(planes)} (not an enhanced CT/MR volume); send a 3D CT or MR series")
+    _check_slice_spacing(source, planes)
+    positions = np.array([np.asarray(p.ImagePositionPatient, float) for p in planes])
+    along = np.diff(positions @ np.cross(*np.asarray(planes[0].ImageOrientationPatient, float).reshape(2, 3)))
+    if not (np.all(along > 0) or np.all(along < 0)):
+        raise UnsupportedImageError(f"{source}: the frames of this multi-frame object are not stored in spatial "
+                                    "order; export it as single-frame slices")
+    voxels = frames * int(header.Rows) * int(header.Columns)
+    if voxels > limits.max_voxels:
+        raise ImageTooLargeError(f"{source}: object declares {voxels:,} voxels, over the limit of "
+                                 f"{limits.max_voxels:,}")
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as exc:
+        raise CorruptImageError(f"{source}: ITK cannot decode the multi-frame object: "
+                                f"{str(exc).strip().splitlines()[-1]}") from exc
+    if image.GetDimension() != 3 or image.GetSize()[2] != frames:
+        raise UnsupportedImageError(f"{source}: ITK read {image.GetSize()} from {frames} frames; export the object as "
+                                    "single-frame slices")
+    return Volume(sitk.GetArrayFromImage(image), Geometry.of(image), source, "dicom", [header])
+
+
 def _read_dicom_files(source: str, files: list[str], limits: ReadLimits) -> Volume:
     headers = _dicom_headers(files)
+    if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(source, files[0], headers[0], limits)
     _check_slice_spacing(source, headers)
     voxels = len(files) * int(headers[0].Rows) * int(headers[0].Columns)
     if voxels > limits.max_voxels:
