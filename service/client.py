@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from segmentation.files import atomic_write_bytes, atomic_write_text
-from service.records import FINAL, JobState
+from service.records import FINAL, RESULT_FORMATS, JobState
 
 
 class ServiceError(Exception):
@@ -79,7 +79,7 @@ class Client:
         """Save the result atomically after checking its sha256 against the report."""
         dest = Path(dest)
         r = self._check(self.http.get(f"/v1/jobs/{job_id}/result", params={"format": format}))
-        expected = self.report(job_id)["files"]["mask" if format == "nifti" else "dicom_seg"]["sha256"]
+        expected = self.report(job_id)["files"][RESULT_FORMATS[format]]["sha256"]
         if hashlib.sha256(r.content).hexdigest() != expected:
             raise ServiceError(f"job {job_id}: the downloaded result does not match its checksum")
         atomic_write_bytes(dest, r.content)
@@ -106,10 +106,15 @@ def case_name(path: Path) -> str:
     return name
 
 
+FORMAT_FILES = {"dicom-seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}
+
+
 def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *, parallel: int = 4,
                  model: str | None = None, atlases: int | None = None, priority: int = 5,
-                 timeout: float | None = None, progress: bool = True) -> dict:
-    """Upload every case (at most `parallel` at once), wait, download mask + report into OUT/<case>/.
+                 timeout: float | None = None, progress: bool = True, formats: tuple[str, ...] = ()) -> dict:
+    """Upload every case (at most `parallel` at once), wait, download mask + report into OUT/<case>/, and each of
+    `formats` ("dicom-seg": seg.dcm, "rtstruct": rtstruct.dcm) that the job has (DICOM inputs; a case without one
+    still succeeds, its `error` naming what it lacks).
     Resumable: a case whose result is already in OUT is skipped; an interrupted one is found again by its
     idempotency key. Returns {case: {"state", "job", "error"}}."""
     from tqdm import tqdm
@@ -146,8 +151,13 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
         folder.mkdir(exist_ok=True)
         client.download(job["id"], folder / "mask.nii.gz")
         report = client.report(job["id"]) | {"job_id": job["id"]}
+        lacking = [f for f in formats if RESULT_FORMATS[f] not in report["files"]]
+        for f in formats:
+            if f not in lacking:
+                client.download(job["id"], folder / FORMAT_FILES[f], format=f)
         atomic_write_text(folder / "report.json", json.dumps(report, indent=2))  # last: its presence marks it done
-        return {"state": JobState.SUCCEEDED.value, "job": job["id"], "error": ""}
+        return {"state": JobState.SUCCEEDED.value, "job": job["id"],
+                "error": f"no {', '.join(lacking)} result: the input was not DICOM" if lacking else ""}
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {pool.submit(one, n, p): n for n, p in cases.items()}

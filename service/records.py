@@ -22,6 +22,8 @@ class JobState(StrEnum):
         return self in FINAL
 
 
+# result formats (?format= on the result route) -> the file of the job's result that holds each
+RESULT_FORMATS = {"nifti": "mask", "dicom-seg": "dicom_seg", "rtstruct": "rtstruct"}
 FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 

@@ -149,11 +149,11 @@ def cmd_submit(args) -> int:
         return 2
     summary = submit_batch(args.paths, args.server, key, args.out, parallel=args.parallel, model=args.model,
                            atlases=args.atlases, priority=args.priority, timeout=args.timeout,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, formats=tuple(args.formats))
     counts = {}
     for name, r in summary.items():
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-        if r["state"] not in done:
+        if r["state"] not in done or r["error"]:  # a success may still lack a format asked for (NIfTI input)
             print(f"{name}: {r['state']}: {r['error']}", file=sys.stderr)
     print(json.dumps({"cases": len(summary), **counts, "out": args.out}))
     return 0 if all(r["state"] in done for r in summary.values()) else 1
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlases", type=int, default=None)
     p.add_argument("--priority", type=int, default=5)
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each case")
+    p.add_argument("--format", action="append", choices=["dicom-seg", "rtstruct"], default=[], dest="formats",
+                   help="also download this result format beside mask.nii.gz, for DICOM inputs (repeatable): "
+                        "OUT/<case>/seg.dcm, rtstruct.dcm")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
 

@@ -67,7 +67,8 @@ def read_inputs(inputs: list[Path], series_uid: str | None = None) -> list[Volum
 
 def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, refiner: Refiner,
                   out: Path) -> dict[str, Path]:
-    """mask.nii.gz and baseline.nii.gz on the input's grid, and seg.dcm (DICOM SEG) for a DICOM input."""
+    """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input, seg.dcm (DICOM SEG) and
+    rtstruct.dcm (RT Structure Set), both referencing the input series."""
     out.mkdir(parents=True, exist_ok=True)
     outputs = {"mask": write_label_map(refined, source.geometry, out / "mask.nii.gz"),
                "baseline": write_label_map(baseline, source.geometry, out / "baseline.nii.gz")}
@@ -77,8 +78,12 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
 
         labels = refiner.bundle.segmentation.labels
         codes = segment_codes(labels, refiner.bundle.meta.get("dataset", {}).get("segment_codes"))
+        from segmentation.rtstruct import write_rtstruct
+
         outputs["dicom_seg"] = write_dicom_seg(refined, source, labels, out / "seg.dcm",
                                                software_version=refiner.bundle.version, codes=codes)
+        outputs["rtstruct"] = write_rtstruct(refined, source, labels, out / "rtstruct.dcm",
+                                             software_version=refiner.bundle.version, codes=codes)
     return outputs
 
 

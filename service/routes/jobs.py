@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from service.deps import FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
 from service.intake import chosen_model, enqueue, room_for_upload, staging
 from service.jobs import JobStore
-from service.records import FINAL, JobOptions, JobState, now
+from service.records import FINAL, RESULT_FORMATS, JobOptions, JobState, now
 from service.uploads import receive
 from service.views import JobList, JobView, Problem, job_view
 
@@ -93,14 +93,17 @@ def cancel(job: OwnedJob, store: StoreDep) -> JobView:
 
 @router.get("/v1/jobs/{job_id}/result", response_class=FileResponse,
             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
-                             "description": "the label map: NIfTI (gzip) or DICOM SEG; header Digest: sha-256=<hex>"},
+                             "description": "the label map: NIfTI (gzip), DICOM SEG or RTSTRUCT; header Digest: "
+                                            "sha-256=<hex>"},
                        404: {"model": Problem}, 409: {"model": Problem}, 500: {"model": Problem}},
-            summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG; its checksum is verified first")
-def result(job: OwnedJob, storage: StorageDep, format: Literal["nifti", "dicom-seg"] = "nifti") -> FileResponse:
+            summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG or RTSTRUCT; its checksum is "
+                    "verified first")
+def result(job: OwnedJob, storage: StorageDep,
+           format: Literal["nifti", "dicom-seg", "rtstruct"] = "nifti") -> FileResponse:
     job = succeeded(job)  # after `format` is validated: a bad format of one's own job is a 422, as it was
-    entry = job.result.files.get("mask" if format == "nifti" else "dicom_seg")
+    entry = job.result.files.get(RESULT_FORMATS[format])
     if entry is None:
-        raise HTTPException(404, f"job {job.id} has no {format} result (DICOM SEG needs a DICOM input)")
+        raise HTTPException(404, f"job {job.id} has no {format} result (DICOM SEG and RTSTRUCT need a DICOM input)")
     path = storage.job_dir(job.id) / "output" / entry.path
     if not storage.verify(path, entry.sha256):
         raise HTTPException(500, f"the stored result of job {job.id} fails its checksum; it is not served")

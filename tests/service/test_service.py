@@ -105,6 +105,21 @@ def test_dicom_series_comes_back_as_dicom_seg(service, tmp_path):
     dataset = hd.seg.segread(tmp_path / "seg.dcm")
     source = pydicom.dcmread(files[0])
     assert dataset.StudyInstanceUID == source.StudyInstanceUID and dataset.Modality == "SEG"
+    # the RTSTRUCT of the same job reads back onto exactly the NIfTI mask's voxels, label by label
+    from segmentation.io import read_image
+    from segmentation.rtstruct import read_rtstruct_labels
+
+    with client() as c:
+        rt = c.get(f"{base}/v1/jobs/{job['id']}/result", params={"format": "rtstruct"})
+        nifti = c.get(f"{base}/v1/jobs/{job['id']}/result")
+    assert rt.status_code == 200 and rt.headers["content-type"] == "application/dicom"
+    (tmp_path / "rt.dcm").write_bytes(rt.content)
+    (tmp_path / "mask.nii.gz").write_bytes(nifti.content)
+    mask = read_image(tmp_path / "mask.nii.gz").array
+    rois = read_rtstruct_labels(tmp_path / "rt.dcm", read_image(series))
+    assert pydicom.dcmread(tmp_path / "rt.dcm").StudyInstanceUID == source.StudyInstanceUID
+    for value, name in enumerate(rois, start=1):  # ROI n is label value n (the labels are 1..n)
+        np.testing.assert_array_equal(rois[name], mask == value, err_msg=name)
 
 
 def test_batches_queue_all_or_nothing(service, phantom_dataset, tmp_path):
@@ -250,6 +265,32 @@ def test_isl_submit_uploads_in_parallel_resumes_and_reports_failures(service, ph
     assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 2
     with client() as c:
         assert c.get(base + "/v1/jobs").json()["total"] == before  # nothing queued twice
+
+
+def test_isl_submit_downloads_rtstruct_for_dicom_and_says_a_nifti_has_none(service, phantom_dataset, tmp_path):
+    import json
+    import zipfile
+
+    import pydicom
+
+    base, env = service
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    with zipfile.ZipFile(tmp_path / "ct5n.zip", "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f.name)
+    nifti = scan(phantom_dataset, 0)
+    out = tmp_path / "results"
+    env = {k: v for k, v in env.items() if not k.startswith("ISL_")} | {"ISL_API_KEY": KEYS["alpha"]}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "submit", str(tmp_path / "ct5n.zip"), str(nifti),
+                          "--server", base, "--out", str(out), "--format", "rtstruct", "--format", "dicom-seg",
+                          "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1])["succeeded"] == 2
+    assert pydicom.dcmread(out / "ct5n" / "rtstruct.dcm").Modality == "RTSTRUCT"
+    assert pydicom.dcmread(out / "ct5n" / "seg.dcm").Modality == "SEG"
+    case = nifti.name[: -len(".nii.gz")]
+    assert (out / case / "mask.nii.gz").is_file() and not (out / case / "rtstruct.dcm").exists()
+    assert f"{case}: succeeded: no rtstruct, dicom-seg result: the input was not DICOM" in run.stderr
 
 
 def test_two_workers_share_one_queue(stack, phantom_dataset):
