@@ -11,6 +11,21 @@ from segmentation.errors import InputError
 from segmentation.files import atomic_write
 from segmentation.io import Volume
 
+# what a SEG or an RTSTRUCT must reference in its source series
+_REFERENCED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+
+
+def export_problem(source: Volume) -> str | None:
+    """Why no DICOM SEG or RTSTRUCT can be built for `source` (a sentence), or None when they can: a NIfTI input,
+    or a DICOM series whose headers lack an attribute the exports must reference."""
+    if source.kind != "dicom" or not source.dicom_headers:
+        return f"the input was {source.kind}, not DICOM"
+    missing = sorted({k for h in source.dicom_headers for k in _REFERENCED if not h.get(k)})
+    if missing:
+        return (f"the series' headers lack {', '.join(missing)}, which a DICOM SEG and an RTSTRUCT must reference; "
+                "the NIfTI mask is written, the DICOM exports are not")
+    return None
+
 
 def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, str], path: str | os.PathLike,
                     *, software_version: str, series_description: str = "ISL refined segmentation",
@@ -23,8 +38,8 @@ def write_dicom_seg(labels: np.ndarray, source: Volume, label_names: dict[int, s
     import highdicom as hd
     from pydicom.sr.codedict import codes as dicom_codes
 
-    if source.kind != "dicom" or not source.dicom_headers:
-        raise InputError(f"{source.source}: DICOM SEG needs a DICOM input; this one was {source.kind}")
+    if problem := export_problem(source):
+        raise InputError(f"{source.source}: no DICOM SEG: {problem}")
     if labels.shape != source.array.shape:
         raise InputError(f"label map shape {labels.shape} differs from the source series {source.array.shape}")
     values = sorted(v for v in label_names if v != 0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segmentation.codes import SegmentCode, segment_codes
+from segmentation.dicomseg import export_problem
 from segmentation.errors import InputError
 from segmentation.files import atomic_write
 from segmentation.io import Volume
@@ -64,14 +65,12 @@ def write_rtstruct(labels: np.ndarray, source: Volume, label_names: dict[int, st
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from skimage.measure import find_contours
 
-    if source.kind != "dicom" or not source.dicom_headers:
-        raise InputError(f"{source.source}: RTSTRUCT needs a DICOM input; this one was {source.kind}")
+    if problem := export_problem(source):
+        raise InputError(f"{source.source}: no RTSTRUCT: {problem}")
     if labels.shape != source.array.shape:
         raise InputError(f"label map shape {labels.shape} differs from the source series {source.array.shape}")
     first = source.dicom_headers[0]
-    frame_of_reference = first.get("FrameOfReferenceUID")
-    if not frame_of_reference:
-        raise InputError(f"{source.source}: the series has no FrameOfReferenceUID, which an RTSTRUCT must reference")
+    frame_of_reference = first.FrameOfReferenceUID
     codes = codes or segment_codes(label_names)
     refs = _slice_references(source)
     origin, matrix = _affine(source.geometry.image_from_array(np.zeros(labels.shape, np.uint8)))

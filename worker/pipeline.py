@@ -67,12 +67,15 @@ def read_inputs(inputs: list[Path], series_uid: str | None = None) -> list[Volum
 
 def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, refiner: Refiner,
                   out: Path) -> dict[str, Path]:
-    """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input, seg.dcm (DICOM SEG) and
-    rtstruct.dcm (RT Structure Set), both referencing the input series."""
+    """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input whose headers allow them
+    (segmentation.dicomseg.export_problem), seg.dcm (DICOM SEG) and rtstruct.dcm (RT Structure Set), both
+    referencing the input series."""
+    from segmentation.dicomseg import export_problem
+
     out.mkdir(parents=True, exist_ok=True)
     outputs = {"mask": write_label_map(refined, source.geometry, out / "mask.nii.gz"),
                "baseline": write_label_map(baseline, source.geometry, out / "baseline.nii.gz")}
-    if source.kind == "dicom":
+    if export_problem(source) is None:
         from segmentation.codes import segment_codes
         from segmentation.dicomseg import write_dicom_seg
 
@@ -107,14 +110,17 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     t0 = time.perf_counter()
     outputs = write_outputs(refined, baseline, volumes[0], refiner, Path(out_dir))
     seconds["write"] = time.perf_counter() - t0
-    report = _report(inputs, outputs, refiner, volumes[0].geometry, refined, baseline, info["qa"], seconds, t_start)
+    report = _report(inputs, outputs, refiner, volumes[0], refined, baseline, info["qa"], seconds, t_start)
     atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _report(inputs, outputs, refiner: Refiner, geometry: Geometry, refined, baseline, qa: dict, seconds: dict,
+def _report(inputs, outputs, refiner: Refiner, source: Volume, refined, baseline, qa: dict, seconds: dict,
             t_start: float) -> dict:
     """The report; its total time includes the checksums and volumes computed here."""
+    from segmentation.dicomseg import export_problem
+
+    geometry = source.geometry
     names = refiner.bundle.segmentation.labels
     files = {k: {"path": p.name, "sha256": file_sha256(p)} for k, p in outputs.items()}
     volumes = label_volumes_ml(refined, geometry, names), label_volumes_ml(baseline, geometry, names)
@@ -125,6 +131,8 @@ def _report(inputs, outputs, refiner: Refiner, geometry: Geometry, refined, base
         "files": files,
         "model_version": refiner.bundle.version,
         "labels": {str(k): v for k, v in names.items()},
+        "dicom_exports": {"written": [k for k in ("dicom_seg", "rtstruct") if k in outputs],
+                          "not_written_because": export_problem(source)},
         "volumes_ml": volumes[0],
         "baseline_volumes_ml": volumes[1],
         "qa": qa,

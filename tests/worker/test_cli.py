@@ -45,6 +45,32 @@ def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
     assert 0 <= report["qa"]["folding_fraction"] < 0.05
 
 
+def test_dicom_exports_a_series_cannot_reference_are_skipped_with_the_reason_not_the_job(tiny_bundle,
+                                                                                          phantom_dataset, tmp_path):
+    """A series whose headers lack what a SEG and an RTSTRUCT must reference still gets its mask; the report says
+    why there is no DICOM export (a job never fails at export after the mask was computed)."""
+    import pydicom
+
+    series = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    for name, strip in (("whole", False), ("stripped", True)):
+        (tmp_path / name).mkdir()
+        for i, f in enumerate(sorted(series.iterdir())):
+            ds = pydicom.dcmread(f)
+            if strip:
+                del ds.FrameOfReferenceUID
+            ds.save_as(tmp_path / name / f"{i}.dcm")
+        out = isl("refine", tmp_path / name, "--model", tiny_bundle, "--out", tmp_path / f"out_{name}",
+                  "--atlas-dir", phantom_dataset, "--atlases", 2, "--device", "cpu")
+        assert out.returncode == 0, out.stderr
+    whole = json.loads((tmp_path / "out_whole" / "report.json").read_text())["dicom_exports"]
+    assert whole == {"written": ["dicom_seg", "rtstruct"], "not_written_because": None}
+    report = json.loads((tmp_path / "out_stripped" / "report.json").read_text())
+    assert report["dicom_exports"]["written"] == [] and set(report["files"]) == {"mask", "baseline"}
+    assert "lack FrameOfReferenceUID" in report["dicom_exports"]["not_written_because"]
+    stripped = tmp_path / "out_stripped"
+    assert (stripped / "mask.nii.gz").is_file() and not (stripped / "seg.dcm").exists()
+
+
 def test_missing_atlas_folder_is_a_clear_error(tiny_bundle, phantom_dataset, tmp_path):
     scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
     out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path, "--atlas-dir", tmp_path / "nope",
