@@ -56,11 +56,6 @@ class SegmentCode:
     colour: tuple[int, int, int]
     coded: bool  # False: the generic "Tissue" fallback (the name matched nothing known and the dataset gave none)
 
-    def as_json(self) -> dict:
-        return {"category": list(self.category), "type": list(self.type),
-                "laterality": list(self.laterality) if self.laterality else None, "colour": list(self.colour),
-                "coded": self.coded}
-
 
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())

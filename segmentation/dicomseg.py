@@ -19,7 +19,7 @@ def export_problem(source: Volume) -> str | None:
     """Why no DICOM SEG or RTSTRUCT can be built for `source` (a sentence), or None when they can: a NIfTI input,
     or a DICOM series whose headers lack an attribute the exports must reference."""
     if source.kind != "dicom" or not source.dicom_headers:
-        return f"the input was {source.kind}, not DICOM"
+        return f"the input was not DICOM ({source.kind})"
     missing = sorted({k for h in source.dicom_headers for k in _REFERENCED if not h.get(k)})
     if missing:
         return (f"the series' headers lack {', '.join(missing)}, which a DICOM SEG and an RTSTRUCT must reference; "

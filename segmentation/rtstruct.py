@@ -18,7 +18,7 @@ from segmentation.codes import SegmentCode, segment_codes
 from segmentation.dicomseg import export_problem
 from segmentation.errors import InputError
 from segmentation.files import atomic_write
-from segmentation.io import Volume
+from segmentation.io import Geometry, Volume
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -29,8 +29,8 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyI
 def _slice_references(source: Volume) -> list[tuple[str, str, int | None]]:
     """For each slice k of the volume: (SOP class, SOP instance, frame number or None) of the image it lies on."""
     headers = source.dicom_headers
-    image = source.geometry.image_from_array(np.zeros(source.array.shape, np.uint8))
-    origins = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(source.array.shape[0])])
+    origin, matrix = _affine(source.geometry)
+    origins = origin + np.outer(np.arange(source.array.shape[0]), matrix[:, 2])
     if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:  # enhanced: frames of one object
         h = headers[0]
         positions = np.array([np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)
@@ -42,10 +42,10 @@ def _slice_references(source: Volume) -> list[tuple[str, str, int | None]]:
     return [(headers[i].SOPClassUID, headers[i].SOPInstanceUID, None) for i in nearest]
 
 
-def _affine(image) -> tuple[np.ndarray, np.ndarray]:
+def _affine(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """(origin, matrix) with patient point = origin + matrix @ (x, y, z) continuous voxel index."""
-    matrix = np.asarray(image.GetDirection(), float).reshape(3, 3) * np.asarray(image.GetSpacing(), float)
-    return np.asarray(image.GetOrigin(), float), matrix
+    matrix = np.asarray(geometry.direction, float).reshape(3, 3) * np.asarray(geometry.spacing, float)
+    return np.asarray(geometry.origin, float), matrix
 
 
 def _code_item(code: tuple[str, str, str]):
@@ -73,7 +73,7 @@ def write_rtstruct(labels: np.ndarray, source: Volume, label_names: dict[int, st
     frame_of_reference = first.FrameOfReferenceUID
     codes = codes or segment_codes(label_names)
     refs = _slice_references(source)
-    origin, matrix = _affine(source.geometry.image_from_array(np.zeros(labels.shape, np.uint8)))
+    origin, matrix = _affine(source.geometry)
     now = datetime.datetime.now()
 
     ds = Dataset()
@@ -155,7 +155,7 @@ def read_rtstruct_labels(path: str | os.PathLike, source: Volume) -> dict[str, n
     from skimage.draw import polygon
 
     ds = pydicom.dcmread(path)
-    origin, matrix = _affine(source.geometry.image_from_array(np.zeros(source.array.shape, np.uint8)))
+    origin, matrix = _affine(source.geometry)
     inverse = np.linalg.inv(matrix)
     names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
     out = {}

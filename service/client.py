@@ -114,7 +114,7 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
                  timeout: float | None = None, progress: bool = True, formats: tuple[str, ...] = ()) -> dict:
     """Upload every case (at most `parallel` at once), wait, download mask + report into OUT/<case>/, and each of
     `formats` ("dicom-seg": seg.dcm, "rtstruct": rtstruct.dcm) that the job has (DICOM inputs; a case without one
-    still succeeds, its `error` naming what it lacks).
+    still succeeds, its `error` naming what it lacks and the report's reason).
     Resumable: a case whose result is already in OUT is skipped; an interrupted one is found again by its
     idempotency key. Returns {case: {"state", "job", "error"}}."""
     from tqdm import tqdm
@@ -156,8 +156,9 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
             if f not in lacking:
                 client.download(job["id"], folder / FORMAT_FILES[f], format=f)
         atomic_write_text(folder / "report.json", json.dumps(report, indent=2))  # last: its presence marks it done
+        why = (report.get("dicom_exports") or {}).get("not_written_because") or "the job has none"
         return {"state": JobState.SUCCEEDED.value, "job": job["id"],
-                "error": f"no {', '.join(lacking)} result: the input was not DICOM" if lacking else ""}
+                "error": f"no {', '.join(lacking)} result: {why}" if lacking else ""}
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {pool.submit(one, n, p): n for n, p in cases.items()}

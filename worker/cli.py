@@ -153,7 +153,7 @@ def cmd_submit(args) -> int:
     counts = {}
     for name, r in summary.items():
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-        if r["state"] not in done or r["error"]:  # a success may still lack a format asked for (NIfTI input)
+        if r["state"] not in done or r["error"]:  # a success may still lack a format asked for
             print(f"{name}: {r['state']}: {r['error']}", file=sys.stderr)
     print(json.dumps({"cases": len(summary), **counts, "out": args.out}))
     return 0 if all(r["state"] in done for r in summary.values()) else 1

@@ -70,19 +70,16 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
     """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input whose headers allow them
     (segmentation.dicomseg.export_problem), seg.dcm (DICOM SEG) and rtstruct.dcm (RT Structure Set), both
     referencing the input series."""
-    from segmentation.dicomseg import export_problem
+    from segmentation.codes import segment_codes
+    from segmentation.dicomseg import export_problem, write_dicom_seg
+    from segmentation.rtstruct import write_rtstruct
 
     out.mkdir(parents=True, exist_ok=True)
     outputs = {"mask": write_label_map(refined, source.geometry, out / "mask.nii.gz"),
                "baseline": write_label_map(baseline, source.geometry, out / "baseline.nii.gz")}
     if export_problem(source) is None:
-        from segmentation.codes import segment_codes
-        from segmentation.dicomseg import write_dicom_seg
-
         labels = refiner.bundle.segmentation.labels
         codes = segment_codes(labels, refiner.bundle.meta.get("dataset", {}).get("segment_codes"))
-        from segmentation.rtstruct import write_rtstruct
-
         outputs["dicom_seg"] = write_dicom_seg(refined, source, labels, out / "seg.dcm",
                                                software_version=refiner.bundle.version, codes=codes)
         outputs["rtstruct"] = write_rtstruct(refined, source, labels, out / "rtstruct.dcm",

@@ -92,6 +92,6 @@ def test_rtstruct_needs_a_dicom_source(tmp_path):
 
     sitk.WriteImage(sitk.Image(8, 8, 4, sitk.sitkInt16), str(tmp_path / "a.nii.gz"))
     volume = read_image(tmp_path / "a.nii.gz")
-    with pytest.raises(InputError, match="no RTSTRUCT: the input was nifti, not DICOM"):
+    with pytest.raises(InputError, match=r"no RTSTRUCT: the input was not DICOM \(nifti\)"):
         write_rtstruct(np.zeros(volume.array.shape, np.uint8), volume, NAMES, tmp_path / "rt.dcm",
                        software_version="t")
