@@ -50,6 +50,8 @@ class JobOptions(_Record):
     atlases: int | None = None
     priority: int = 5
     stow: bool = False  # a DICOMweb job: push its DICOM SEG to ISL_STOW_URL
+    dimse: bool = False  # a job received over DIMSE: send its results back by C-STORE (ISL_DIMSE_DESTINATIONS)
+    series_uid: str | None = None  # which DICOM series of the input, when it holds several
 
 
 class ResultFile(_Record):

@@ -11,6 +11,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_KEY = "isl-dev-key"  # accepted only in development mode, and only when no keys are configured
 
 
+def valid_ae_title(aet: str) -> bool:
+    """An AE title as DICOM PS3.5 allows it: 1 to 16 characters of the default repertoire, no backslash or control
+    character, not only spaces."""
+    return 0 < len(aet) <= 16 and aet.strip() != "" and all(" " <= c < "\x7f" and c != "\\" for c in aet)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -31,6 +37,31 @@ class Settings(BaseSettings):
                                                               "(a copy of a job that still runs is not run again)")
     min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less "
                                                      "free space than this")
+    dimse_ae_title: str = Field("ISL", description="this service's DICOM AE title: the one `isl dicom-listener` "
+                                                   "answers to, and the calling AE title of the workers' C-STORE")
+    dimse_port: int = Field(11112, ge=1, le=65535, description="TCP port of `isl dicom-listener`")
+    dimse_calling_aets: str = Field("", description="tenant:AET|AET,... the calling AE titles each tenant sends from; "
+                                                    "an association from any other is refused")
+    dimse_quiet_s: float = Field(10.0, gt=0, description="a series received over DIMSE is complete, and becomes a "
+                                                         "job, once no instance of it arrived for this long")
+
+    def tenants_by_calling_aet(self) -> dict[str, str]:
+        """Calling AE title -> tenant, from ISL_DIMSE_CALLING_AETS; a malformed entry or an AE title given to two
+        tenants is refused with the entry named."""
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.dimse_calling_aets.split(","))):
+            tenant, _, titles = item.partition(":")
+            if not tenant.strip() or not titles.strip():
+                raise ValueError(f"ISL_DIMSE_CALLING_AETS entry {item!r} is not tenant:AET|AET")
+            for aet in (t.strip() for t in titles.split("|")):
+                if not valid_ae_title(aet):
+                    raise ValueError(f"ISL_DIMSE_CALLING_AETS entry {item!r}: {aet!r} is not an AE title (1 to 16 "
+                                     "characters, no backslash or control character)")
+                if out.get(aet, tenant.strip()) != tenant.strip():
+                    raise ValueError(f"ISL_DIMSE_CALLING_AETS: AE title {aet!r} is given to both {out[aet]!r} and "
+                                     f"{tenant.strip()!r}")
+                out[aet] = tenant.strip()
+        return out
 
     def tenants_by_key_hash(self) -> dict[str, str]:
         """sha256(key) -> tenant. Refuses empty or malformed configuration unless in development mode."""

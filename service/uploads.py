@@ -27,9 +27,9 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def receive(files: list[UploadFile], staging: Path, limit: int) -> list[InputFile]:
+def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str | None = None) -> list[InputFile]:
     """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is
-    not one NIfTI, one zip, or DICOM files of a series."""
+    not one NIfTI, one zip, or DICOM files of a series (`series_uid` chooses one when they hold several)."""
     if not files:
         raise HTTPException(422, "no file uploaded (multipart field 'files')")
     inputs: list[InputFile] = []
@@ -42,7 +42,7 @@ def receive(files: list[UploadFile], staging: Path, limit: int) -> list[InputFil
 
     target = staging / ("dicom" if kinds[0] == "dicom" else inputs[0].path)
     try:
-        validate(target)
+        validate(target, series_uid=series_uid)
     except Invalid as exc:
         names = files[0].filename if len(files) == 1 else f"the {len(files)} DICOM files"
         raise HTTPException(422, f"{names!r}: {exc}") from None

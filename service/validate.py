@@ -31,21 +31,21 @@ def _ctx():
     return _context
 
 
-def _run(conn, kind: str, path: str) -> None:
+def _run(conn, kind: str, path: str, series_uid: str | None = None) -> None:
     """In the child: limits first, then the reader; one answer on the pipe (a crash sends none)."""
     _limit()
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    conn.send(_series(path) if kind == "series" else _volume(path))
+    conn.send(_series(path) if kind == "series" else _volume(path, series_uid))
     conn.close()
 
 
-def _child(kind: str, path: Path, timeout: float) -> dict:
+def _child(kind: str, path: Path, timeout: float, series_uid: str | None = None) -> dict:
     """The child's answer, or Invalid with the reason."""
     ctx = _ctx()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run, args=(send, kind, str(path)), daemon=True)
+    proc = ctx.Process(target=_run, args=(send, kind, str(path), series_uid), daemon=True)
     proc.start()
     send.close()
     try:
@@ -69,9 +69,10 @@ def _child(kind: str, path: Path, timeout: float) -> dict:
     return result
 
 
-def validate(path: Path, timeout: float = 120) -> dict:
-    """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan, or Invalid with the reason."""
-    return _child("volume", path, timeout)
+def validate(path: Path, timeout: float = 120, series_uid: str | None = None) -> dict:
+    """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan (of series `series_uid` when given), or
+    Invalid with the reason."""
+    return _child("volume", path, timeout, series_uid)
 
 
 def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -100,12 +101,12 @@ def _series(folder: str) -> dict:
         return {"error": str(exc)}
 
 
-def _volume(path: str) -> dict:
+def _volume(path: str, series_uid: str | None = None) -> dict:
     from segmentation.errors import InputError
     from segmentation.io import read_image
 
     try:
-        v = read_image(Path(path))
+        v = read_image(Path(path), series_uid=series_uid)
         return {"shape": list(v.array.shape), "spacing": list(v.geometry.spacing), "kind": v.kind}
     except InputError as exc:
         return {"error": str(exc).replace(str(Path(path).parent) + "/", "")}

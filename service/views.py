@@ -27,8 +27,11 @@ class JobView(BaseModel):
     error: str = Field("", description="why it failed, in words a person can act on")
     model: str = Field(description="model bundle that refines it")
     worker: str = Field("", description="the worker node that ran (or runs) it")
-    push: str = Field("", description="for DICOMweb jobs with ISL_STOW_URL set: 'ok', or why pushing the DICOM SEG "
-                                      "failed")
+    push: str = Field("", description="for jobs whose results are sent on (DICOMweb with ISL_STOW_URL set, DIMSE "
+                                      "with a destination): 'ok', or why sending them failed")
+    received_by: Literal["upload", "dicomweb", "dimse"] = Field("upload", description="how its input came: an "
+                                                                "upload (/v1/jobs, batches), STOW-RS or C-STORE")
+    input_files: int = Field(0, description="files of its input (DICOM instances, or 1 for a NIfTI scan)")
     created: float = Field(description="when it was accepted (Unix seconds)")
     started: float | None = Field(None, description="when a worker took it (Unix seconds)")
     finished: float | None = Field(None, description="when it ended (Unix seconds)")
@@ -62,6 +65,8 @@ def job_view(job: Job, store: JobStore) -> JobView:
     queued = job.state == JobState.QUEUED
     return JobView(id=job.id, state=job.state, stage=job.stage, progress=job.progress, error=job.error,
                    model=job.options.model, worker=job.worker, push=job.push, created=job.created,
+                   received_by="dimse" if job.options.dimse else "dicomweb" if job.options.stow else "upload",
+                   input_files=len(job.inputs),
                    started=job.started, finished=job.finished,
                    queue_position=store.position(job.id) if queued else None,
                    estimated_wait_s=store.estimate_wait(job.id) if queued else None, links=links)

@@ -121,6 +121,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_dicom_listener(args) -> int:
+    from pydantic import ValidationError
+
+    from service.dimse import Listener
+    from service.settings import Settings
+
+    try:
+        listener = Listener(Settings(), host=args.host)
+    except (ValueError, ValidationError) as exc:
+        print(f"isl dicom-listener: error: {exc}", file=sys.stderr)
+        return 2
+    listener.serve_forever()
+    return 0
+
+
 def cmd_worker(args) -> int:
     import os
 
@@ -246,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dicom-listener", help="run the DICOM C-STORE SCP: each series a PACS or router sends becomes a "
+                                              "job (settings from ISL_* environment variables; see the README)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (the port is ISL_DIMSE_PORT)")
+    p.set_defaults(func=cmd_dicom_listener)
 
     p = sub.add_parser("submit", help="batch client: upload scans to a server, wait, download results (resumable)")
     p.add_argument("paths", nargs="+", help="NIfTI files, .zip DICOM series or DICOM folders, one case each")

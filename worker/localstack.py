@@ -1,6 +1,6 @@
 """The whole service on one machine, as subprocesses: a private redis-server on a free port, the API
-(`isl serve`) and N workers (`isl worker`). Used by the end-to-end tests and the service benchmarks; handy
-for trying the service without Docker."""
+(`isl serve`), N workers (`isl worker`) and, when asked, the DICOM listener (`isl dicom-listener`). Used by the
+end-to-end tests and the service benchmarks; handy for trying the service without Docker."""
 from __future__ import annotations
 
 import os
@@ -117,6 +117,20 @@ class LocalStack:
     def start_api(self) -> None:
         self._run("api", [sys.executable, "-m", "worker.cli", "serve", "--port", str(self.api_port)])
         wait_until(lambda: _answers(self.url + "/healthz"), 60, "the API")
+
+    def start_listener(self) -> None:
+        """`isl dicom-listener` on 127.0.0.1:ISL_DIMSE_PORT (set in extra_env), once it accepts connections."""
+        port = int(self.env["ISL_DIMSE_PORT"])
+        self._run("listener", [sys.executable, "-m", "worker.cli", "dicom-listener", "--host", "127.0.0.1"])
+
+        def accepts():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(accepts, 60, f"the DICOM listener on port {port}")
 
     def __enter__(self) -> LocalStack:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ from service.views import JobList, JobView, Problem, job_view
 router = APIRouter()
 UPLOAD = "one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series"
 RETRY = "a retried upload with the same key returns the same job"
+SERIES = ("for DICOM uploads that hold several series: the Series Instance UID of the one to refine (without it "
+          "such an upload is refused with the list of its series)")
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobView,
@@ -29,6 +31,8 @@ def submit(who: Tenant, response: Response, settings: SettingsDep, store: StoreD
            model: Annotated[str | None, Form(description="model bundle name (GET /v1/models)")] = None,
            atlases: Annotated[int | None, Form(ge=1, le=64, description="K atlases per scan")] = None,
            priority: Annotated[int, Form(ge=0, le=9, description="0 (first) .. 9 (last)")] = 5,
+           series_uid: Annotated[str | None, Form(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$",
+                                                  description=SERIES)] = None,
            idempotency_key: Annotated[str | None, Header(max_length=200, description=RETRY)] = None) -> JobView:
     model = chosen_model(settings, model)
     if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
@@ -36,8 +40,8 @@ def submit(who: Tenant, response: Response, settings: SettingsDep, store: StoreD
         return job_view(job, store)  # a retried upload: the body is not read again
     room_for_upload(settings)
     with staging(settings) as folder:
-        inputs = receive(files, folder, settings.max_upload_bytes)
-        options = JobOptions(model=model, atlases=atlases, priority=priority)
+        inputs = receive(files, folder, settings.max_upload_bytes, series_uid)
+        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid)
         job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, store)
@@ -103,12 +107,23 @@ def result(job: OwnedJob, storage: StorageDep,
     job = succeeded(job)  # after `format` is validated: a bad format of one's own job is a 422, as it was
     entry = job.result.files.get(RESULT_FORMATS[format])
     if entry is None:
-        raise HTTPException(404, f"job {job.id} has no {format} result (DICOM SEG and RTSTRUCT need a DICOM input)")
+        raise HTTPException(404, f"job {job.id} has no {format} result ({_why_no_export(storage, job.id)})")
     path = storage.job_dir(job.id) / "output" / entry.path
     if not storage.verify(path, entry.sha256):
         raise HTTPException(500, f"the stored result of job {job.id} fails its checksum; it is not served")
     media = "application/gzip" if format == "nifti" else "application/dicom"
     return FileResponse(path, media_type=media, filename=entry.path, headers={"Digest": f"sha-256={entry.sha256}"})
+
+
+def _why_no_export(storage, job_id: str) -> str:
+    """Why a DICOM export is missing, as the job's report says (a DICOM series whose headers lack what a SEG or an
+    RTSTRUCT must reference), else because the input was not DICOM."""
+    try:
+        report = json.loads((storage.job_dir(job_id) / "output" / "report.json").read_text())
+        reason = report.get("dicom_exports", {}).get("not_written_because")
+    except (OSError, ValueError):
+        reason = None
+    return reason or "DICOM SEG and RTSTRUCT need a DICOM input"
 
 
 @router.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem}},

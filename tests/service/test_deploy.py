@@ -22,7 +22,7 @@ def test_compose_file_is_valid_and_durable(tmp_path):
     config = compose("config", env=env).stdout
     assert "--appendonly" in config and "noeviction" in config
     assert "driver: nvidia" in config and "capabilities:" in config
-    for service in ("redis:", "api:", "worker:", "flower:"):
+    for service in ("redis:", "api:", "worker:", "flower:", "dicom-listener:"):
         assert f"  {service}" in config
 
 

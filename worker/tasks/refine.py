@@ -77,17 +77,51 @@ class _Progress:
 
 
 def _push(job: Job, out: Path, report: dict) -> str:
-    """For a DICOMweb job with ISL_STOW_URL set: 'ok', or why pushing its DICOM SEG failed ('' when not pushed)."""
-    if not (job.options.stow and settings.stow_url and "dicom_seg" in report["files"]):
-        return ""
-    from worker.tasks.stow import push
+    """Send a DICOM job's results where its route asks: its DICOM SEG by STOW-RS to ISL_STOW_URL (a DICOMweb
+    job), its SEG and/or RTSTRUCT by C-STORE to its tenant's ISL_DIMSE_DESTINATIONS entry (a DIMSE job). 'ok',
+    the reasons it failed after ISL_PUSH_ATTEMPTS tries, or '' when nothing was to be sent."""
+    files = report["files"]
+    outcomes = []
+    if job.options.stow and settings.stow_url and "dicom_seg" in files:
+        from worker.tasks.stow import push
 
-    try:
-        push(settings.stow_url, [out / report["files"]["dicom_seg"]["path"]], settings.stow_api_key)
-        return "ok"
-    except Exception as exc:  # noqa: BLE001 - the result stays available over the API; the reason is kept
-        log.warning("job %s: pushing the DICOM SEG failed: %s", job.id, exc)
-        return f"pushing the DICOM SEG to {settings.stow_url} failed: {exc}"
+        outcomes.append(_retried(f"pushing the DICOM SEG to {settings.stow_url}", job.id, lambda: push(
+            settings.stow_url, [out / files["dicom_seg"]["path"]], settings.stow_api_key)))
+    if job.options.dimse:
+        from worker.tasks.dimse import destinations, send
+
+        dest = destinations(settings.dimse_destinations).get(job.tenant)
+        kinds = [k for k in settings.dimse_send.split(",") if k in files]
+        if dest is None:
+            outcomes.append(f"no DIMSE destination is configured for tenant {job.tenant!r} (ISL_DIMSE_DESTINATIONS); "
+                            "the results are available over the API")
+        elif not kinds:
+            outcomes.append(f"no {' or '.join(settings.dimse_send.split(','))} was written for this series "
+                            f"({report.get('dicom_exports', {}).get('not_written_because', 'see the report')}); "
+                            "nothing was sent")
+        else:
+            aet, host, port = dest
+            paths = [out / files[k]["path"] for k in kinds]
+            outcomes.append(_retried(f"sending {', '.join(kinds)} by C-STORE to {aet}@{host}:{port}", job.id,
+                                     lambda: send(paths, dest, settings.dimse_ae_title)))
+    failed = [o for o in outcomes if o != "ok"]
+    return "; ".join(failed) if failed else ("ok" if outcomes else "")
+
+
+def _retried(what: str, job_id: str, attempt) -> str:
+    """'ok' once `attempt()` returns, trying ISL_PUSH_ATTEMPTS times with a doubling wait; else why it failed."""
+    wait = settings.push_retry_s
+    for n in range(1, settings.push_attempts + 1):
+        try:
+            attempt()
+            return "ok"
+        except Exception as exc:  # noqa: BLE001 - the result stays available over the API; the reason is kept
+            log.warning("job %s: %s failed (try %d of %d): %s", job_id, what, n, settings.push_attempts, exc)
+            if n == settings.push_attempts:
+                return f"{what} failed after {n} tries: {exc}"
+            time.sleep(wait)
+            wait *= 2
+    return ""
 
 
 def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
@@ -99,7 +133,8 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
     try:
         progress("loading model", 0.0)
         refiner = _refiner(job.options.model, job.options.atlases)
-        report = refine_file(_input_path(job_dir), None, out_tmp, refiner=refiner, progress=progress)
+        report = refine_file(_input_path(job_dir), None, out_tmp, refiner=refiner, progress=progress,
+                             series_uid=job.options.series_uid)
         store.update(job.id, stage="writing", progress=0.99)
         lease.check()
         shutil.rmtree(out, ignore_errors=True)

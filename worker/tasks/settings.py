@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from service.settings import Settings
 
@@ -22,3 +22,26 @@ class WorkerSettings(Settings):
     stow_url: str = Field("", description="DICOMweb STOW-RS endpoint (…/studies) that DICOM SEG results of DICOM "
                                           "inputs are pushed to; empty: none")
     stow_api_key: str = Field("", description="sent as X-API-Key with each push, when set")
+    dimse_destinations: str = Field("", description="tenant=AET@host:port,...: where the DICOM results of a job "
+                                                    "received by `isl dicom-listener` are sent back by C-STORE")
+    dimse_send: str = Field("dicom_seg,rtstruct", description="which results are sent back by C-STORE: dicom_seg, "
+                                                              "rtstruct or both, comma-separated")
+    push_attempts: int = Field(3, ge=1, description="tries of each push (STOW-RS, C-STORE) before it is given up; "
+                                                    "the job then says why")
+    push_retry_s: float = Field(2.0, ge=0, description="wait before the second try of a push, doubled after each")
+
+    @field_validator("dimse_destinations")
+    @classmethod
+    def _destinations(cls, v: str) -> str:
+        from worker.tasks.dimse import destinations
+
+        destinations(v)  # a malformed entry stops the worker at start, named
+        return v
+
+    @field_validator("dimse_send")
+    @classmethod
+    def _send(cls, v: str) -> str:
+        kinds = [k.strip() for k in v.split(",") if k.strip()]
+        if not kinds or set(kinds) - {"dicom_seg", "rtstruct"}:
+            raise ValueError(f"ISL_DIMSE_SEND {v!r}: give dicom_seg, rtstruct or both, comma-separated")
+        return ",".join(kinds)

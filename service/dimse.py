@@ -1,0 +1,212 @@
+"""`isl dicom-listener`: a DICOM C-STORE SCP (pynetdicom) for PACS and routers that speak DIMSE, not DICOMweb.
+
+An association is accepted only from a calling AE title that ISL_DIMSE_CALLING_AETS gives to a tenant, and only
+for image storage (CT, MR, their enhanced multi-frame forms) in an uncompressed transfer syntax; anything else is
+refused at negotiation, so the sender sees it. Each instance is on disk (written whole, fsynced, renamed into
+place) before its C-STORE is answered with success, under
+
+    <storage root>/dimse/incoming/<tenant>/<series instance UID>/<SOP instance UID>.dcm
+
+A series is complete once none of its instances arrived for ISL_DIMSE_QUIET_S; it is then claimed (renamed to
+dimse/claimed/<tenant>/<series UID>.<n>/dicom) and becomes a job exactly as a STOW-RS series does (read in the
+limited child, then queued), with `dimse` set so that the worker sends the result back by C-STORE. A series that
+cannot be read becomes a failed job whose error says why, visible to its tenant like any other. Nothing received
+is lost on a restart: incoming series are on disk and complete after their quiet time as before; a claimed series
+is queued again under the same idempotency key, so it never becomes two jobs. Instances of a series that arrive
+after it was claimed form a new series folder, hence a new job."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from service.jobs import JobStore
+from service.queue import Queue
+from service.records import InputFile, JobOptions, JobState, now
+from service.settings import Settings
+from service.storage import Storage
+
+log = logging.getLogger("isl.dimse")
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+
+
+def image_contexts() -> list:
+    """The presentation contexts the listener supports: image storage SOP classes that the engine reads, in the
+    uncompressed transfer syntaxes (a sender holding compressed images transcodes them or is told no)."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import build_context
+    from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage, MRImageStorage
+
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    return [build_context(c, syntaxes) for c in
+            (CTImageStorage, EnhancedCTImageStorage, MRImageStorage, EnhancedMRImageStorage)]
+
+
+class Listener:
+    """The C-STORE SCP and its series-completion loop. `start()` serves in background threads; `stop()` ends
+    both; `serve_forever()` is what the CLI runs."""
+
+    def __init__(self, settings: Settings, host: str = "0.0.0.0"):
+        self.settings, self.host = settings, host
+        self.tenants = settings.tenants_by_calling_aet()
+        if not self.tenants:
+            raise ValueError("no calling AE title is allowed (ISL_DIMSE_CALLING_AETS is empty): set "
+                             "tenant:AET|AET,... for the PACS and routers that may send")
+        root = Path(settings.storage_root) / "dimse"
+        self.incoming, self.claimed, self.tmp = root / "incoming", root / "claimed", root / "tmp"
+        for d in (self.incoming, self.claimed, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store, self.storage, self.queue = JobStore(settings.redis_url), Storage(settings.storage_root), \
+            Queue(settings)
+        self._lock = threading.Lock()  # between an instance landing in a series folder and that folder's claim
+        self._stop = threading.Event()
+        self._server = self._thread = None
+
+    # --- receiving -------------------------------------------------------------------------------------------
+    def on_store(self, event) -> int:
+        """One C-STORE: the instance on disk under its tenant and series before success is answered."""
+        tenant = self.tenants.get(event.assoc.requestor.ae_title.strip())
+        if tenant is None:  # not reachable: the association was refused
+            return CANNOT_UNDERSTAND
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            series, sop = _uids(data)
+        except Exception as exc:  # noqa: BLE001 - a data set that cannot be parsed is answered, not raised
+            log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            return CANNOT_UNDERSTAND
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with self._lock:
+                folder = self.incoming / tenant / series
+                folder.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, folder / f"{sop}.dcm")
+                os.utime(folder)  # the series' last arrival, even when the instance replaced a copy of itself
+        except OSError as exc:
+            log.error("C-STORE from %s: could not store %s: %s", event.assoc.requestor.ae_title, sop, exc)
+            tmp.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        return SUCCESS
+
+    # --- completing ------------------------------------------------------------------------------------------
+    def complete_quiet_series(self) -> list[str]:
+        """Claim every series quiet for ISL_DIMSE_QUIET_S and turn each claimed series (older ones left by a
+        restart included) into a job; the ids of the jobs made."""
+        cutoff = time.time() - self.settings.dimse_quiet_s
+        for folder in sorted(self.incoming.glob("*/*")):
+            with self._lock:
+                if folder.is_dir() and folder.stat().st_mtime <= cutoff:
+                    target = self.claimed / folder.parent.name / f"{folder.name}.{uuid.uuid4().hex[:12]}"
+                    target.mkdir(parents=True)
+                    os.replace(folder, target / "dicom")
+        made = []
+        for claimed in sorted(self.claimed.glob("*/*")):
+            try:
+                made.append(self.make_job(claimed.parent.name, claimed))
+            except HTTPException as exc:  # the queue is unreachable: the claimed series waits for the next round
+                log.warning("series %s not queued yet: %s", claimed.name, exc.detail)
+        return made
+
+    def make_job(self, tenant: str, claimed: Path) -> str:
+        """A claimed series as a job (queued, or failed with the reason when it cannot be read); the folder is
+        gone afterwards. Idempotent: a claim queued before a restart is not queued twice."""
+        from service.intake import enqueue
+        from service.validate import Invalid, validate
+
+        files = sorted((claimed / "dicom").glob("*.dcm"))
+        if not files:  # a claim interrupted between its folder and its rename: nothing in it
+            shutil.rmtree(claimed)
+            return ""
+        series = claimed.name.rsplit(".", 1)[0]
+        inputs = [InputFile(name=f"{series}/{f.stem}", kind="dicom", path=f"dicom/{f.name}", bytes=f.stat().st_size,
+                            sha256=Storage.sha256(f)) for f in files]
+        options = JobOptions(model=self.settings.default_model, dimse=True)
+        key = f"dimse:{claimed.name}"
+        try:
+            validate(claimed / "dicom")
+        except Invalid as exc:
+            job, created = self.store.create(tenant, inputs, options, key)
+            if created:
+                self.store.mark_sent(job.id)
+                self.store.update(job.id, state=JobState.FAILED, finished=now(),
+                                  error=f"series {series} received over DIMSE was refused before queueing: {exc}")
+                log.warning("series %s from tenant %s refused: %s", series, tenant, exc)
+            shutil.rmtree(claimed)
+            return job.id
+        job = enqueue(self.store, self.storage, self.queue, tenant, claimed, inputs, options, key)
+        target = self.storage.job_dir(job.id) / "input"
+        if claimed.exists() and not target.exists():  # recorded before a crash, its input not yet moved in
+            target.parent.mkdir(parents=True, exist_ok=True)
+            claimed.rename(target)
+        shutil.rmtree(claimed, ignore_errors=True)  # moved into the job already, unless it was queued before
+        log.info("series %s from tenant %s (%d instances) is job %s", series, tenant, len(files), job.id)
+        return job.id
+
+    def _complete_loop(self) -> None:
+        period = min(1.0, self.settings.dimse_quiet_s / 4)
+        while not self._stop.wait(period):
+            try:
+                self.complete_quiet_series()
+            except Exception:  # noqa: BLE001 - one bad round must not stop completion; the series stay on disk
+                log.exception("completing received series failed; retried in %.1f s", period)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.settings.dimse_ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = sorted(self.tenants)
+        ae.supported_contexts = image_contexts()
+        self._server = ae.start_server((self.host, self.settings.dimse_port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+        self._thread = threading.Thread(target=self._complete_loop, name="series-completion", daemon=True)
+        self._thread.start()
+        log.info("listening as %s on %s:%d for %s", self.settings.dimse_ae_title, self.host,
+                 self.settings.dimse_port, ", ".join(sorted(self.tenants)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def serve_forever(self) -> None:
+        import signal
+
+        self.start()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(1):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+
+def _uids(data: bytes) -> tuple[str, str]:
+    """(series instance UID, SOP instance UID) of an encoded instance, each checked to be a UID (they name the
+    folder and the file)."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                         specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+    series, sop = str(ds.get("SeriesInstanceUID", "")).strip(), str(ds.get("SOPInstanceUID", "")).strip()
+    for name, value in (("SeriesInstanceUID", series), ("SOPInstanceUID", sop)):
+        if not UID.match(value) or len(value) > 64:
+            raise ValueError(f"{name} {value!r} is not a UID")
+    return series, sop

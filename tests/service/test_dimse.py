@@ -1,0 +1,232 @@
+"""DIMSE against real peers: Orthanc sends a study to `isl dicom-listener` by C-STORE (its REST call to a modality)
+and dcmtk's `storescu` sends a series; each series becomes a job of the tenant its calling AE title belongs to, and
+the worker sends the SEG and the RTSTRUCT back to Orthanc by C-STORE, where they are listed under the same study.
+A calling AE title that no tenant has is refused at association; a series the engine cannot read becomes a failed
+job that says why; a listener killed mid-series loses nothing it acknowledged."""
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from worker.localstack import free_port, wait_until
+
+CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+KEY = {"pacs": "pacs-secret-key", "other": "other-secret-key"}
+QUIET_S = 4
+
+
+@pytest.fixture(scope="module")
+def peers(tiny_bundle, phantom_dataset, tmp_path_factory):
+    exe = shutil.which("Orthanc")
+    if exe is None or shutil.which("storescu") is None or shutil.which("redis-server") is None:
+        pytest.skip("needs Debian's orthanc, dcmtk and redis-server packages (.ci/run installs them)")
+    from worker.localstack import LocalStack
+
+    folder = tmp_path_factory.mktemp("dimse")
+    http_port, orthanc_dicom, listener, closed = free_port(), free_port(), free_port(), free_port()
+    env = {"ISL_DIMSE_PORT": str(listener), "ISL_DIMSE_QUIET_S": str(QUIET_S),
+           "ISL_DIMSE_CALLING_AETS": "pacs:ORTHANC|STORESCU,other:OTHERPACS",
+           "ISL_DIMSE_DESTINATIONS": f"pacs=ORTHANC@127.0.0.1:{orthanc_dicom},other=NOBODY@127.0.0.1:{closed}",
+           "ISL_PUSH_RETRY_S": "0.5"}
+    stack = LocalStack(folder / "stack", tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEY, extra_env=env)
+    config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+              "HttpPort": http_port, "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomModalities": {"isl": ["ISL", "127.0.0.1", listener]}}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "w")
+    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    orthanc = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_until(lambda: _answers(orthanc + "/system"), 60, "Orthanc")
+        with stack:
+            stack.start_listener()
+            try:
+                yield orthanc, stack, listener
+            finally:
+                print(stack.logs())
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        print((folder / "orthanc.log").read_text()[-3000:])
+
+
+def _answers(url):
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _jobs(stack, tenant="pacs"):
+    with httpx.Client(headers={"X-API-Key": KEY[tenant]}, timeout=30) as c:
+        return {j["id"]: j for j in c.get(stack.url + "/v1/jobs").json()["jobs"]}
+
+
+def _new_final_job(stack, before, timeout=240):
+    """The one job that appeared since `before`, once it ended."""
+    new = wait_until(lambda: set(_jobs(stack)) - set(before), QUIET_S + 30, "the job of the sent series")
+    assert len(new) == 1, new
+    with httpx.Client(headers={"X-API-Key": KEY["pacs"]}, timeout=30) as c:
+        return wait_until(lambda: (j := c.get(f"{stack.url}/v1/jobs/{next(iter(new))}").json())["state"]
+                          in ("succeeded", "failed") and j, timeout, "the job")
+
+
+def _series_copy(transform=None):
+    """CT5N as a new series (new series and SOP instance UIDs), each slice through `transform(i, ds)`."""
+    series = generate_uid()
+    out = []
+    for i, f in enumerate(sorted(CT5N.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if transform:
+            transform(i, ds)
+        out.append(ds)
+    return out
+
+
+def _c_store(datasets, port, calling="STORESCU"):
+    """C-STORE the datasets to the listener in one association; the status of each (None: refused)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ISL")
+    if not assoc.is_established:
+        return None
+    try:
+        return [assoc.send_c_store(copy.deepcopy(ds)).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_orthanc_sends_a_study_and_gets_seg_and_rtstruct_back_in_it(peers):
+    orthanc, stack, _ = peers
+    before, study = _jobs(stack), None
+    for f in sorted(CT5N.iterdir()):
+        r = httpx.post(orthanc + "/instances", content=f.read_bytes(), timeout=30)
+        assert r.status_code == 200, r.text
+        study = r.json()["ParentStudy"]
+    r = httpx.post(f"{orthanc}/modalities/isl/store", json={"Resources": [study], "Synchronous": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    job = _new_final_job(stack, before)
+    assert job["state"] == "succeeded" and job["push"] == "ok" and job["received_by"] == "dimse", job
+    assert job["input_files"] == 5
+    with httpx.Client(headers={"X-API-Key": KEY["other"]}, timeout=30) as c:  # another tenant does not see it
+        assert c.get(f"{stack.url}/v1/jobs/{job['id']}").status_code == 404
+
+    def modalities():
+        ids = httpx.get(f"{orthanc}/studies/{study}").json()["Series"]
+        return sorted(httpx.get(f"{orthanc}/series/{s}").json()["MainDicomTags"].get("Modality", "") for s in ids)
+
+    assert wait_until(lambda: modalities() == ["CT", "RTSTRUCT", "SEG"] and modalities(), 30,
+                      "the SEG and the RTSTRUCT in Orthanc's study")
+
+
+def test_storescu_sends_a_series_that_becomes_a_job(peers, tmp_path):
+    _, stack, port = peers
+    before = _jobs(stack)
+    for i, ds in enumerate(_series_copy()):
+        ds.save_as(tmp_path / f"{i}.dcm")
+    run = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "ISL", "127.0.0.1", str(port),
+                          *sorted(map(str, tmp_path.iterdir()))], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    job = _new_final_job(stack, before)
+    assert job["state"] == "succeeded" and job["push"] == "ok", job
+
+
+def test_a_calling_ae_title_no_tenant_has_is_refused_at_association(peers, tmp_path):
+    _, stack, port = peers
+    _series_copy()[0].save_as(tmp_path / "0.dcm")
+    run = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "ISL", "127.0.0.1", str(port),
+                          str(tmp_path / "0.dcm")], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "Association Rejected" in run.stdout + run.stderr, run
+    assert _c_store(_series_copy()[:1], port, calling="INTRUDER") is None
+    before = _jobs(stack)
+    assert _c_store(_series_copy()[:1], port, calling="STORESCU") == [0]  # the same from an allowed title
+    assert _new_final_job(stack, before)["input_files"] == 1
+    incoming = Path(stack.env["ISL_STORAGE_ROOT"]) / "dimse" / "incoming"
+    assert not (incoming / "INTRUDER").exists() and {p.name for p in incoming.iterdir()} <= {"pacs", "other"}
+
+
+def test_a_series_the_engine_cannot_read_becomes_a_failed_job_that_says_why(peers):
+    _, stack, port = peers
+    before = _jobs(stack)
+
+    def tilt(i, ds):  # 0.87 mm along y per slice: a gantry tilt of about 19 degrees
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.87 * int(ds.InstanceNumber), z]
+
+    assert _c_store(_series_copy(tilt), port) == [0] * 5
+    job = _new_final_job(stack, before, timeout=30)
+    assert job["state"] == "failed" and "refused before queueing" in job["error"] and "gantry tilt" in job["error"]
+
+
+def test_a_destination_that_cannot_be_reached_is_tried_again_then_named_on_the_job(peers):
+    _, stack, port = peers
+    before = _jobs(stack, "other")
+    assert _c_store(_series_copy(), port, calling="OTHERPACS") == [0] * 5
+    new = wait_until(lambda: set(_jobs(stack, "other")) - set(before), QUIET_S + 30, "the job of tenant other")
+    with httpx.Client(headers={"X-API-Key": KEY["other"]}, timeout=30) as c:
+        job = wait_until(lambda: (j := c.get(f"{stack.url}/v1/jobs/{next(iter(new))}").json())["state"]
+                         in ("succeeded", "failed") and j, 240, "the job")
+    assert job["state"] == "succeeded", job  # the result stays available over the API
+    assert "C-STORE to NOBODY@127.0.0.1" in job["push"] and "failed after 3 tries" in job["push"], job["push"]
+
+
+def test_a_listener_killed_mid_series_loses_nothing_it_acknowledged(peers):
+    _, stack, port = peers
+    before, series = _jobs(stack), _series_copy()
+    assert _c_store(series[:3], port) == [0] * 3
+    stack.kill("listener", signal.SIGKILL)
+    stack.start_listener()
+    assert _c_store(series[3:], port) == [0] * 2
+    sent = {str(ds.SOPInstanceUID) for ds in series}
+
+    store = stack.store()
+
+    def received():
+        jobs = [store.get(i) for i in _jobs(stack) if i not in before]
+        names = {f.name.split("/")[-1] for j in jobs for f in j.inputs}
+        return names == sent and jobs
+
+    jobs = wait_until(received, QUIET_S + 60, "every acknowledged instance in a job")
+    assert all(j.state != "failed" for j in jobs), jobs
+
+
+def test_calling_ae_titles_and_destinations_are_checked_naming_the_entry():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+    from worker.tasks.dimse import destinations
+    from worker.tasks.settings import WorkerSettings
+
+    assert Settings(dimse_calling_aets="a:X|Y, b:Z").tenants_by_calling_aet() == {"X": "a", "Y": "a", "Z": "b"}
+    for bad, why in [("a:X,b:X", "given to both 'a' and 'b'"), ("a:", "is not tenant:AET"),
+                     ("a:SEVENTEEN_CHARSXX", "is not an AE title"), ("a:BAD\\AE", "is not an AE title")]:
+        with pytest.raises(ValueError, match=why):
+            Settings(dimse_calling_aets=bad).tenants_by_calling_aet()
+    assert destinations("t=PACS@pacs.hospital:104") == {"t": ("PACS", "pacs.hospital", 104)}
+    for bad in ("t=PACS@host", "t=PACS", "PACS@host:104", "t=@host:104", "t=PACS@host:0"):
+        with pytest.raises(ValueError, match="AET@host:port"):
+            destinations(bad)
+    with pytest.raises(ValidationError, match="ISL_DIMSE_SEND 'seg'"):
+        WorkerSettings(dimse_send="seg")
+
+
+def test_the_listener_does_not_start_without_allowed_calling_ae_titles(tmp_path):
+    import sys
+
+    env = dict(os.environ, ISL_STORAGE_ROOT=str(tmp_path), ISL_DIMSE_CALLING_AETS="")
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "dicom-listener"], capture_output=True, text=True,
+                         env=env, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 2 and "ISL_DIMSE_CALLING_AETS is empty" in run.stderr, run.stderr
