@@ -7,13 +7,15 @@ place) before its C-STORE is answered with success, under
 
     <storage root>/dimse/incoming/<tenant>/<series instance UID>/<SOP instance UID>.dcm
 
-A series is complete once none of its instances arrived for ISL_DIMSE_QUIET_S; it is then claimed (renamed to
-dimse/claimed/<tenant>/<series UID>.<n>/dicom) and becomes a job exactly as a STOW-RS series does (read in the
-limited child, then queued), with `dimse` set so that the worker sends the result back by C-STORE. A series that
-cannot be read becomes a failed job whose error says why, visible to its tenant like any other. Nothing received
-is lost on a restart: incoming series are on disk and complete after their quiet time as before; a claimed series
-is queued again under the same idempotency key, so it never becomes two jobs. Instances of a series that arrive
-after it was claimed form a new series folder, hence a new job."""
+A series is complete once no association that delivered it is still open and none of its instances arrived for
+ISL_DIMSE_QUIET_S; it is then claimed (renamed to dimse/claimed/<tenant>/<series UID>.<n>/dicom) and becomes a
+job as a STOW-RS series does (read in the limited child, recorded, its files moved into the job, queued), with
+`dimse` set so that the worker sends the results back by C-STORE. A series that cannot be read becomes a failed
+job whose error says why, visible to its tenant like any other. Nothing received is lost on a restart: incoming
+series are on disk and get a whole quiet time again from the restart (their sender may resume); a claimed series
+is recorded under the same idempotency key, so it never becomes two jobs. A broker that cannot be reached leaves
+the job recorded and unsent: the workers' sweep sends it (service/jobs.py `requeue_orphans`). Instances of a
+series that arrive after it was claimed form a new series folder, hence a new job."""
 from __future__ import annotations
 
 import io
@@ -26,8 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import HTTPException
-
+from service import metrics
 from service.jobs import JobStore
 from service.queue import Queue
 from service.records import InputFile, JobOptions, JobState, now
@@ -61,13 +62,22 @@ class Listener:
         if not self.tenants:
             raise ValueError("no calling AE title is allowed (ISL_DIMSE_CALLING_AETS is empty): set "
                              "tenant:AET|AET,... for the PACS and routers that may send")
+        keyed = set(settings.tenants_by_key_hash().values())
+        if unknown := sorted(set(self.tenants.values()) - keyed):
+            raise ValueError(f"ISL_DIMSE_CALLING_AETS names tenants without an API key in ISL_API_KEYS: {unknown}; "
+                             "they could never see their jobs")
         root = Path(settings.storage_root) / "dimse"
         self.incoming, self.claimed, self.tmp = root / "incoming", root / "claimed", root / "tmp"
         for d in (self.incoming, self.claimed, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp.glob("*.part"):  # instances a crash interrupted before they were acknowledged
+            stale.unlink(missing_ok=True)
+        for folder in self.incoming.glob("*/*"):  # a sender cut off by the restart gets a whole quiet time again
+            os.utime(folder)
         self.store, self.storage, self.queue = JobStore(settings.redis_url), Storage(settings.storage_root), \
             Queue(settings)
         self._lock = threading.Lock()  # between an instance landing in a series folder and that folder's claim
+        self._open: dict[tuple[str, str], set[int]] = {}  # (tenant, series) -> open associations delivering it
         self._stop = threading.Event()
         self._server = self._thread = None
 
@@ -77,6 +87,10 @@ class Listener:
         tenant = self.tenants.get(event.assoc.requestor.ae_title.strip())
         if tenant is None:  # not reachable: the association was refused
             return CANNOT_UNDERSTAND
+        if shutil.disk_usage(self.tmp).free < self.settings.min_free_mb * (1 << 20):
+            log.error("C-STORE from %s refused: the storage has less than %d MB free", tenant,
+                      self.settings.min_free_mb)
+            return OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
             series, sop = _uids(data)
@@ -91,9 +105,13 @@ class Listener:
                 os.fsync(fh.fileno())
             with self._lock:
                 folder = self.incoming / tenant / series
-                folder.mkdir(parents=True, exist_ok=True)
+                if not folder.is_dir():
+                    folder.mkdir(parents=True)
+                    _fsync_dir(folder.parent)
                 os.replace(tmp, folder / f"{sop}.dcm")
+                _fsync_dir(folder)
                 os.utime(folder)  # the series' last arrival, even when the instance replaced a copy of itself
+                self._open.setdefault((tenant, series), set()).add(id(event.assoc))
         except OSError as exc:
             log.error("C-STORE from %s: could not store %s: %s", event.assoc.requestor.ae_title, sop, exc)
             tmp.unlink(missing_ok=True)
@@ -101,28 +119,38 @@ class Listener:
         return SUCCESS
 
     # --- completing ------------------------------------------------------------------------------------------
+    def on_association_end(self, event) -> None:
+        """An association released or aborted: the series it delivered may complete once quiet."""
+        with self._lock:
+            for key in list(self._open):
+                self._open[key].discard(id(event.assoc))
+                if not self._open[key]:
+                    del self._open[key]
+
     def complete_quiet_series(self) -> list[str]:
-        """Claim every series quiet for ISL_DIMSE_QUIET_S and turn each claimed series (older ones left by a
-        restart included) into a job; the ids of the jobs made."""
+        """Claim every series that no open association is delivering and that was quiet for ISL_DIMSE_QUIET_S,
+        and turn each claimed series (those left by a restart included) into a job; the ids of the jobs made."""
         cutoff = time.time() - self.settings.dimse_quiet_s
         for folder in sorted(self.incoming.glob("*/*")):
             with self._lock:
-                if folder.is_dir() and folder.stat().st_mtime <= cutoff:
+                key = (folder.parent.name, folder.name)
+                if folder.is_dir() and key not in self._open and folder.stat().st_mtime <= cutoff:
                     target = self.claimed / folder.parent.name / f"{folder.name}.{uuid.uuid4().hex[:12]}"
                     target.mkdir(parents=True)
                     os.replace(folder, target / "dicom")
+                    _fsync_dir(target)
+                    _fsync_dir(folder.parent)
         made = []
         for claimed in sorted(self.claimed.glob("*/*")):
             try:
                 made.append(self.make_job(claimed.parent.name, claimed))
-            except HTTPException as exc:  # the queue is unreachable: the claimed series waits for the next round
-                log.warning("series %s not queued yet: %s", claimed.name, exc.detail)
+            except Exception:  # noqa: BLE001 - this series waits for the next round; the others go on
+                log.exception("series %s not made a job yet; tried again next round", claimed.name)
         return made
 
     def make_job(self, tenant: str, claimed: Path) -> str:
         """A claimed series as a job (queued, or failed with the reason when it cannot be read); the folder is
         gone afterwards. Idempotent: a claim queued before a restart is not queued twice."""
-        from service.intake import enqueue
         from service.validate import Invalid, validate
 
         files = sorted((claimed / "dicom").glob("*.dcm"))
@@ -137,20 +165,27 @@ class Listener:
         try:
             validate(claimed / "dicom")
         except Invalid as exc:
-            job, created = self.store.create(tenant, inputs, options, key)
-            if created:
+            job, _ = self.store.create(tenant, inputs, options, key)
+            if job.state == JobState.QUEUED:  # (a crash may have come between the record and this)
                 self.store.mark_sent(job.id)
                 self.store.update(job.id, state=JobState.FAILED, finished=now(),
                                   error=f"series {series} received over DIMSE was refused before queueing: {exc}")
                 log.warning("series %s from tenant %s refused: %s", series, tenant, exc)
             shutil.rmtree(claimed)
             return job.id
-        job = enqueue(self.store, self.storage, self.queue, tenant, claimed, inputs, options, key)
+        job, created = self.store.create(tenant, inputs, options, key)
         target = self.storage.job_dir(job.id) / "input"
-        if claimed.exists() and not target.exists():  # recorded before a crash, its input not yet moved in
+        if not target.exists():  # (recorded before a crash: its input not yet moved in)
             target.parent.mkdir(parents=True, exist_ok=True)
             claimed.rename(target)
-        shutil.rmtree(claimed, ignore_errors=True)  # moved into the job already, unless it was queued before
+        shutil.rmtree(claimed, ignore_errors=True)  # what is left of a claim recorded before a restart
+        if created or job.state == JobState.QUEUED:
+            try:
+                self.queue.send(job.id, options.priority)
+                self.store.mark_sent(job.id)
+            except Exception as exc:  # noqa: BLE001 - recorded and unsent: the workers' sweep sends it
+                log.warning("job %s recorded but not sent (%s); the workers' sweep will send it", job.id, exc)
+        metrics.UPLOADED.inc(sum(i.bytes for i in inputs))
         log.info("series %s from tenant %s (%d instances) is job %s", series, tenant, len(files), job.id)
         return job.id
 
@@ -171,7 +206,10 @@ class Listener:
         ae.require_calling_aet = sorted(self.tenants)
         ae.supported_contexts = image_contexts()
         self._server = ae.start_server((self.host, self.settings.dimse_port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+                                       evt_handlers=[(evt.EVT_C_STORE, self.on_store),
+                                                     (evt.EVT_RELEASED, self.on_association_end),
+                                                     (evt.EVT_ABORTED, self.on_association_end),
+                                                     (evt.EVT_CONN_CLOSE, self.on_association_end)])
         self._thread = threading.Thread(target=self._complete_loop, name="series-completion", daemon=True)
         self._thread.start()
         log.info("listening as %s on %s:%d for %s", self.settings.dimse_ae_title, self.host,
@@ -196,6 +234,15 @@ class Listener:
             pass
         finally:
             self.stop()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """A rename or a new entry in `folder` survives a power loss once this returns."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _uids(data: bytes) -> tuple[str, str]:

@@ -3,12 +3,16 @@ the README). What only the workers read is in worker/tasks/settings.py (`WorkerS
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_KEY = "isl-dev-key"  # accepted only in development mode, and only when no keys are configured
+
+
+TENANT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 def valid_ae_title(aet: str) -> bool:
@@ -42,8 +46,17 @@ class Settings(BaseSettings):
     dimse_port: int = Field(11112, ge=1, le=65535, description="TCP port of `isl dicom-listener`")
     dimse_calling_aets: str = Field("", description="tenant:AET|AET,... the calling AE titles each tenant sends from; "
                                                     "an association from any other is refused")
-    dimse_quiet_s: float = Field(10.0, gt=0, description="a series received over DIMSE is complete, and becomes a "
-                                                         "job, once no instance of it arrived for this long")
+    dimse_quiet_s: float = Field(30.0, gt=0, description="a series received over DIMSE is complete, and becomes a "
+                                                         "job, once no association delivering it is open and no "
+                                                         "instance of it arrived for this long")
+
+    @field_validator("dimse_ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        if not valid_ae_title(v):
+            raise ValueError(f"ISL_DIMSE_AE_TITLE {v!r} is not an AE title (1 to 16 characters, no backslash or "
+                             "control character)")
+        return v
 
     def tenants_by_calling_aet(self) -> dict[str, str]:
         """Calling AE title -> tenant, from ISL_DIMSE_CALLING_AETS; a malformed entry or an AE title given to two
@@ -51,8 +64,9 @@ class Settings(BaseSettings):
         out: dict[str, str] = {}
         for item in filter(None, (p.strip() for p in self.dimse_calling_aets.split(","))):
             tenant, _, titles = item.partition(":")
-            if not tenant.strip() or not titles.strip():
-                raise ValueError(f"ISL_DIMSE_CALLING_AETS entry {item!r} is not tenant:AET|AET")
+            if not TENANT.fullmatch(tenant.strip()) or not titles.strip():
+                raise ValueError(f"ISL_DIMSE_CALLING_AETS entry {item!r} is not tenant:AET|AET (a tenant is letters, "
+                                 "digits, '_', '-' and '.')")
             for aet in (t.strip() for t in titles.split("|")):
                 if not valid_ae_title(aet):
                     raise ValueError(f"ISL_DIMSE_CALLING_AETS entry {item!r}: {aet!r} is not an AE title (1 to 16 "

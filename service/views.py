@@ -31,7 +31,8 @@ class JobView(BaseModel):
                                       "with a destination): 'ok', or why sending them failed")
     received_by: Literal["upload", "dicomweb", "dimse"] = Field("upload", description="how its input came: an "
                                                                 "upload (/v1/jobs, batches), STOW-RS or C-STORE")
-    input_files: int = Field(0, description="files of its input (DICOM instances, or 1 for a NIfTI scan)")
+    input_files: int = Field(0, description="files of its input as received: DICOM instances, or 1 for a NIfTI "
+                                            "scan or a zip")
     created: float = Field(description="when it was accepted (Unix seconds)")
     started: float | None = Field(None, description="when a worker took it (Unix seconds)")
     finished: float | None = Field(None, description="when it ended (Unix seconds)")

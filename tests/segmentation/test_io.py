@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_corpus import check_exports
 
 from segmentation.errors import (
     AmbiguousSeriesError,
@@ -153,6 +154,8 @@ def test_dicom_series_reads_and_exports_dicom_seg(tmp_path):
     assert seg.get_segment_description(1).segment_label == "bright"
     source_uids = {h.SOPInstanceUID for h in volume.dicom_headers}
     assert {ref[2] for ref in seg.get_source_image_uids()} == source_uids
+    write_label_map(labels, volume.geometry, tmp_path / "mask.nii.gz")
+    check_exports(path, None, tmp_path / "mask.nii.gz", CT5N, {1: "bright", 2: "band"})
 
 
 def _copy_series(dst):

@@ -3,7 +3,6 @@ through the CLI (`isl refine` with the committed head-and-neck bundle) and throu
 each shape either works, onto the right voxels, with SEG and RTSTRUCT that pass dciodvfy and read back onto the
 NIfTI mask, or is refused before any job is queued, with its reason."""
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import shared
-from dicom_corpus import check_exports, dciodvfy_errors, make_corpus, series_uids
+from dicom_corpus import check_exports, make_corpus, series_uids
 from kit import client, wait_final
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +60,18 @@ def cli_runs(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("shape", ["sagittal", "coronal", "enhanced"])
 def test_cli_segments_each_acquisition_onto_the_same_anatomy(cli_runs, shape):
-    """The same voxels acquired another way get the same mask, back on their own grid."""
+    """The same voxels acquired another way get the same mask, back on their own grid: every organ the axial
+    series shows, with a Dice of at least 0.99 against it."""
     axial, other = _lps(cli_runs / "axial" / "mask.nii.gz"), _lps(cli_runs / shape / "mask.nii.gz")
-    assert axial.shape == other.shape and (axial > 0).sum() > 1000
-    assert (axial == other).mean() > 0.999, (axial != other).sum()
+    assert axial.shape == other.shape
+    organs = [v for v in np.unique(axial) if v != 0]
+    assert len(organs) >= 5, organs  # the head-and-neck bundle finds most of its 7 organs on this CT
+    for v in organs:
+        a, b = axial == v, other == v
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, (v, a.sum(), b.sum(), (a & b).sum())
 
 
-@pytest.mark.parametrize("shape", ["axial", "sagittal", "coronal"])
+@pytest.mark.parametrize("shape", ["axial", "sagittal", "coronal", "enhanced"])
 def test_cli_exports_pass_dciodvfy_and_read_back_onto_the_mask(cli_runs, corpus, shape):
     names = {int(k): v for k, v in json.loads((MODEL / "bundle.json").read_text())["dataset"]["labels"].items()}
     out = cli_runs / shape
@@ -141,7 +145,5 @@ def test_service_refines_each_acquisition_and_serves_its_exports(stack, small, s
             files[fmt] = tmp_path / name
             files[fmt].write_bytes(got.content)
         names = {int(k): v for k, v in c.get(f"{stack.url}/v1/jobs/{job['id']}/report").json()["labels"].items()}
-    if shape == "sagittal":
+    if shape != "no_frame_of_reference":
         check_exports(files["dicom-seg"], files["rtstruct"], files["nifti"], small[shape], names)
-    elif shape == "enhanced" and shutil.which("dciodvfy"):
-        assert not dciodvfy_errors(files["dicom-seg"]) and not dciodvfy_errors(files["rtstruct"])

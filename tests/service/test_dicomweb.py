@@ -55,7 +55,7 @@ def _answers(url):
         return False
 
 
-def test_pacs_pushes_a_study_and_gets_the_seg_back_in_it(pacs_and_service):
+def test_pacs_pushes_a_study_and_gets_the_seg_back_in_it(pacs_and_service, tmp_path):
     import pydicom
 
     orthanc, api = pacs_and_service
@@ -79,6 +79,13 @@ def test_pacs_pushes_a_study_and_gets_the_seg_back_in_it(pacs_and_service):
         return sorted(httpx.get(f"{orthanc}/series/{s}").json()["MainDicomTags"].get("Modality", "") for s in ids)
 
     assert wait_until(lambda: modalities() == ["CT", "SEG"] and modalities(), 30, "the SEG in Orthanc's study")
+    from dicom_corpus import check_exports  # the SEG pushed passes dciodvfy and reads back onto the NIfTI mask
+
+    with httpx.Client(headers={"X-API-Key": KEY["pacs"]}, timeout=30) as c:
+        for fmt, name in (("nifti", "mask.nii.gz"), ("dicom-seg", "seg.dcm")):
+            (tmp_path / name).write_bytes(c.get(f"{api}/v1/jobs/{job['id']}/result", params={"format": fmt}).content)
+        names = {int(k): v for k, v in c.get(f"{api}/v1/jobs/{job['id']}/report").json()["labels"].items()}
+    check_exports(tmp_path / "seg.dcm", None, tmp_path / "mask.nii.gz", series, names)
 
 
 def test_stow_refuses_other_content(pacs_and_service):

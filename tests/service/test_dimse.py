@@ -80,12 +80,12 @@ def _new_final_job(stack, before, timeout=240):
 
 
 def _series_copy(transform=None):
-    """CT5N as a new series (new series and SOP instance UIDs), each slice through `transform(i, ds)`."""
-    series = generate_uid()
+    """CT5N as a new study and series (new UIDs throughout), each slice through `transform(i, ds)`."""
+    study, series = generate_uid(), generate_uid()
     out = []
     for i, f in enumerate(sorted(CT5N.iterdir())):
         ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if transform:
             transform(i, ds)
@@ -109,7 +109,7 @@ def _c_store(datasets, port, calling="STORESCU"):
         assoc.release()
 
 
-def test_orthanc_sends_a_study_and_gets_seg_and_rtstruct_back_in_it(peers):
+def test_orthanc_sends_a_study_and_gets_seg_and_rtstruct_back_in_it(peers, tmp_path):
     orthanc, stack, _ = peers
     before, study = _jobs(stack), None
     for f in sorted(CT5N.iterdir()):
@@ -130,32 +130,52 @@ def test_orthanc_sends_a_study_and_gets_seg_and_rtstruct_back_in_it(peers):
 
     assert wait_until(lambda: modalities() == ["CT", "RTSTRUCT", "SEG"] and modalities(), 30,
                       "the SEG and the RTSTRUCT in Orthanc's study")
+    _check_results(stack, job["id"], tmp_path, CT5N)
+
+
+def _check_results(stack, job_id, folder, source):
+    """The job's SEG and RTSTRUCT pass dciodvfy and read back onto its NIfTI mask (tests/dicom_corpus.py)."""
+    from dicom_corpus import check_exports
+
+    with httpx.Client(headers={"X-API-Key": KEY["pacs"]}, timeout=30) as c:
+        for fmt, name in (("nifti", "mask.nii.gz"), ("dicom-seg", "seg.dcm"), ("rtstruct", "rt.dcm")):
+            (folder / name).write_bytes(c.get(f"{stack.url}/v1/jobs/{job_id}/result", params={"format": fmt}).content)
+        names = {int(k): v for k, v in c.get(f"{stack.url}/v1/jobs/{job_id}/report").json()["labels"].items()}
+    check_exports(folder / "seg.dcm", folder / "rt.dcm", folder / "mask.nii.gz", source, names)
 
 
 def test_storescu_sends_a_series_that_becomes_a_job(peers, tmp_path):
     _, stack, port = peers
     before = _jobs(stack)
+    (tmp_path / "series").mkdir()
     for i, ds in enumerate(_series_copy()):
-        ds.save_as(tmp_path / f"{i}.dcm")
+        ds.save_as(tmp_path / "series" / f"{i}.dcm")
     run = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "ISL", "127.0.0.1", str(port),
-                          *sorted(map(str, tmp_path.iterdir()))], capture_output=True, text=True, timeout=60)
+                          *sorted(map(str, (tmp_path / "series").iterdir()))], capture_output=True, text=True,
+                         timeout=60)
     assert run.returncode == 0, run.stderr
     job = _new_final_job(stack, before)
     assert job["state"] == "succeeded" and job["push"] == "ok", job
+    _check_results(stack, job["id"], tmp_path, tmp_path / "series")
 
 
 def test_a_calling_ae_title_no_tenant_has_is_refused_at_association(peers, tmp_path):
     _, stack, port = peers
+    dimse = Path(stack.env["ISL_STORAGE_ROOT"]) / "dimse"
+
+    def received():
+        return sorted(str(p.relative_to(dimse)) for p in dimse.rglob("*") if p.is_file())
+
+    kept, before = received(), _jobs(stack)
     _series_copy()[0].save_as(tmp_path / "0.dcm")
     run = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "ISL", "127.0.0.1", str(port),
                           str(tmp_path / "0.dcm")], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "Association Rejected" in run.stdout + run.stderr, run
     assert _c_store(_series_copy()[:1], port, calling="INTRUDER") is None
-    before = _jobs(stack)
+    assert received() == kept and _jobs(stack) == before  # nothing of theirs was kept or queued
     assert _c_store(_series_copy()[:1], port, calling="STORESCU") == [0]  # the same from an allowed title
+    assert received() != kept
     assert _new_final_job(stack, before)["input_files"] == 1
-    incoming = Path(stack.env["ISL_STORAGE_ROOT"]) / "dimse" / "incoming"
-    assert not (incoming / "INTRUDER").exists() and {p.name for p in incoming.iterdir()} <= {"pacs", "other"}
 
 
 def test_a_series_the_engine_cannot_read_becomes_a_failed_job_that_says_why(peers):
@@ -184,23 +204,29 @@ def test_a_destination_that_cannot_be_reached_is_tried_again_then_named_on_the_j
 
 
 def test_a_listener_killed_mid_series_loses_nothing_it_acknowledged(peers):
+    """Killed (SIGKILL) after 3 of a series' 5 instances, restarted, sent the other 2: one job of all 5. And a
+    series the listener had claimed but not yet made a job when it died becomes one job on restart."""
     _, stack, port = peers
-    before, series = _jobs(stack), _series_copy()
+    before, series, claimed = _jobs(stack), _series_copy(), _series_copy()
     assert _c_store(series[:3], port) == [0] * 3
     stack.kill("listener", signal.SIGKILL)
+    folder = Path(stack.env["ISL_STORAGE_ROOT"]) / "dimse" / "claimed" / "pacs" / f"{claimed[0].SeriesInstanceUID}.x"
+    (folder / "dicom").mkdir(parents=True)  # what a claim leaves when the listener dies before the job is made
+    for ds in claimed:
+        ds.save_as(folder / "dicom" / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     stack.start_listener()
     assert _c_store(series[3:], port) == [0] * 2
-    sent = {str(ds.SOPInstanceUID) for ds in series}
-
     store = stack.store()
 
-    def received():
+    def both():
         jobs = [store.get(i) for i in _jobs(stack) if i not in before]
-        names = {f.name.split("/")[-1] for j in jobs for f in j.inputs}
-        return names == sent and jobs
+        return len(jobs) == 2 and all(j.state in ("succeeded", "failed") for j in jobs) and jobs
 
-    jobs = wait_until(received, QUIET_S + 60, "every acknowledged instance in a job")
-    assert all(j.state != "failed" for j in jobs), jobs
+    jobs = wait_until(both, QUIET_S + 240, "the two jobs")
+    sent = sorted(sorted(str(ds.SOPInstanceUID) for ds in s) for s in (series, claimed))
+    assert sorted(sorted(f.name.split("/")[-1] for f in j.inputs) for j in jobs) == sent
+    assert all(j.state == "succeeded" for j in jobs), [j.error for j in jobs]
+    assert not folder.exists()
 
 
 def test_calling_ae_titles_and_destinations_are_checked_naming_the_entry():

@@ -23,6 +23,8 @@ def destinations(text: str) -> dict[str, tuple[str, str, int]]:
         tenant, eq, dest = item.partition("=")
         if not eq or not tenant.strip():
             raise ValueError(f"ISL_DIMSE_DESTINATIONS entry {item!r} is not tenant=AET@host:port")
+        if tenant.strip() in out:
+            raise ValueError(f"ISL_DIMSE_DESTINATIONS gives tenant {tenant.strip()!r} two destinations")
         out[tenant.strip()] = parse_destination(dest)
     return out
 
@@ -33,10 +35,11 @@ def send(files: list[Path], destination: tuple[str, str, int], calling_aet: str,
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
+    from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for cls in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(cls, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     aet, host, port = destination
@@ -50,7 +53,7 @@ def send(files: list[Path], destination: tuple[str, str, int], calling_aet: str,
             code = getattr(status, "Status", None)
             if code is None:
                 raise RuntimeError(f"{aet}@{host}:{port} gave no answer to the C-STORE of {f.name}")
-            if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or warnings: stored
+            if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning is stored too
                 raise RuntimeError(f"{aet}@{host}:{port} refused {f.name}: C-STORE status 0x{code:04X}")
     finally:
         assoc.release()

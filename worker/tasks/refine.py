@@ -115,6 +115,8 @@ def _retried(what: str, job_id: str, attempt) -> str:
         try:
             attempt()
             return "ok"
+        except SoftTimeLimitExceeded:
+            raise
         except Exception as exc:  # noqa: BLE001 - the result stays available over the API; the reason is kept
             log.warning("job %s: %s failed (try %d of %d): %s", job_id, what, n, settings.push_attempts, exc)
             if n == settings.push_attempts:
