@@ -8,11 +8,12 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from dicom_corpus import check_exports
 
 from segmentation.codes import segment_code, segment_codes
 from segmentation.dataset import load_dataset
 from segmentation.errors import DatasetError
-from segmentation.io import read_image
+from segmentation.io import read_image, write_label_map
 
 CT5N = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "dicomdirtests", "98892001", "CT5N")
 
@@ -91,6 +92,8 @@ def test_dicom_seg_carries_the_codes_laterality_and_colours(tmp_path):
     assert len(set(colours)) == 3
     rgb = hd.color.CIELabColor.from_dicom_value(colours[0]).to_rgb()
     assert np.allclose(rgb, segment_code(1, "Brainstem").colour, atol=2)
+    write_label_map(labels, volume.geometry, tmp_path / "mask.nii.gz")  # dciodvfy, and back onto the voxels
+    check_exports(path, None, tmp_path / "mask.nii.gz", CT5N, names)
 
 
 def test_a_bundle_with_a_bad_code_map_is_refused_when_loaded(tmp_path):

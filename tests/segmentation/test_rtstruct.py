@@ -51,6 +51,8 @@ def test_rtstruct_reads_back_onto_the_same_voxels_with_codes_colours_and_referen
     assert observations[1].RTROIIdentificationCodeSequence[0].CodeValue == "45289007"  # parotid gland
     assert "RTROIIdentificationCodeSequence" not in observations[2]  # "Anterior": no known concept
     assert len({tuple(c.ROIDisplayColor) for c in ds.ROIContourSequence}) == 3
+    if shutil.which("dciodvfy"):
+        assert _errors(path) == []
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None,

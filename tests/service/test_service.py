@@ -285,6 +285,11 @@ def test_isl_submit_downloads_rtstruct_for_dicom_and_says_a_nifti_has_none(servi
     assert json.loads(run.stdout.strip().splitlines()[-1])["succeeded"] == 2
     assert pydicom.dcmread(out / "ct5n" / "rtstruct.dcm").Modality == "RTSTRUCT"
     assert pydicom.dcmread(out / "ct5n" / "seg.dcm").Modality == "SEG"
+    from dicom_corpus import check_exports
+
+    names = {int(k): v for k, v in json.loads((out / "ct5n" / "report.json").read_text())["labels"].items()}
+    check_exports(out / "ct5n" / "seg.dcm", out / "ct5n" / "rtstruct.dcm", out / "ct5n" / "mask.nii.gz", series,
+                  names)
     case = nifti.name[: -len(".nii.gz")]
     assert (out / case / "mask.nii.gz").is_file() and not (out / case / "rtstruct.dcm").exists()
     assert f"{case}: succeeded: no rtstruct, dicom-seg result: the input was not DICOM" in run.stderr
