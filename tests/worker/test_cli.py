@@ -62,8 +62,13 @@ def test_dicom_exports_a_series_cannot_reference_are_skipped_with_the_reason_not
         out = isl("refine", tmp_path / name, "--model", tiny_bundle, "--out", tmp_path / f"out_{name}",
                   "--atlas-dir", phantom_dataset, "--atlases", 2, "--device", "cpu")
         assert out.returncode == 0, out.stderr
-    whole = json.loads((tmp_path / "out_whole" / "report.json").read_text())["dicom_exports"]
-    assert whole == {"written": ["dicom_seg", "rtstruct"], "not_written_because": None}
+    whole = json.loads((tmp_path / "out_whole" / "report.json").read_text())
+    assert whole["dicom_exports"] == {"written": ["dicom_seg", "rtstruct"], "not_written_because": None}
+    from dicom_corpus import check_exports
+
+    out = tmp_path / "out_whole"
+    check_exports(out / "seg.dcm", out / "rtstruct.dcm", out / "mask.nii.gz", tmp_path / "whole",
+                  {int(k): v for k, v in whole["labels"].items()})
     report = json.loads((tmp_path / "out_stripped" / "report.json").read_text())
     assert report["dicom_exports"]["written"] == [] and set(report["files"]) == {"mask", "baseline"}
     assert "lack FrameOfReferenceUID" in report["dicom_exports"]["not_written_because"]
