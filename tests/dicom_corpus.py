@@ -1,8 +1,9 @@
 """A corpus of DICOM series that are not textbook, made by the tests from a real volume (a head-and-neck CT of
 ../shared): the same voxels written as an axial, a sagittal and a coronal acquisition (exact permutations, no
-resampling), as one enhanced multi-frame object, with a gantry tilt, with a slice missing, two series in one
-folder, and without the Frame of Reference a SEG or an RTSTRUCT must reference. And the checks every DICOM
-export of the tests passes: dciodvfy without errors, and SEG and RTSTRUCT reading back onto the NIfTI mask."""
+resampling), as one enhanced multi-frame object, with a gantry tilt, with one slice of another orientation, with
+a slice missing, as two series in one folder, and without the Frame of Reference a SEG or an RTSTRUCT must
+reference. And the checks every DICOM export of the tests passes: dciodvfy without errors, and SEG and RTSTRUCT
+reading back onto the NIfTI mask."""
 import shutil
 import subprocess
 import warnings
@@ -78,6 +79,9 @@ def make_corpus(image: sitk.Image, root: Path) -> dict[str, Path]:
     shapes["enhanced"] = root / "enhanced"
     shapes["gantry_tilt"] = save(datasets(image, study_uid=study, frame_of_reference=frame, tilt_mm=1.0),
                                  root / "gantry_tilt")
+    mixed = datasets(image, study_uid=study, frame_of_reference=frame)
+    mixed[len(mixed) // 2].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # one coronal slice among axial ones
+    shapes["mixed_orientation"] = save(mixed, root / "mixed_orientation")
     missing = datasets(image, study_uid=study, frame_of_reference=frame)
     del missing[len(missing) // 2]
     shapes["missing_slice"] = save(missing, root / "missing_slice")

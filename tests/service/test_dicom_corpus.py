@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "headneck_ct"
 WORKS = ("axial", "sagittal", "coronal", "enhanced", "no_frame_of_reference")
 REFUSED = {"gantry_tilt": "gantry tilt of about 18.4 degrees", "missing_slice": "a slice is missing or duplicated",
-           "two_series": "2 DICOM series; choose one with a series UID"}
+           "two_series": "2 DICOM series; choose one with a series UID",
+           "mixed_orientation": "the slices are not all parallel (1 of"}
 
 
 def _ct():
