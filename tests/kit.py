@@ -1,5 +1,6 @@
 """Helpers of the tests that talk to the service stack (the `stack` fixture in conftest.py), and a private
 redis-server for the tests that need Redis but no process of the service."""
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -48,3 +49,33 @@ def wait_final(base, job_id, tenant="alpha", timeout=240):
 
 def scan(phantom_dataset, i=0) -> Path:
     return sorted((phantom_dataset / "imagesTr").glob("*.nii.gz"))[i]
+
+
+@contextmanager
+def orthanc(folder: Path, http_port: int, dicom_port: int, **config) -> Iterator[str]:
+    """A real Orthanc (Debian's `orthanc`) on these ports with its database under `folder` and `config` on top;
+    its REST URL. Its log's tail is printed when it stops."""
+    exe = shutil.which("Orthanc")
+    if exe is None:
+        pytest.skip("needs Debian's orthanc package (.ci/run installs it)")
+    config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+              "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False} | config
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{http_port}"
+    with open(folder / "orthanc.log", "w") as log:
+        proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(url + "/system"), 60, "Orthanc")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        print((folder / "orthanc.log").read_text()[-3000:])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

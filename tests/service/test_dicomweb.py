@@ -1,12 +1,11 @@
 """A real PACS in the loop: Orthanc with its DICOMweb plugin pushes a study to POST /dicomweb/studies with its own
 STOW-RS client; the worker pushes the DICOM SEG back to Orthanc's STOW-RS endpoint; it lands in the same study."""
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+from kit import orthanc as run_orthanc
 
 from worker.localstack import free_port, wait_until
 
@@ -26,33 +25,13 @@ def pacs_and_service(tiny_bundle, phantom_dataset, tmp_path_factory):
     orthanc = f"http://127.0.0.1:{http_port}"
     stack = LocalStack(folder / "stack", tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEY,
                        extra_env={"ISL_STOW_URL": f"{orthanc}/dicom-web/studies"})
-    config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-              "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
-                           "Servers": {"isl": {"Url": f"{stack.url}/dicomweb/",
-                                               "HttpHeaders": {"X-API-Key": KEY["pacs"]}}}}}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "w")
-    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: _answers(orthanc + "/system"), 60, "Orthanc")
-        with stack:
-            try:
-                yield orthanc, stack.url
-            finally:
-                print(stack.logs())
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        print((folder / "orthanc.log").read_text()[-3000:])
-
-
-def _answers(url):
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    dicomweb = {"Enable": True, "Root": "/dicom-web/",
+                "Servers": {"isl": {"Url": f"{stack.url}/dicomweb/", "HttpHeaders": {"X-API-Key": KEY["pacs"]}}}}
+    with run_orthanc(folder, http_port, dicom_port, Plugins=[str(PLUGIN)], DicomWeb=dicomweb), stack:
+        try:
+            yield orthanc, stack.url
+        finally:
+            print(stack.logs())
 
 
 def test_pacs_pushes_a_study_and_gets_the_seg_back_in_it(pacs_and_service, tmp_path):

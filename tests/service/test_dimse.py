@@ -4,7 +4,6 @@ the worker sends the SEG and the RTSTRUCT back to Orthanc by C-STORE, where they
 A calling AE title that no tenant has is refused at association; a series the engine cannot read becomes a failed
 job that says why; a listener killed mid-series loses nothing it acknowledged."""
 import copy
-import json
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from kit import orthanc as run_orthanc
 from pydicom.uid import generate_uid
 
 from worker.localstack import free_port, wait_until
@@ -37,32 +37,13 @@ def peers(tiny_bundle, phantom_dataset, tmp_path_factory):
            "ISL_DIMSE_DESTINATIONS": f"pacs=ORTHANC@127.0.0.1:{orthanc_dicom},other=NOBODY@127.0.0.1:{closed}",
            "ISL_PUSH_RETRY_S": "0.5"}
     stack = LocalStack(folder / "stack", tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEY, extra_env=env)
-    config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-              "HttpPort": http_port, "DicomPort": orthanc_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "DicomModalities": {"isl": ["ISL", "127.0.0.1", listener]}}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "w")
-    proc = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    orthanc = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_until(lambda: _answers(orthanc + "/system"), 60, "Orthanc")
-        with stack:
-            stack.start_listener()
-            try:
-                yield orthanc, stack, listener
-            finally:
-                print(stack.logs())
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        print((folder / "orthanc.log").read_text()[-3000:])
-
-
-def _answers(url):
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    modalities = {"isl": ["ISL", "127.0.0.1", listener]}
+    with run_orthanc(folder, http_port, orthanc_dicom, DicomAet="ORTHANC", DicomModalities=modalities) as url, stack:
+        stack.start_listener()
+        try:
+            yield url, stack, listener
+        finally:
+            print(stack.logs())
 
 
 def _jobs(stack, tenant="pacs"):
