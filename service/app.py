@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service import handlers, openapi
-from service.jobs import JobStore
+from service.jobs import open_store
 from service.queue import Queue
 from service.routes import ROUTERS
 from service.settings import Settings
@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description=DESCRIPTION)
     app.state.settings = settings
     app.state.keys = settings.tenants_by_key_hash()  # refuses to start without keys unless in development mode
-    app.state.store = JobStore(settings.redis_url)
+    app.state.store = open_store(settings)
     app.state.storage = Storage(settings.storage_root)
     app.state.queue = Queue(settings)
     for router in ROUTERS:

@@ -3,6 +3,7 @@ tenant (API key, revocation included) and the caller's own job (another tenant's
 job). The application factory (service/app.py) puts the objects they hand out on `app.state`."""
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -50,10 +51,24 @@ def get_tenant(request: Request, store: StoreDep, key: Annotated[str | None, Dep
     name = request.app.state.keys.get(digest)
     if name is None or store.revoked(digest):
         raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="isl"'})
+    request.state.actor = key_actor(digest)
     return name
 
 
+def key_actor(digest: str) -> str:
+    """How the audit trail names a caller: its key id, the first 12 hex digits of the key's sha256 (enough to tell
+    a tenant's keys apart; the key itself is never stored)."""
+    return f"key:{digest[:12]}"
+
+
 Tenant = Annotated[str, Depends(get_tenant)]
+
+
+def get_actor(request: Request, who: Tenant) -> str:
+    return request.state.actor
+
+
+Actor = Annotated[str, Depends(get_actor)]
 
 
 def _owned(read, kind: str, record_id: str, who: str):
@@ -73,9 +88,13 @@ OwnedJob = Annotated[Job, Depends(get_owned_job)]
 
 
 def succeeded(job: Job) -> Job:
-    """The job, once it has succeeded (its results exist); 409 before."""
+    """The job, once it has succeeded (its results exist); 409 before; 410 once the retention policy deleted them."""
     if job.state != JobState.SUCCEEDED:
         raise HTTPException(409, f"job {job.id} is {job.state}; results exist once it has succeeded")
+    if job.purged is not None:
+        when = datetime.fromtimestamp(job.purged, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        raise HTTPException(410, f"the input and results of job {job.id} were deleted on {when} by the retention "
+                                 "policy (ISL_RETENTION_DAYS); its record and audit trail are kept")
     return job
 
 

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from service import metrics
-from service.jobs import JobStore
+from service.jobs import open_store
 from service.queue import Queue
 from service.records import InputFile, JobOptions, JobState, now
 from service.settings import Settings
@@ -74,7 +74,7 @@ class Listener:
             stale.unlink(missing_ok=True)
         for folder in self.incoming.glob("*/*"):  # a sender cut off by the restart gets a whole quiet time again
             os.utime(folder)
-        self.store, self.storage, self.queue = JobStore(settings.redis_url), Storage(settings.storage_root), \
+        self.store, self.storage, self.queue = open_store(settings), Storage(settings.storage_root), \
             Queue(settings)
         self._lock = threading.Lock()  # between an instance landing in a series folder and that folder's claim
         self._open: dict[tuple[str, str], set[int]] = {}  # (tenant, series) -> open associations delivering it
@@ -162,10 +162,13 @@ class Listener:
                             sha256=Storage.sha256(f)) for f in files]
         options = JobOptions(model=self.settings.default_model, dimse=True)
         key = f"dimse:{claimed.name}"
+        detail = {"series_uid": series, "instances": len(files)}
         try:
             validate(claimed / "dicom")
         except Invalid as exc:
-            job, _ = self.store.create(tenant, inputs, options, key)
+            job, created = self.store.create(tenant, inputs, options, key)
+            if created:
+                self.store.audit(tenant, "dimse", "submit", job.id, detail)
             if job.state == JobState.QUEUED:  # (a crash may have come between the record and this)
                 self.store.mark_sent(job.id)
                 self.store.update(job.id, state=JobState.FAILED, finished=now(),
@@ -174,6 +177,8 @@ class Listener:
             shutil.rmtree(claimed)
             return job.id
         job, created = self.store.create(tenant, inputs, options, key)
+        if created:
+            self.store.audit(tenant, "dimse", "submit", job.id, detail)
         target = self.storage.job_dir(job.id) / "input"
         if not target.exists():  # (recorded before a crash: its input not yet moved in)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -63,10 +63,13 @@ def staging(settings: Settings) -> Iterator[Path]:
 
 
 def enqueue(store: JobStore, storage: Storage, queue: Queue, who: str, staged: Path, inputs: list[InputFile],
-            options: JobOptions, idempotency_key: str | None = None) -> Job:
-    """Job record, input moved into the job's folder, job id on the queue."""
+            options: JobOptions, idempotency_key: str | None = None, actor: str = "") -> Job:
+    """Job record (and its audit event: `actor` submitted it), input moved into the job's folder, job id on the
+    queue."""
     job, created = store.create(who, inputs, options, idempotency_key)
     if created:
+        store.audit(who, actor, "submit", job.id, {"model": options.model, "files": len(inputs),
+                                                     "bytes": sum(i.bytes for i in inputs)})
         target = storage.job_dir(job.id) / "input"
         target.parent.mkdir(parents=True, exist_ok=True)
         staged.rename(target)

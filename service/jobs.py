@@ -6,10 +6,16 @@ time, and what /metrics reads (worker heartbeats, stage durations, fault events)
 Exactly-once results rest on the lease, not on the broker: a worker runs a job only while it holds
 `isl:lease:{id}` (SET NX with a TTL, renewed by the worker). A second delivery of the same job (the broker's
 visibility timeout, a reconnect after a Redis restart) finds the lease held and is acknowledged without
-running; a job whose worker died loses its lease within the TTL and `requeue_orphans` sends it again."""
+running; a job whose worker died loses its lease within the TTL and `requeue_orphans` sends it again.
+
+With a database (service/db.py, `records`), every change of a job's state is also written there, and so is each
+audit event; a write the database refuses (it is away for a moment) is kept in Redis and written by the workers'
+sweep (`sync_records`), so that the history misses nothing. A job Redis no longer has is read from the database."""
 from __future__ import annotations
 
 import heapq
+import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,13 +26,17 @@ from redis.retry import Retry
 
 from service.records import FINAL, Attempt, Batch, InputFile, Job, JobOptions, JobState, now
 
+log = logging.getLogger("isl.jobs")
 P = "isl:"
+# a change of any of these fields is a change of the job's history (stage and progress are live state only)
+HISTORY = frozenset({"state", "result", "error", "push", "finished", "started", "cancel_requested", "purged"})
 IDEMPOTENCY_S = 7 * 86400
 Sender = Callable[[str, int], None]
 
 
 class JobStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, records=None):
+        self.records = records  # service.db.Records, or None: Redis only
         # A restarting Redis (seconds) is waited for, not turned into failed jobs or 5xx: ~30 s of retries.
         self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
                                        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20),
@@ -68,6 +78,7 @@ class JobStore:
         pipe.zadd(f"{P}queued", {job.id: job.created})
         pipe.zadd(f"{P}unsent", {job.id: job.created})  # until its message is on the queue (mark_sent)
         pipe.execute()
+        self.keep(job)
         return job, True
 
     def mark_sent(self, job_id: str) -> None:
@@ -84,8 +95,59 @@ class JobStore:
         return Batch.model_validate_json(raw) if raw else None
 
     def get(self, job_id: str) -> Job | None:
+        """The job as Redis holds it, else as the database last recorded it (a Redis that lost its data)."""
         raw = self._r.get(f"{P}job:{job_id}")
-        return Job.model_validate_json(raw) if raw else None
+        if raw:
+            return Job.model_validate_json(raw)
+        return self.records.job(job_id) if self.records is not None else None
+
+    # -- the durable side: job history and audit trail in the database ----------------------------------------
+    def keep(self, job: Job) -> None:
+        """Write the job's row in the database; if that fails, Redis remembers it for `sync_records`."""
+        if self.records is None:
+            return
+        try:
+            self.records.save_job(job)
+        except Exception:  # noqa: BLE001 - the database away for a moment must not fail the job
+            log.warning("job %s: the database refused its history; kept for the next sweep", job.id, exc_info=True)
+            self._r.zadd(f"{P}unsynced", {job.id: time.time()})
+            self.count("history_deferred")
+
+    def audit(self, tenant: str, actor: str, action: str, job_id: str | None = None,
+              detail: dict | None = None) -> None:
+        """One audit event (who did what to which job); kept in Redis for `sync_records` if the database fails."""
+        if self.records is None:
+            return
+        event = {"tenant": tenant, "actor": actor, "action": action, "job_id": job_id, "detail": detail or {},
+                 "at": time.time()}
+        try:
+            self.records.audit(**event)
+        except Exception:  # noqa: BLE001
+            log.warning("audit event %s: the database refused it; kept for the next sweep", event, exc_info=True)
+            self._r.rpush(f"{P}audit_pending", json.dumps(event))
+            self.count("audit_deferred")
+
+    def sync_records(self) -> int:
+        """Write what the database refused before: job histories first (audit events refer to them), then audit
+        events in their order. Returns how many were written; stops at the first failure (retried next sweep)."""
+        if self.records is None:
+            return 0
+        written = 0
+        for job_id in self._r.zrange(f"{P}unsynced", 0, -1):
+            raw = self._r.get(f"{P}job:{job_id}")
+            if raw:
+                self.records.save_job(Job.model_validate_json(raw))
+                written += 1
+            self._r.zrem(f"{P}unsynced", job_id)
+        while raw := self._r.lindex(f"{P}audit_pending", 0):
+            self.records.audit(**json.loads(raw))
+            self._r.lpop(f"{P}audit_pending")
+            written += 1
+        return written
+
+    def pending_records(self) -> int:
+        """Job histories and audit events waiting for the database."""
+        return int(self._r.zcard(f"{P}unsynced")) + int(self._r.llen(f"{P}audit_pending"))
 
     def update(self, job_id: str, **fields) -> Job:
         """Atomic read-modify-write of one job record (optimistic locking)."""
@@ -103,6 +165,8 @@ class JobStore:
                     if job.state != JobState.QUEUED:
                         pipe.zrem(f"{P}queued", job_id)
                     pipe.execute()
+                    if HISTORY & fields.keys():
+                        self.keep(job)
                     return job
                 except redis.WatchError:
                     continue
@@ -113,10 +177,14 @@ class JobStore:
         return None if rank is None else int(rank)
 
     def list(self, tenant: str, offset: int, limit: int) -> tuple[list[Job], int]:
-        key = f"{P}tenant:{tenant}"
-        ids = self._r.zrevrange(key, offset, offset + limit - 1)
-        jobs = [j for j in (self.get(i) for i in ids) if j]
-        return jobs, int(self._r.zcard(key))
+        """One page of this tenant's jobs, newest first, and how many it has: from the database when there is one
+        (it keeps every job), each job as Redis holds it live."""
+        if self.records is not None:
+            ids, total = self.records.jobs(tenant, offset, limit)
+        else:
+            key = f"{P}tenant:{tenant}"
+            ids, total = self._r.zrevrange(key, offset, offset + limit - 1), int(self._r.zcard(key))
+        return [j for j in (self.get(i) for i in ids) if j], total
 
     # -- what /metrics and the wait estimates read --------------------------------------------------------
     def counts(self) -> dict[JobState, int]:
@@ -283,6 +351,10 @@ class JobStore:
         self.release(job_id, holder)
         return job
 
+    def turn(self, name: str, every_s: float) -> bool:
+        """True for one caller per `every_s` seconds across all processes sharing this Redis (periodic sweeps)."""
+        return bool(self._r.set(f"{P}turn:{name}", "1", nx=True, px=max(1, int(every_s * 1000))))
+
     def next_sweep_in(self) -> float:
         """Seconds until `requeue_orphans` may sweep again (one sweep at a time across all workers)."""
         return max(0.0, self._r.pttl(f"{P}reaper") / 1000)
@@ -339,6 +411,17 @@ class JobStore:
                 pipe.zrem(f"{P}running", job_id)
                 pipe.zadd(f"{P}queued", {job_id: job.created})
                 pipe.execute()
+                self.keep(job)
                 return job, stopped
             except redis.WatchError:
                 return None
+
+
+def open_store(settings) -> JobStore:
+    """The job store of a deployment (`Settings`): its Redis and its database, whose schema is first brought up
+    to date (every process may do so at start; they take turns)."""
+    from service.db import Records
+
+    records = Records(settings.database())
+    records.upgrade()
+    return JobStore(settings.redis_url, records)

@@ -13,7 +13,8 @@ from service.jobs import JobStore
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REGISTRY = CollectorRegistry()
 UPLOADED = Counter("isl_uploaded_bytes", "bytes of scans accepted by POST /v1/jobs", registry=REGISTRY)
-EVENTS = "fault handling: duplicate_delivery_refused, worker_stopped, requeued, sent_by_sweep, poisoned"
+EVENTS = ("fault handling: duplicate_delivery_refused, worker_stopped, requeued, sent_by_sweep, poisoned, "
+          "history_deferred, audit_deferred")
 
 
 class _RedisCollector:
@@ -40,6 +41,9 @@ class _RedisCollector:
         for name, t in self.store.workers().items():
             beats.add_metric([name], max(0.0, time.time() - t))
         yield beats
+        yield GaugeMetricFamily("isl_records_pending", "job histories and audit events the database refused, "
+                                                       "waiting in Redis for the workers' sweep",
+                                value=self.store.pending_records())
 
     def _stages(self):
         stage = GaugeMetricFamily("isl_stage_seconds_total", "seconds spent per engine stage, all jobs",

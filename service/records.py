@@ -93,6 +93,7 @@ class Job(_Record):
     holder: str = ""
     push: str = ""
     attempts: list[Attempt] = Field(default_factory=list)
+    purged: float | None = None  # when the retention policy deleted its input and results (Unix seconds)
 
     def with_fields(self, **fields) -> Job:
         """A validated copy with `fields` replaced (models or plain values)."""

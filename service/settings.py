@@ -41,6 +41,14 @@ class Settings(BaseSettings):
                                                               "(a copy of a job that still runs is not run again)")
     min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less "
                                                      "free space than this")
+    database_url: str = Field("", description="SQLAlchemy URL of the database of job history and the audit trail "
+                                             "(postgresql+psycopg://user:password@host/db); empty: SQLite file "
+                                             "isl.db under the storage root")
+    retention_days: float = Field(0.0, ge=0, description="inputs and results of jobs that ended longer ago than "
+                                                         "this are deleted (the job's record and audit trail stay); "
+                                                         "0: kept for ever")
+    retention_sweep_s: float = Field(3600.0, gt=0, description="how often the workers look for jobs past the "
+                                                               "retention age")
     dimse_ae_title: str = Field("ISL", description="this service's DICOM AE title: the one `isl dicom-listener` "
                                                    "answers to, and the calling AE title of the workers' C-STORE")
     dimse_port: int = Field(11112, ge=1, le=65535, description="TCP port of `isl dicom-listener`")
@@ -49,6 +57,12 @@ class Settings(BaseSettings):
     dimse_quiet_s: float = Field(30.0, gt=0, description="a series received over DIMSE is complete, and becomes a "
                                                          "job, once no association delivering it is open and no "
                                                          "instance of it arrived for this long")
+
+    def database(self) -> str:
+        """The database URL in use: ISL_DATABASE_URL, or the embedded SQLite file under the storage root."""
+        from service.db import default_url
+
+        return self.database_url or default_url(self.storage_root)
 
     @field_validator("dimse_ae_title")
     @classmethod

@@ -36,6 +36,8 @@ class JobView(BaseModel):
     created: float = Field(description="when it was accepted (Unix seconds)")
     started: float | None = Field(None, description="when a worker took it (Unix seconds)")
     finished: float | None = Field(None, description="when it ended (Unix seconds)")
+    purged: float | None = Field(None, description="when the retention policy deleted its input and results (Unix "
+                                                   "seconds); its record stays")
     links: dict[str, str] = Field(default_factory=dict, description="related URLs: self, events, result, report")
 
 
@@ -61,14 +63,14 @@ class Problem(BaseModel):
 def job_view(job: Job, store: JobStore) -> JobView:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "events": f"{base}/events"}
-    if job.state == JobState.SUCCEEDED:
+    if job.state == JobState.SUCCEEDED and job.purged is None:
         links.update(result=f"{base}/result", report=f"{base}/report")
     queued = job.state == JobState.QUEUED
     return JobView(id=job.id, state=job.state, stage=job.stage, progress=job.progress, error=job.error,
                    model=job.options.model, worker=job.worker, push=job.push, created=job.created,
                    received_by="dimse" if job.options.dimse else "dicomweb" if job.options.stow else "upload",
                    input_files=len(job.inputs),
-                   started=job.started, finished=job.finished,
+                   started=job.started, finished=job.finished, purged=job.purged,
                    queue_position=store.position(job.id) if queued else None,
                    estimated_wait_s=store.estimate_wait(job.id) if queued else None, links=links)
 

@@ -1,8 +1,10 @@
 """Helpers of the tests that talk to the service stack (the `stack` fixture in conftest.py), and a private
 redis-server for the tests that need Redis but no process of the service."""
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,66 @@ def private_redis(folder: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own (Debian's postgresql binaries, a fresh cluster, trust authentication) on a
+    free port, with a database `isl` (`url`, for SQLAlchemy); `stop()` and `start()` take it away and bring it
+    back on the same port and data. As root it runs as the `postgres` user (initdb refuses root)."""
+
+    def __init__(self):
+        initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not initdb:
+            pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+        self.bindir, self.port = initdb[-1].parent, free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.folder = Path(tempfile.mkdtemp(prefix="isl-pg-"))
+        self.folder.chmod(0o755)
+        if self.as_user:
+            shutil.chown(self.folder, "postgres")
+        subprocess.run([*self.as_user, str(initdb[-1]), "-D", str(self.folder / "data"), "-U", "isl", "--auth=trust",
+                        "-E", "UTF8"], check=True, capture_output=True)
+        self.url = f"postgresql+psycopg://isl@127.0.0.1:{self.port}/isl"
+        self.proc = None
+
+    def start(self) -> None:
+        import psycopg
+
+        self.proc = subprocess.Popen([*self.as_user, str(self.bindir / "postgres"), "-D", str(self.folder / "data"),
+                                      "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.folder),
+                                      "-c", "fsync=off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def accepts():
+            try:
+                with psycopg.connect(f"host=127.0.0.1 port={self.port} user=isl dbname=postgres",
+                                     autocommit=True) as c:
+                    if not c.execute("SELECT 1 FROM pg_database WHERE datname = 'isl'").fetchone():
+                        c.execute("CREATE DATABASE isl")
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        wait_until(accepts, 60, f"PostgreSQL on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # a fast shutdown (SIGTERM's smart one waits for clients; runuser passes on no SIGINT)
+            subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "stop", "-D", str(self.folder / "data"),
+                            "-m", "fast", "-w"], capture_output=True, timeout=60)
+            self.proc.wait(30)
+            self.proc = None
+
+
+@contextmanager
+def private_postgres() -> Iterator[PostgresServer]:
+    """A started PostgresServer, removed afterwards; skips when PostgreSQL is not installed."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
 
 
 def client(tenant="alpha") -> httpx.Client:

@@ -75,7 +75,7 @@ def cmd_configure(args) -> int:
     from worker.training.train import reconfigure
 
     record = reconfigure(args.model, args.dataset, args.validation, args.minutes * 60,
-                         pick_device(args.device or "auto"), from_scores=args.from_scores)
+                         pick_device(args.device or "auto"), from_scores=args.from_scores, resample=args.resample)
     print(json.dumps({"decision": record["decision"], "config": record["config"], "table": record["table"]}, indent=2))
     return 0
 
@@ -133,6 +133,22 @@ def cmd_dicom_listener(args) -> int:
         print(f"isl dicom-listener: error: {exc}", file=sys.stderr)
         return 2
     listener.serve_forever()
+    return 0
+
+
+def cmd_db(args) -> int:
+    """The database of job history and the audit trail: bring its schema up to date, or say where it is."""
+    from service.db import Records
+    from service.settings import Settings
+
+    records = Records(Settings().database())
+    try:
+        if args.action == "upgrade":
+            records.upgrade(args.revision)
+        print(json.dumps({"database": records.engine.url.render_as_string(hide_password=True),
+                          "revision": records.revision()}))
+    finally:
+        records.close()
     return 0
 
 
@@ -220,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle folder (rewritten with the chosen settings)")
     p.add_argument("--dataset", required=True, help="the dataset folder (validation cases and atlases)")
     p.add_argument("--validation", type=int, default=10,
-                   help="for a bundle trained without validation cases: how many unused cases to sample (default 10)")
+                   help="for a bundle trained without validation cases (or with --resample): how many unused cases to "
+                        "sample (default 10)")
+    p.add_argument("--resample", action="store_true",
+                   help="configure on a new sample of --validation cases that the bundle neither trained on, uses as "
+                        "atlases nor holds out, in place of the validation cases it has")
     p.add_argument("--minutes", type=float, default=30.0, help="time budget (default 30)")
     p.add_argument("--from-scores", action="store_true",
                    help="no search: re-make the decision by the current rule from the scores the last search left "
@@ -286,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")
     p.add_argument("--sha256", default=None, help="the key's sha256 (as in ISL_API_KEYS) instead of the key on stdin")
     p.set_defaults(func=cmd_revoke_key)
+
+    p = sub.add_parser("db", help="the database of job history and the audit trail (ISL_DATABASE_URL): migrate its "
+                                  "schema, or show its revision; the API, workers and listener also migrate at start")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.add_argument("--revision", default="head", help="upgrade to this revision (default head)")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("worker", help="run one refinement worker (one per GPU) consuming the job queue")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides ISL_DEVICE")

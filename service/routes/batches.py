@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 
-from service.deps import OwnedBatch, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
+from service.deps import Actor, OwnedBatch, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
 from service.intake import chosen_model, enqueue, room_for_upload, staging
 from service.records import JobOptions
 from service.uploads import receive
@@ -19,8 +19,8 @@ MAX_CASES = 500
              responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
              summary="Upload several cases at once (one NIfTI or one .zip DICOM series per file); all or none are "
                      "queued")
-def submit_batch(who: Tenant, response: Response, settings: SettingsDep, store: StoreDep, storage: StorageDep,
-                 queue: QueueDep,
+def submit_batch(who: Tenant, actor: Actor, response: Response, settings: SettingsDep, store: StoreDep,
+                 storage: StorageDep, queue: QueueDep,
                  files: Annotated[list[UploadFile], File(description="one case per file: NIfTI or .zip of a DICOM "
                                                                      "series")],
                  model: Annotated[str | None, Form()] = None,
@@ -37,7 +37,8 @@ def submit_batch(who: Tenant, response: Response, settings: SettingsDep, store: 
             total += inputs[0].bytes
             staged.append((root / str(i), inputs))
         options = JobOptions(model=model, atlases=atlases, priority=priority)
-        jobs = [enqueue(store, storage, queue, who, folder, inputs, options) for folder, inputs in staged]
+        jobs = [enqueue(store, storage, queue, who, folder, inputs, options, actor=actor)
+                for folder, inputs in staged]
     batch = store.create_batch(who, [j.id for j in jobs])
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     return batch_view(batch, store)

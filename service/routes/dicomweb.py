@@ -88,7 +88,8 @@ async def stow(request: Request, who: Tenant, settings: SettingsDep, store: Stor
         staged = [await _stage_series(uid, files, root / f"s{i}")
                   for i, (uid, files) in enumerate(sorted(series.items()))]
         options = JobOptions(model=settings.default_model, atlases=None, priority=5, stow=True)
-        jobs = [enqueue(store, storage, queue, who, folder, inputs, options) for folder, inputs in staged]
+        jobs = [enqueue(store, storage, queue, who, folder, inputs, options, actor=request.state.actor)
+                for folder, inputs in staged]
     urls = [str(request.url_for("get_job", job_id=j.id)) for j in jobs]
     body, failed = _stow_response(urls, series, instances)
     return JSONResponse(body, 202 if failed else 200, media_type="application/dicom+json",

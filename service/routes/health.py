@@ -23,9 +23,10 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis and storage are reachable", responses={503: {"model": Problem}})
+@router.get("/readyz", summary="Redis, the database and storage are reachable", responses={503: {"model": Problem}})
 def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
-    checks = {"redis": store.ping(), "storage": storage.reachable()}
+    checks = {"redis": store.ping(), "database": store.records is None or store.records.ping(),
+              "storage": storage.reachable()}
     return JSONResponse({"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503)
 
 

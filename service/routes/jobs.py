@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.deps import FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
+from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
 from service.intake import chosen_model, enqueue, room_for_upload, staging
 from service.jobs import JobStore
 from service.records import FINAL, RESULT_FORMATS, JobOptions, JobState, now
@@ -25,7 +25,7 @@ SERIES = ("for DICOM uploads that hold several series: the Series Instance UID o
 @router.post("/v1/jobs", status_code=202, response_model=JobView,
              responses={401: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}},
              summary="Upload a scan and queue its refinement")
-def submit(who: Tenant, response: Response, settings: SettingsDep, store: StoreDep, storage: StorageDep,
+def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep, store: StoreDep, storage: StorageDep,
            queue: QueueDep,
            files: Annotated[list[UploadFile], File(description=UPLOAD)],
            model: Annotated[str | None, Form(description="model bundle name (GET /v1/models)")] = None,
@@ -42,7 +42,7 @@ def submit(who: Tenant, response: Response, settings: SettingsDep, store: StoreD
     with staging(settings) as folder:
         inputs = receive(files, folder, settings.max_upload_bytes, series_uid)
         options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid)
-        job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key)
+        job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key, actor)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, store)
 
@@ -87,7 +87,9 @@ async def _stream(job_id: str, store: JobStore, request: Request):
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}},
                summary="Cancel a job: a queued job never runs; a running one stops at its next step")
-def cancel(job: OwnedJob, store: StoreDep) -> JobView:
+def cancel(job: OwnedJob, store: StoreDep, actor: Actor) -> JobView:
+    if job.state in (JobState.QUEUED, JobState.RUNNING):
+        store.audit(job.tenant, actor, "cancel", job.id, {"state": str(job.state)})
     if job.state == JobState.QUEUED:
         job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
     elif job.state == JobState.RUNNING:
@@ -99,10 +101,11 @@ def cancel(job: OwnedJob, store: StoreDep) -> JobView:
             responses={200: {"content": {"application/gzip": {}, "application/dicom": {}},
                              "description": "the label map: NIfTI (gzip), DICOM SEG or RTSTRUCT; header Digest: "
                                             "sha-256=<hex>"},
-                       404: {"model": Problem}, 409: {"model": Problem}, 500: {"model": Problem}},
+                       404: {"model": Problem}, 409: {"model": Problem}, 410: {"model": Problem},
+                       500: {"model": Problem}},
             summary="The refined label map, as NIfTI or (for DICOM input) DICOM SEG or RTSTRUCT; its checksum is "
                     "verified first")
-def result(job: OwnedJob, storage: StorageDep,
+def result(job: OwnedJob, storage: StorageDep, store: StoreDep, actor: Actor,
            format: Literal["nifti", "dicom-seg", "rtstruct"] = "nifti") -> FileResponse:
     job = succeeded(job)  # after `format` is validated: a bad format of one's own job is a 422, as it was
     entry = job.result.files.get(RESULT_FORMATS[format])
@@ -111,6 +114,7 @@ def result(job: OwnedJob, storage: StorageDep,
     path = storage.job_dir(job.id) / "output" / entry.path
     if not storage.verify(path, entry.sha256):
         raise HTTPException(500, f"the stored result of job {job.id} fails its checksum; it is not served")
+    store.audit(job.tenant, actor, "download", job.id, {"format": format, "sha256": entry.sha256})
     media = "application/gzip" if format == "nifti" else "application/dicom"
     return FileResponse(path, media_type=media, filename=entry.path, headers={"Digest": f"sha-256={entry.sha256}"})
 
@@ -126,7 +130,9 @@ def _why_no_export(storage, job_id: str) -> str:
     return reason or "DICOM SEG and RTSTRUCT need a DICOM input"
 
 
-@router.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem}},
+@router.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem},
+                                                   410: {"model": Problem}},
             summary="Volumes per label (mL), QA, timings per stage, model version and the result's checksum")
-def report(job: FinishedJob, storage: StorageDep) -> dict:
+def report(job: FinishedJob, storage: StorageDep, store: StoreDep, actor: Actor) -> dict:
+    store.audit(job.tenant, actor, "download", job.id, {"format": "report"})
     return json.loads((storage.job_dir(job.id) / "output" / "report.json").read_text())

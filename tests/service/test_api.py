@@ -187,7 +187,8 @@ def test_uploads_over_the_limit_get_413(app):
 
 def test_probes_and_metrics_read_the_store(app):
     store = app.state.store
-    assert client(app, None).get("/readyz").json() == {"ready": True, "redis": True, "storage": True}
+    assert client(app, None).get("/readyz").json() == {"ready": True, "redis": True, "database": True,
+                                                       "storage": True}
     store.beat("node-1", 30)
     store.record_stage_seconds({"finetune": 2.5})
     store.record_stage_seconds({"finetune": 1.5})

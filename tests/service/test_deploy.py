@@ -22,8 +22,10 @@ def test_compose_file_is_valid_and_durable(tmp_path):
     config = compose("config", env=env).stdout
     assert "--appendonly" in config and "noeviction" in config
     assert "driver: nvidia" in config and "capabilities:" in config
-    for service in ("redis:", "api:", "worker:", "flower:", "dicom-listener:"):
+    for service in ("redis:", "postgres:", "api:", "worker:", "flower:", "dicom-listener:"):
         assert f"  {service}" in config
+    assert "ISL_DATABASE_URL: postgresql+psycopg://isl:isl@postgres:5432/isl" in config
+    assert "postgres-data:/var/lib/postgresql/data" in config
 
 
 def test_compose_refuses_to_start_without_keys(tmp_path):

@@ -104,6 +104,9 @@ def test_orthanc_sends_a_study_and_gets_seg_and_rtstruct_back_in_it(peers, tmp_p
     assert job["input_files"] == 5
     with httpx.Client(headers={"X-API-Key": KEY["other"]}, timeout=30) as c:  # another tenant does not see it
         assert c.get(f"{stack.url}/v1/jobs/{job['id']}").status_code == 404
+    with httpx.Client(headers={"X-API-Key": KEY["pacs"]}, timeout=30) as c:  # the audit trail names the listener
+        events = c.get(f"{stack.url}/v1/audit", params={"job_id": job["id"]}).json()["events"]
+    assert [(e["actor"], e["action"], e["detail"]["instances"]) for e in events] == [("dimse", "submit", 5)]
 
     def modalities():
         ids = httpx.get(f"{orthanc}/studies/{study}").json()["Series"]

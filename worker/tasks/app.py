@@ -2,8 +2,11 @@
 enforces (a job's time limits, the memory bound of a worker process)."""
 from __future__ import annotations
 
+import functools
+
 from celery import Celery
 
+from service.jobs import JobStore, open_store
 from service.queue import celery_config
 from worker.tasks.settings import WorkerSettings
 
@@ -19,3 +22,9 @@ def worker_config(settings: WorkerSettings) -> dict:
 settings = WorkerSettings()
 app = Celery("isl-worker")
 app.conf.update(worker_config(settings))
+
+
+@functools.cache
+def job_store() -> JobStore:
+    """This worker process's job store (Redis and the database), opened once, after the fork."""
+    return open_store(settings)

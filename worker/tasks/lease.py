@@ -13,7 +13,9 @@ from celery.signals import worker_process_init
 
 from service.jobs import JobStore
 from service.queue import Queue
-from worker.tasks.app import settings
+from service.retention import purge_expired
+from service.storage import Storage
+from worker.tasks.app import job_store, settings
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,10 @@ def holder_alive(holder: str) -> bool:
 
 
 def heartbeat(store: JobStore, name: str) -> None:
-    """Every few seconds: this process is alive (metrics, wait estimates), and jobs of dead workers go back
-    to the queue."""
-    queue = Queue(settings)
+    """Every few seconds: this process is alive (metrics, wait estimates), jobs of dead workers go back to the
+    queue, and what the database refused before is written; every ISL_RETENTION_SWEEP_S, one worker deletes the
+    files of jobs past the retention age."""
+    queue, storage = Queue(settings), Storage(settings.storage_root)
     while True:
         try:
             store.beat(name, max(30, 3 * settings.lease_s))
@@ -52,13 +55,20 @@ def heartbeat(store: JobStore, name: str) -> None:
                 log.warning("job %s: requeued (its worker stopped, or it was never sent)", job_id)
         except Exception:  # Redis away for a moment: the next beat retries
             log.warning("heartbeat to Redis failed", exc_info=True)
+        try:
+            if store.pending_records() and store.turn("records", 5):
+                log.info("wrote %d deferred records to the database", store.sync_records())
+            if settings.retention_days and store.turn("retention", settings.retention_sweep_s):
+                purge_expired(store, storage, settings.retention_days)
+        except Exception:  # the database away for a moment: the records wait in Redis, the files stay
+            log.warning("database sweep failed; retried at the next beat", exc_info=True)
         time.sleep(min(10, max(1, settings.lease_s / 3)))
 
 
 @worker_process_init.connect
 def _start_heartbeat(**_):
     name = f"{socket.gethostname()}-{os.getpid()}"
-    threading.Thread(target=heartbeat, args=(JobStore(settings.redis_url), name), daemon=True).start()
+    threading.Thread(target=heartbeat, args=(job_store(), name), daemon=True).start()
 
 
 class Lease(threading.Thread):

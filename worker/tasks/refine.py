@@ -19,7 +19,7 @@ from service.jobs import JobStore
 from service.queue import TASK
 from service.records import Job, JobResult, JobState, now
 from service.storage import Storage
-from worker.tasks.app import app, settings
+from worker.tasks.app import app, job_store, settings
 from worker.tasks.lease import Lease, LeaseLost, holder, holder_alive
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _failure(job_id: str, exc: Exception) -> dict:
 
 @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, bind=True)
 def refine_job(self, job_id: str) -> None:
-    store, storage, me = JobStore(settings.redis_url), Storage(settings.storage_root), holder()
+    store, storage, me = job_store(), Storage(settings.storage_root), holder()
     job, action = store.deliver(job_id, settings.max_deliveries, me, settings.lease_s, holder_alive,
                                 worker=self.request.hostname or "")
     if action != "run":

@@ -220,11 +220,11 @@ def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget
 
 
 def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, budget_s: float, device: torch.device,
-                progress=print, from_scores: bool = False) -> dict:
-    """`isl configure`: configure an existing bundle on its validation cases, or, for a bundle trained without any,
-    on a seeded sample of `n_cases` cases of the dataset that it neither trained on, uses as atlases, nor holds out
-    as its test split. `from_scores`: no search; re-make the decision by the current rule from the scores the last
-    search left beside the bundle."""
+                progress=print, from_scores: bool = False, resample: bool = False) -> dict:
+    """`isl configure`: configure an existing bundle on its validation cases, or, for a bundle trained without any
+    (or with `resample`), on a seeded sample of `n_cases` cases of the dataset that it neither trained on, uses as
+    atlases, nor holds out as its test split. `from_scores`: no search; re-make the decision by the current rule
+    from the scores the last search left beside the bundle."""
     bundle = ISLBundle.load(model_dir)
     ds = load_dataset(dataset_dir)
     meta = bundle.meta
@@ -243,7 +243,7 @@ def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, bu
         write_model_card(bundle.path, meta, dataset_metadata(ds.root))
         progress(f"wrote {bundle.path} ({bundle.version})")
         return meta["refinement"]
-    ids = list(meta.get("validation_cases") or [])
+    ids = [] if resample else list(meta.get("validation_cases") or [])
     if not ids:
         used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
         free = sorted(c.case_id for c in ds.cases if c.case_id not in used)

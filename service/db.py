@@ -1,0 +1,232 @@
+"""Durable records in a relational database (SQLAlchemy 2; the schema is made and changed only by the Alembic
+migrations in service/migrations/): each job's history, as of its last change of state, and the audit trail of who
+(tenant, key id) submitted, downloaded, cancelled and what the retention policy deleted, when.
+
+Redis stays the queue and the live state (stage, progress, leases); the database is what a hospital keeps and
+audits. It outlives a Redis that lost its data: the job routes read a job from it when Redis no longer has one.
+SQLite (a file under the storage root) is the embedded default, PostgreSQL the one of docker-compose.yml."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from service.records import FINAL, Job
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_LOCK = 0x15C0DB  # the advisory lock that makes concurrent upgrades (API, workers, listener) take turns
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    """One job: the columns an auditor queries, and the whole record as Redis last held it at a change of state."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(128))
+    received_by: Mapped[str] = mapped_column(String(16))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str] = mapped_column(Text, default="")
+    record: Mapped[dict] = mapped_column(JSON)
+    purged: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created"), Index("ix_jobs_finished", "finished"))
+
+
+class AuditEvent(Base):
+    """Who did what to which record, when. `actor`: `key:<first 12 hex of the key's sha256>` for API calls,
+    `dimse:<calling AE title>` for the DICOM listener, `retention` for the policy's deletions."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    tenant: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(80))
+    action: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("jobs.id"))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    __table_args__ = (Index("ix_audit_tenant_at", "tenant", "at"), Index("ix_audit_job", "job_id"))
+
+
+def utc(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC)
+
+
+def epoch(t: datetime | None) -> float | None:
+    """Unix seconds of a stored time (SQLite hands back naive datetimes: they were written in UTC)."""
+    if t is None:
+        return None
+    return round((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp(), 3)
+
+
+def default_url(storage_root: Path) -> str:
+    return f"sqlite:///{Path(storage_root).resolve() / 'isl.db'}"
+
+
+def received_by(job: Job) -> str:
+    return "dimse" if job.options.dimse else "dicomweb" if job.options.stow else "upload"
+
+
+class Records:
+    """The database of one deployment (`ISL_DATABASE_URL`). Every process that changes jobs opens one."""
+
+    def __init__(self, url: str):
+        self.url = url
+        parsed = make_url(url)
+        self.sqlite = parsed.get_backend_name() == "sqlite"
+        if self.sqlite:
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # several processes write one file: wait for each other's transactions instead of failing at once
+            self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 - any failure means: not reachable now
+            return False
+
+    # -- schema ---------------------------------------------------------------------------------------------
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to `revision` (from an empty database too); concurrent callers take turns."""
+        from alembic import command
+
+        with self._migration_lock() as connection:
+            cfg = alembic_config(connection)
+            command.upgrade(cfg, revision)
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None: empty)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[Any]:
+        with self.engine.connect() as connection:
+            if self.sqlite:
+                database = make_url(self.url).database
+                lock_path = Path(f"{database}.migrate.lock") if database else None
+                with contextlib.ExitStack() as stack:
+                    if lock_path is not None:
+                        fh = stack.enter_context(open(lock_path, "w"))
+                        fcntl.flock(fh, fcntl.LOCK_EX)
+                    yield connection
+                    connection.commit()
+            else:
+                connection.exec_driver_sql(f"SELECT pg_advisory_lock({_PG_LOCK})")
+                connection.commit()
+                try:
+                    yield connection
+                    connection.commit()
+                finally:
+                    connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_PG_LOCK})")
+                    connection.commit()
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+    def save_job(self, job: Job, session: Session | None = None) -> None:
+        """Insert or update the job's row from its record."""
+        with self._session(session) as s:
+            row = s.get(JobRow, job.id)
+            if row is None:
+                row = JobRow(id=job.id, tenant=job.tenant, created=utc(job.created))
+                s.add(row)
+            row.state, row.model, row.received_by = str(job.state), job.options.model, received_by(job)
+            row.started, row.finished, row.error = utc(job.started), utc(job.finished), job.error
+            row.record = job.model_dump(mode="json")
+            row.purged = utc(job.purged)
+
+    def job(self, job_id: str) -> Job | None:
+        with Session(self.engine) as s:
+            row = s.get(JobRow, job_id)
+            return None if row is None else _job(row)
+
+    def jobs(self, tenant: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """(ids of this tenant's jobs, newest first, one page; how many it has)."""
+        with Session(self.engine) as s:
+            ids = s.scalars(select(JobRow.id).where(JobRow.tenant == tenant)
+                            .order_by(JobRow.created.desc(), JobRow.id).offset(offset).limit(limit)).all()
+            total = s.scalar(select(func.count()).select_from(JobRow).where(JobRow.tenant == tenant))
+        return list(ids), int(total or 0)
+
+    def expired(self, before: float) -> list[Job]:
+        """Ended jobs that finished before `before` (Unix seconds) and whose files are still kept."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(JobRow).where(JobRow.finished < utc(before), JobRow.purged.is_(None),
+                                                  JobRow.state.in_([str(x) for x in FINAL]))).all()
+            return [_job(r) for r in rows]
+
+    # -- audit ----------------------------------------------------------------------------------------------
+    def audit(self, tenant: str, actor: str, action: str, job_id: str | None = None, detail: dict | None = None,
+              at: float | None = None, session: Session | None = None) -> None:
+        with self._session(session) as s:
+            s.add(AuditEvent(at=utc(at) or datetime.now(UTC), tenant=tenant, actor=actor, action=action,
+                             job_id=job_id, detail=detail or {}))
+
+    def trail(self, tenant: str, *, job_id: str | None = None, action: str | None = None, since: float | None = None,
+              offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
+        """(this tenant's audit events, oldest first, one page; how many match)."""
+        where = [AuditEvent.tenant == tenant]
+        if job_id:
+            where.append(AuditEvent.job_id == job_id)
+        if action:
+            where.append(AuditEvent.action == action)
+        if since is not None:
+            where.append(AuditEvent.at >= utc(since))
+        with Session(self.engine) as s:
+            rows = s.scalars(select(AuditEvent).where(*where).order_by(AuditEvent.at, AuditEvent.id)
+                             .offset(offset).limit(limit)).all()
+            total = s.scalar(select(func.count()).select_from(AuditEvent).where(*where))
+            return [{"at": epoch(r.at), "actor": r.actor, "action": r.action, "job_id": r.job_id,
+                     "detail": r.detail} for r in rows], int(total or 0)
+
+    @contextlib.contextmanager
+    def _session(self, session: Session | None) -> Iterator[Session]:
+        if session is not None:
+            yield session
+            return
+        with Session(self.engine) as s, s.begin():
+            yield s
+
+
+def _job(row: JobRow) -> Job:
+    return Job.model_validate(row.record | {"purged": epoch(row.purged)})
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for a writer
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def alembic_config(connection=None):
+    """Alembic's configuration for service/migrations/, on `connection` when given."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
