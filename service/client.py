@@ -40,6 +40,13 @@ class Client:
             raise ServiceError(f"{r.request.method} {r.request.url.path}: {r.status_code} {detail}")
         return r
 
+    def correct(self, job_id: str, path: str | Path, note: str = "") -> dict:
+        """Send a radiologist's correction of the job's mask (NIfTI label map on its grid, or DICOM SEG)."""
+        with open(path, "rb") as fh:
+            r = self.http.post(f"/v1/jobs/{job_id}/correction", files={"file": (Path(path).name, fh)},
+                               data={"note": note})
+        return self._check(r).json()
+
     def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
                idempotency_key: str | None = None) -> dict:
         """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""

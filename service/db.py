@@ -61,6 +61,28 @@ class AuditEvent(Base):
     __table_args__ = (Index("ix_audit_tenant_at", "tenant", "at"), Index("ix_audit_job", "job_id"))
 
 
+class CorrectionRow(Base):
+    """A radiologist's correction of a job's mask: who sent it, from what (a NIfTI label map or a DICOM SEG), where
+    its files lie (`folder`, under the storage root: label.nii.gz and image.nii.gz on the scan's grid) and what it
+    changed (`summary`: volumes before and after, Dice of the refined mask against it, per label)."""
+
+    __tablename__ = "corrections"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"))
+    tenant: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(80))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    source: Mapped[str] = mapped_column(String(16))
+    folder: Mapped[str] = mapped_column(String(255))
+    label_sha256: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[dict] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = (Index("ix_corrections_tenant_model", "tenant", "model", "created"),
+                      Index("ix_corrections_job", "job_id"))
+
+
 def utc(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t, UTC)
 
@@ -177,6 +199,27 @@ class Records:
             rows = s.scalars(select(JobRow).where(JobRow.finished < utc(before), JobRow.purged.is_(None),
                                                   JobRow.state.in_([str(x) for x in FINAL]))).all()
             return [_job(r) for r in rows]
+
+    # -- corrections ----------------------------------------------------------------------------------------
+    def add_correction(self, correction: dict, audit: dict) -> None:
+        """Record a correction (the fields of CorrectionRow, `created` in Unix seconds) and its audit event in one
+        transaction."""
+        with Session(self.engine) as s, s.begin():
+            s.add(CorrectionRow(**(correction | {"created": utc(correction["created"])})))
+            self.audit(**audit, session=s)
+
+    def corrections(self, tenant: str, *, job_id: str | None = None, model: str | None = None) -> list[dict]:
+        """This tenant's corrections (of one job, or of one model's jobs), oldest first."""
+        where = [CorrectionRow.tenant == tenant]
+        if job_id:
+            where.append(CorrectionRow.job_id == job_id)
+        if model:
+            where.append(CorrectionRow.model == model)
+        with Session(self.engine) as s:
+            rows = s.scalars(select(CorrectionRow).where(*where).order_by(CorrectionRow.created,
+                                                                          CorrectionRow.id)).all()
+            columns = [c.name for c in CorrectionRow.__table__.columns]
+            return [{c: getattr(r, c) for c in columns} | {"created": epoch(r.created)} for r in rows]
 
     # -- audit ----------------------------------------------------------------------------------------------
     def audit(self, tenant: str, actor: str, action: str, job_id: str | None = None, detail: dict | None = None,

@@ -81,7 +81,7 @@ def _owned(read, kind: str, record_id: str, who: str):
 
 
 def get_owned_job(job_id: str, who: Tenant, store: StoreDep) -> Job:
-    return _owned(store.get, "job", job_id, who)
+    return _owned(lambda i: store.get_owned(i, who), "job", job_id, who)
 
 
 OwnedJob = Annotated[Job, Depends(get_owned_job)]

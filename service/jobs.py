@@ -101,6 +101,16 @@ class JobStore:
             return Job.model_validate_json(raw)
         return self.records.job(job_id) if self.records is not None else None
 
+    def get_owned(self, job_id: str, tenant: str) -> Job | None:
+        """The job when it is `tenant`'s, else None; another tenant's job costs the same lookups as no job (a
+        Redis miss also asks the database), so that its existence does not show in the response time."""
+        raw = self._r.get(f"{P}job:{job_id}")
+        job = Job.model_validate_json(raw) if raw else None
+        if (job is None or job.tenant != tenant) and self.records is not None:
+            stored = self.records.job(job_id)
+            job = job or stored
+        return job if job is not None and job.tenant == tenant else None
+
     # -- the durable side: job history and audit trail in the database ----------------------------------------
     def keep(self, job: Job) -> None:
         """Write the job's row in the database; if that fails, Redis remembers it for `sync_records`."""

@@ -58,6 +58,20 @@ class Storage:
     def verify(self, path: Path, digest: str) -> bool:
         return path.is_file() and self.sha256(path) == digest
 
+    def input_path(self, job_id: str) -> Path:
+        """The job's stored input: its NIfTI file or DICOM zip, else its folder of DICOM files."""
+        folder = self.job_dir(job_id) / "input"
+        for name in ("image.nii.gz", "image.nii", "series.zip"):
+            if (folder / name).is_file():
+                return folder / name
+        return folder / "dicom"
+
+    def correction_dir(self, tenant: str, job_id: str, correction_id: str) -> Path:
+        """Where a correction's files lie: outside the job's folder, so that the retention policy keeps them."""
+        if not JOB_ID.match(job_id) or not JOB_ID.match(correction_id):
+            raise ValueError(f"not a job or correction id: {job_id!r}, {correction_id!r}")
+        return self.root / "corrections" / tenant / job_id / correction_id
+
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 

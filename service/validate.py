@@ -31,21 +31,26 @@ def _ctx():
     return _context
 
 
-def _run(conn, kind: str, path: str, series_uid: str | None = None) -> None:
+def _run(conn, kind: str, path: str, series_uid: str | None = None, extra: dict | None = None) -> None:
     """In the child: limits first, then the reader; one answer on the pipe (a crash sends none)."""
     _limit()
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    conn.send(_series(path) if kind == "series" else _volume(path, series_uid))
+    if kind == "series":
+        conn.send(_series(path))
+    elif kind == "correction":
+        conn.send(_correction(path, series_uid, **extra))
+    else:
+        conn.send(_volume(path, series_uid))
     conn.close()
 
 
-def _child(kind: str, path: Path, timeout: float, series_uid: str | None = None) -> dict:
+def _child(kind: str, path: Path, timeout: float, series_uid: str | None = None, extra: dict | None = None) -> dict:
     """The child's answer, or Invalid with the reason."""
     ctx = _ctx()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_run, args=(send, kind, str(path), series_uid), daemon=True)
+    proc = ctx.Process(target=_run, args=(send, kind, str(path), series_uid, extra), daemon=True)
     proc.start()
     send.close()
     try:
@@ -80,6 +85,48 @@ def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str
     DICOM files under `folder`, read in the limited child."""
     result = _child("series", folder, timeout)
     return result["series"], result["instances"]
+
+
+def check_correction(path: Path, scan: Path, series_uid: str | None, mask: Path, labels: dict[int, str], out: Path,
+                     timeout: float = 300) -> dict:
+    """Read a correction (NIfTI label map or DICOM SEG) onto the grid of the job's scan (`scan`, its series
+    `series_uid`), in the limited child; write it and the scan as NIfTI into `out` (label.nii.gz, image.nii.gz)
+    and return what it changed against the job's refined mask `mask`, per label. Invalid with the reason when the
+    grid, the labels or the references do not match."""
+    return _child("correction", path, timeout, series_uid,
+                  {"scan": str(scan), "mask": str(mask), "labels": labels, "out": str(out)})
+
+
+def _correction(path: str, series_uid: str | None, scan: str, mask: str, labels: dict, out: str) -> dict:
+    import numpy as np
+
+    from segmentation.corrections import is_dicom, read_correction
+    from segmentation.errors import InputError
+    from segmentation.files import file_sha256
+    from segmentation.io import read_image, write_image, write_label_map
+    from segmentation.metrics import dice
+
+    labels = {int(v): n for v, n in labels.items()}
+    try:
+        volume = read_image(Path(scan), series_uid=series_uid)
+        corrected = read_correction(Path(path), volume, labels)
+        refined = read_image(Path(mask)).array
+    except InputError as exc:
+        return {"error": str(exc).replace(str(Path(path).parent) + "/", "")}
+    except MemoryError:
+        return {"error": "reading it needs more memory than an upload may use"}
+    voxel_ml = float(np.prod(volume.geometry.spacing)) / 1000.0
+    names = {v: n for v, n in labels.items() if v != 0}
+    scores = dice(refined, corrected, list(names))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_label_map(corrected, volume.geometry, Path(out) / "label.nii.gz")
+    write_image(volume.array, volume.geometry, Path(out) / "image.nii.gz")
+    per_label = {name: {"refined_ml": round(float(np.count_nonzero(refined == v)) * voxel_ml, 3),
+                        "corrected_ml": round(float(np.count_nonzero(corrected == v)) * voxel_ml, 3),
+                        "dice_refined_vs_corrected": round(float(scores[v]), 4)} for v, name in names.items()}
+    return {"source": "dicom-seg" if is_dicom(path) else "nifti", "per_label": per_label,
+            "voxels_changed": int(np.count_nonzero(refined != corrected)),
+            "label_sha256": file_sha256(Path(out) / "label.nii.gz")}
 
 
 def _series(folder: str) -> dict:

@@ -190,6 +190,23 @@ def cmd_submit(args) -> int:
     return 0 if all(r["state"] in done for r in summary.values()) else 1
 
 
+def cmd_correct(args) -> int:
+    import os
+
+    from service.client import Client, ServiceError
+
+    key = args.api_key or os.environ.get("ISL_API_KEY")
+    if not key:
+        print("isl correct: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(Client(args.server, key).correct(args.job_id, args.mask, args.note), indent=2))
+    except (ServiceError, OSError) as exc:
+        print(f"isl correct: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_revoke_key(args) -> int:
     """Revokes a tenant key at once on every API process sharing this Redis (the key itself is read from
     stdin so that it stays out of shell history, or given as its sha256)."""
@@ -302,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/<case>/seg.dcm, rtstruct.dcm")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("correct", help="send a radiologist's correction of a job's mask to the server")
+    p.add_argument("job_id", help="the job whose mask it corrects")
+    p.add_argument("mask", help="the corrected label map: NIfTI on the job's grid, or a DICOM SEG of its series")
+    p.add_argument("--server", required=True, help="service base URL, e.g. http://isl.hospital:8000")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
+    p.add_argument("--note", default="", help="free text kept with the correction")
+    p.set_defaults(func=cmd_correct)
 
     p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")
     p.add_argument("--sha256", default=None, help="the key's sha256 (as in ISL_API_KEYS) instead of the key on stdin")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi.routing import APIRoute
 
-from service.routes import audit, batches, dicomweb, health, jobs, models
+from service.routes import audit, batches, corrections, dicomweb, health, jobs, models
 
-ROUTERS = (jobs.router, batches.router, dicomweb.router, models.router, audit.router, health.router)
+ROUTERS = (jobs.router, corrections.router, batches.router, dicomweb.router, models.router, audit.router,
+           health.router)
 
 
 def served() -> list[APIRoute]:

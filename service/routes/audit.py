@@ -1,5 +1,5 @@
-"""/v1/audit: the caller's tenant's audit trail (who submitted, downloaded, cancelled, and what the retention
-policy deleted, when), read from the database."""
+"""/v1/audit: the caller's tenant's audit trail (who submitted, downloaded, cancelled, corrected, and what the
+retention policy deleted, when), read from the database."""
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -11,14 +11,14 @@ from service.deps import StoreDep, Tenant
 from service.views import Problem
 
 router = APIRouter()
-ACTIONS = ("submit", "download", "cancel", "purge")
+ACTIONS = ("submit", "download", "cancel", "correct", "purge")
 
 
 class AuditEventView(BaseModel):
     at: float = Field(description="when (Unix seconds)")
     actor: str = Field(description="who: key:<first 12 hex digits of the API key's sha256>, dimse (the DICOM "
                                    "listener) or retention (the retention policy)")
-    action: str = Field(description="submit, download, cancel or purge")
+    action: str = Field(description="submit, download, cancel, correct or purge")
     job_id: str | None = Field(None, description="the job it concerns")
     detail: dict[str, Any] = Field(default_factory=dict, description="what else was recorded: model and size of a "
                                                                      "submission, format and checksum of a download")

@@ -17,7 +17,7 @@ from service.settings import hash_key
 from service.storage import Storage
 from worker.localstack import LocalStack, wait_until
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -43,14 +43,6 @@ def _refiner(model: str, atlases: int | None):
     return _refiners[key]
 
 
-def _input_path(job_dir: Path) -> list[Path]:
-    folder = job_dir / "input"
-    for name in ("image.nii.gz", "image.nii", "series.zip"):
-        if (folder / name).is_file():
-            return [folder / name]
-    return [folder / "dicom"]
-
-
 class _Progress:
     """The engine's progress callback: writes are throttled to two a second (except when the stage changes); a
     cancel is seen at once. Redis being away for a moment does not stop the job; a lost lease does (another
@@ -135,7 +127,8 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
     try:
         progress("loading model", 0.0)
         refiner = _refiner(job.options.model, job.options.atlases)
-        report = refine_file(_input_path(job_dir), None, out_tmp, refiner=refiner, progress=progress,
+        source = Storage(settings.storage_root).input_path(job.id)
+        report = refine_file([source], None, out_tmp, refiner=refiner, progress=progress,
                              series_uid=job.options.series_uid)
         store.update(job.id, stage="writing", progress=0.99)
         lease.check()
