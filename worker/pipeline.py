@@ -44,12 +44,13 @@ def label_volumes_ml(labels: np.ndarray, geometry: Geometry, names: dict[int, st
     return {names[v]: round(stats.GetPhysicalSize(v) / 1000.0 if v in present else 0.0, 3) for v in names if v != 0}
 
 
-def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None) -> tuple[np.ndarray, np.ndarray, dict]:
+def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None,
+                   extra_atlases=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Refined and baseline label maps on the first volume's native grid, plus QA and stage timings."""
     t0 = time.perf_counter()
     image, canonical = refiner.pre.images(volumes)
     t_pre = time.perf_counter() - t0
-    result = refiner.refine(image, progress)
+    result = refiner.refine(image, progress, extra_atlases)
     t0 = time.perf_counter()
     native = volumes[0].geometry
     refined, baseline = to_native(result.probs, canonical, native), to_native(result.baseline, canonical, native)
@@ -89,10 +90,11 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
 
 def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir: str | Path, *, atlas_dir=None,
                 cfg: ISLConfig | dict | None = None, series_uid: str | None = None, refiner: Refiner | None = None,
-                progress=None) -> dict:
+                progress=None, extra_atlases=None) -> dict:
     """Refine one scan given as a file/folder per channel; writes mask.nii.gz (and seg.dcm for DICOM
     input), baseline.nii.gz and report.json into `out_dir`, and returns the report. A loaded `refiner`
-    (a worker's) is used as it is; otherwise the bundle `model_dir` is loaded with `cfg`."""
+    (a worker's) is used as it is; otherwise the bundle `model_dir` is loaded with `cfg`. `extra_atlases`
+    (worker.method.bundle.Atlases) join the bundle's atlases for this scan."""
     t_start = time.perf_counter()
     inputs = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     seconds = {}
@@ -102,7 +104,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     t0 = time.perf_counter()
     refiner = refiner or load_refiner(model_dir, atlas_dir, cfg)
     seconds["load_model"] = time.perf_counter() - t0
-    refined, baseline, info = refine_volumes(refiner, volumes, progress)
+    refined, baseline, info = refine_volumes(refiner, volumes, progress, extra_atlases)
     seconds.update(info["seconds"])
     t0 = time.perf_counter()
     outputs = write_outputs(refined, baseline, volumes[0], refiner, Path(out_dir))

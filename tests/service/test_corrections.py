@@ -139,3 +139,21 @@ def test_a_dicom_seg_of_the_jobs_series_corrects_it_and_one_of_another_series_is
     nifti_job = refined[0]
     r = _post(stack, nifti_job, tmp_path / "seg.dcm")  # a SEG cannot correct a NIfTI job
     assert r.status_code == 422 and "input was NIfTI" in r.json()["detail"], r.text
+
+
+def test_the_next_refinement_of_the_tenant_selects_the_corrected_case_as_an_atlas(stack, refined, phantom_dataset):
+    """With K above the bank's size every atlas is selected: the tenant's latest correction of each job is among
+    them at once, named in the report; another tenant's refinement never sees it."""
+    job_id, mask, folder = refined
+    made = _post(stack, job_id, _save(sitk.GetArrayFromImage(mask), mask, folder / "again.nii.gz")).json()
+
+    def refine(tenant):
+        with client(tenant) as c, open(scan(phantom_dataset, 1), "rb") as fh:
+            new = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", fh)}, data={"atlases": "64"}).json()
+            assert wait_final(stack.url, new["id"], tenant=tenant)["state"] == "succeeded"
+            return c.get(f"{stack.url}/v1/jobs/{new['id']}/report").json()["qa"]
+
+    qa = refine("alpha")
+    assert f"correction:{made['id']}" in qa["atlases_from_corrections"], qa["atlases_used"]
+    assert set(qa["atlases_from_corrections"]) <= set(qa["atlases_used"])
+    assert refine("beta")["atlases_from_corrections"] == []

@@ -31,10 +31,15 @@ class Aligner:
     """The registration network and a bundle's atlases, on one device."""
 
     def __init__(self, reg: Registrar, atlases: Atlases, device: torch.device):
-        self.reg = reg
+        self.reg, self.atlases, self.device = reg, atlases, device
         self.images, self.onehot, self.ids = atlases.images.to(device), atlases.onehot.to(device), atlases.case_ids
         self.known = atlases.known.to(device)
         self.losses = Losses(reg.cfg.ncc_window)
+
+    def with_atlases(self, extra: Atlases | None) -> Aligner:
+        """The same registration over this bank and `extra` atlases (e.g. radiologists' corrections)."""
+        return self if extra is None or not extra.case_ids else Aligner(self.reg, self.atlases.plus(extra),
+                                                                         self.device)
 
     @torch.no_grad()
     def select(self, scan: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

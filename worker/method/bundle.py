@@ -44,6 +44,12 @@ class Atlases:
         if self.known is None:
             self.known = torch.ones(self.onehot.shape[:2], dtype=torch.bool)
 
+    def plus(self, other: Atlases) -> Atlases:
+        """These atlases followed by `other`'s."""
+        return Atlases(self.case_ids + other.case_ids, torch.cat([self.images, other.images.to(self.images)]),
+                       torch.cat([self.onehot, other.onehot.to(self.onehot)]),
+                       torch.cat([self.known, other.known.to(self.known.device)]))
+
 
 @dataclass
 class ISLBundle:
@@ -93,6 +99,18 @@ class ISLBundle:
             digest.update(json.dumps(self.meta["refinement"]["config"], sort_keys=True).encode())
         self.meta["version"] = f"{self.meta.get('name', self.path.name)}-{digest.hexdigest()[:12]}"
         atomic_write_text(self.path / META_FILE, json.dumps(self.meta, indent=2) + "\n")
+
+    def case_atlas(self, case_id: str, volumes: list, label) -> Atlases:
+        """One labelled case (its channels' Volumes and its label map Volume on their grid) as an atlas, cropped
+        as the bundle's own atlases are; every label counts as contoured. A radiologist's correction joins the
+        atlas bank this way."""
+        pre = self.segmentation.preprocessing
+        values = np.unique(label.array)
+        if values.max(initial=0) >= len(self.segmentation.labels):
+            raise DatasetError(f"{case_id}: label values {values.tolist()} do not fit model {self.version}'s "
+                               f"labels {self.segmentation.labels}")
+        img, onehot = atlas_roi(pre.images(volumes)[0], pre.label(label), pre.roi_size, len(self.segmentation.labels))
+        return Atlases([case_id], torch.from_numpy(img[None]), torch.from_numpy(onehot[None]))
 
     def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
         """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""

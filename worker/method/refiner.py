@@ -30,6 +30,8 @@ from worker.method.finetune import Tuned, finetune
 from worker.method.mask import Start, final_mix, initial_mask, roi_onehot_on
 from worker.method.timer import Timer
 
+CORRECTION_PREFIX = "correction:"  # the case id of an atlas made from a radiologist's correction
+
 
 @dataclass
 class ISLResult:
@@ -83,9 +85,10 @@ class Refiner:
             "method": "isl", "reason": "the bundle was not configured (fewer than 10 training cases, --validation 0 "
                                        "or --no-configure): ISLConfig defaults"}
 
-    def refine(self, image: np.ndarray, progress=None) -> ISLResult:
+    def refine(self, image: np.ndarray, progress=None, extra_atlases: Atlases | None = None) -> ISLResult:
         """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when
-        given, is called as the work advances (fraction of the whole, 0..1); an exception it raises aborts."""
+        given, is called as the work advances (fraction of the whole, 0..1); an exception it raises aborts.
+        `extra_atlases` join the bundle's atlases for this scan (radiologists' corrections)."""
         cfg, timer, report = self.cfg, Timer(), progress or _silent
         rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -95,11 +98,12 @@ class Refiner:
         with timer.stage("baseline"):
             start = initial_mask(self.net, image, self.pre, cfg.mask_flips, self.device)
         report("registration", 0.05)
+        aligner = self.aligner.with_atlases(extra_atlases)
         with timer.stage("registration"):
-            aligned = self.aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
+            aligned = aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
             vote, folding = majority_vote(aligned.labels, aligned.known), folding_fraction(aligned.displacement)
         report("finetune", 0.3)
-        tuned = finetune(self.net, start, aligned, self.aligner, cfg, rng, timer, report)
+        tuned = finetune(self.net, start, aligned, aligner, cfg, rng, timer, report)
         report("fusion", 0.85)
         with timer.stage("fusion"):
             fused = tuned.fused if tuned.fused is not None else fuse(
@@ -110,7 +114,8 @@ class Refiner:
             probs, network, safety = final_mix(tuned.network, start, fused, weights, cfg.final_flips,
                                                cfg.min_agreement, keep, cfg.final_inference)
             tuned.ema.update(network)
-        qa = self._qa(start, tuned, probs, folding, aligned.index) | {"safety": self._labelled(safety)}
+        qa = self._qa(start, tuned, probs, folding, [aligner.ids[int(i)] for i in aligned.index]) | {
+            "safety": self._labelled(safety)}
         parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}
         return ISLResult(probs, start.baseline, roi_onehot_on(start.baseline, vote, start.center), qa,
                          timer.seconds, parts, tuple(start.center), start.start)
@@ -141,9 +146,10 @@ class Refiner:
         out["labels_left_as_start"] = list(self.cfg.keep_start)
         return out
 
-    def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, index: torch.Tensor) -> dict:
+    def _qa(self, start: Start, tuned: Tuned, probs: np.ndarray, folding: float, used: list[str]) -> dict:
         return {"method": "isl", "configuration": self.decision,
-                "atlases_used": [self.aligner.ids[int(i)] for i in index],
+                "atlases_used": used,
+                "atlases_from_corrections": [a for a in used if a.startswith(CORRECTION_PREFIX)],
                 "finetune_steps": tuned.steps,
                 "stopped_early": tuned.steps < self.cfg.finetune_steps,
                 "ema_changes": [round(c, 5) for c in tuned.ema.changes], "folding_fraction": folding,

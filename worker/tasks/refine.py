@@ -24,6 +24,7 @@ from worker.tasks.lease import Lease, LeaseLost, holder, holder_alive
 
 log = logging.getLogger(__name__)
 _refiners: dict = {}
+_correction_atlases: dict = {}  # (model version, correction id) -> that correction as an atlas, per worker process
 
 
 class Cancelled(Exception):
@@ -118,6 +119,34 @@ def _retried(what: str, job_id: str, attempt) -> str:
     return ""
 
 
+def _corrections(store: JobStore, job: Job, refiner):
+    """The tenant's corrected cases of this job's model, as atlases that join the bundle's for this job (the last
+    correction of each job is its truth); None when there are none or ISL_CORRECTIONS_AS_ATLASES is off."""
+    from segmentation.io import read_image
+    from worker.method.refiner import CORRECTION_PREFIX
+
+    if not settings.corrections_as_atlases or store.records is None:
+        return None
+    latest = {r["job_id"]: r for r in store.records.corrections(job.tenant, model=job.options.model)}
+    bank = None
+    for row in latest.values():
+        key = (refiner.bundle.version, row["id"])
+        if key not in _correction_atlases:
+            folder = Path(settings.storage_root) / row["folder"]
+            try:
+                _correction_atlases[key] = refiner.bundle.case_atlas(
+                    CORRECTION_PREFIX + row["id"], [read_image(folder / "image.nii.gz")],
+                    read_image(folder / "label.nii.gz"))
+            except Exception:  # noqa: BLE001 - one unreadable correction must not fail the job (said once)
+                log.warning("correction %s (job %s) cannot join the atlas bank", row["id"], row["job_id"],
+                            exc_info=True)
+                _correction_atlases[key] = None
+        atlas = _correction_atlases[key]
+        if atlas is not None:
+            bank = atlas if bank is None else bank.plus(atlas)
+    return bank
+
+
 def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
     """Refine the job's input into job_dir/output (swapped in whole); the fields of its successful end."""
     from worker.pipeline import refine_file
@@ -129,7 +158,7 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
         refiner = _refiner(job.options.model, job.options.atlases)
         source = Storage(settings.storage_root).input_path(job.id)
         report = refine_file([source], None, out_tmp, refiner=refiner, progress=progress,
-                             series_uid=job.options.series_uid)
+                             series_uid=job.options.series_uid, extra_atlases=_corrections(store, job, refiner))
         store.update(job.id, stage="writing", progress=0.99)
         lease.check()
         shutil.rmtree(out, ignore_errors=True)

@@ -28,6 +28,9 @@ class WorkerSettings(Settings):
                                                               "rtstruct or both, comma-separated")
     push_attempts: int = Field(3, ge=1, description="tries of each push (STOW-RS, C-STORE) before it is given up; "
                                                     "the job then says why")
+    corrections_as_atlases: bool = Field(True, description="a radiologist's correction joins the atlas bank of its "
+                                                           "model for its tenant at once: the next refinement of "
+                                                           "that tenant can select it")
     push_retry_s: float = Field(2.0, ge=0, description="wait before the second try of a push, doubled after each")
 
     @field_validator("dimse_destinations")
