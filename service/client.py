@@ -47,6 +47,14 @@ class Client:
                                data={"note": note})
         return self._check(r).json()
 
+    def agreement(self, model: str, png: str | Path | None = None) -> dict:
+        """The model's agreement report; with `png`, its Bland-Altman plot saved there too."""
+        report = self._check(self.http.get(f"/v1/models/{model}/agreement")).json()
+        if png is not None:
+            r = self._check(self.http.get(f"/v1/models/{model}/agreement", params={"format": "png"}))
+            atomic_write_bytes(Path(png), r.content)
+        return report
+
     def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
                idempotency_key: str | None = None) -> dict:
         """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
                                                          "0: kept for ever")
     retention_sweep_s: float = Field(3600.0, gt=0, description="how often the workers look for jobs past the "
                                                                "retention age")
+    agreement_dice: float = Field(0.94, ge=0, le=1, description="agreement: the automatic masks have converged only "
+                                                                "when every structure's mean Dice against the "
+                                                                "corrections reaches this")
+    agreement_spearman: float = Field(0.97, ge=-1, le=1, description="agreement: ... and the Spearman correlation "
+                                                                     "of their volumes reaches this")
     dimse_ae_title: str = Field("ISL", description="this service's DICOM AE title: the one `isl dicom-listener` "
                                                    "answers to, and the calling AE title of the workers' C-STORE")
     dimse_port: int = Field(11112, ge=1, le=65535, description="TCP port of `isl dicom-listener`")

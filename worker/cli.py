@@ -207,6 +207,23 @@ def cmd_correct(args) -> int:
     return 0
 
 
+def cmd_agreement(args) -> int:
+    import os
+
+    from service.client import Client, ServiceError
+
+    key = args.api_key or os.environ.get("ISL_API_KEY")
+    if not key:
+        print("isl agreement: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(Client(args.server, key).agreement(args.model, args.png), indent=2))
+    except (ServiceError, OSError) as exc:
+        print(f"isl agreement: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_revoke_key(args) -> int:
     """Revokes a tenant key at once on every API process sharing this Redis (the key itself is read from
     stdin so that it stays out of shell history, or given as its sha256)."""
@@ -327,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
     p.add_argument("--note", default="", help="free text kept with the correction")
     p.set_defaults(func=cmd_correct)
+
+    p = sub.add_parser("agreement", help="the agreement of a model's masks with your radiologists' corrections "
+                                         "(JSON; --png: the Bland-Altman plot)")
+    p.add_argument("--model", required=True, help="model bundle name")
+    p.add_argument("--server", required=True, help="service base URL, e.g. http://isl.hospital:8000")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
+    p.add_argument("--png", default=None, help="save the Bland-Altman plot of the latest version's batch here")
+    p.set_defaults(func=cmd_agreement)
 
     p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")
     p.add_argument("--sha256", default=None, help="the key's sha256 (as in ISL_API_KEYS) instead of the key on stdin")

@@ -157,3 +157,29 @@ def test_the_next_refinement_of_the_tenant_selects_the_corrected_case_as_an_atla
     assert f"correction:{made['id']}" in qa["atlases_from_corrections"], qa["atlases_used"]
     assert set(qa["atlases_from_corrections"]) <= set(qa["atlases_used"])
     assert refine("beta")["atlases_from_corrections"] == []
+
+
+def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_corrections(stack, refined, tmp_path):
+    """Over HTTP and through `isl agreement`: the batch of the model's version counts the tenant's corrected jobs
+    (each once); another tenant's report is empty."""
+    job_id, mask, folder = refined
+    model = stack.env["ISL_DEFAULT_MODEL"]
+    _post(stack, job_id, _save(sitk.GetArrayFromImage(mask), mask, folder / "agree.nii.gz"))
+    env = {"ISL_API_KEY": KEYS["alpha"], "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "agreement", "--model", model, "--server", stack.url,
+                          "--png", str(tmp_path / "ba.png")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    with client() as c:
+        jobs = {x["job_id"] for j in c.get(f"{stack.url}/v1/jobs", params={"limit": 200}).json()["jobs"]
+                for x in c.get(f"{stack.url}/v1/jobs/{j['id']}/corrections").json()["corrections"]}
+    assert report["model"] == model and sum(b["cases"] for b in report["batches"]) == len(jobs) >= 1
+    assert report["rule"]["dice_min"] == 0.94 and report["rule"]["spearman_min"] == 0.97
+    for batch in report["batches"]:
+        assert batch["converged"] in (True, False, None) and batch["why"]
+    assert (tmp_path / "ba.png").read_bytes().startswith(b"\x89PNG")
+    with client("beta") as c:
+        assert c.get(f"{stack.url}/v1/models/{model}/agreement").json()["batches"] == []
+        assert c.get(f"{stack.url}/v1/models/{model}/agreement", params={"format": "png"}).status_code == 404
+        assert c.get(f"{stack.url}/v1/models/no-such-model/agreement").status_code == 404
