@@ -21,8 +21,9 @@ def _p(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 6)
 
 
-def structure_agreement(auto_ml: list[float], corrected_ml: list[float], dice: list[float], alpha: float) -> dict:
-    """Paired volumes (mL) and Dice of one structure over a batch's cases."""
+def structure_agreement(auto_ml: list[float], corrected_ml: list[float], dice: list[float], alpha: float,
+                        hausdorff: list[float] = (), average_hausdorff: list[float] = ()) -> dict:
+    """Paired volumes (mL), Dice and surface distances (mm) of one structure over a batch's cases."""
     from scipy import stats
 
     a, c = np.asarray(auto_ml, float), np.asarray(corrected_ml, float)
@@ -32,6 +33,8 @@ def structure_agreement(auto_ml: list[float], corrected_ml: list[float], dice: l
            "limits_of_agreement_ml": [round(float(diff.mean() - 1.96 * diff.std(ddof=1)), 3),
                                       round(float(diff.mean() + 1.96 * diff.std(ddof=1)), 3)] if len(a) > 1 else None,
            "mean_dice": round(float(np.mean(dice)), 4), "min_dice": round(float(np.min(dice)), 4),
+           "mean_hausdorff_mm": round(float(np.mean(hausdorff)), 3) if len(hausdorff) else None,
+           "mean_average_hausdorff_mm": round(float(np.mean(average_hausdorff)), 3) if len(average_hausdorff) else None,
            "t_test_p": None, "wilcoxon_p": None, "spearman_rho": None, "volumes_differ": None}
     if len(a) < MIN_CASES:
         return out
@@ -47,26 +50,32 @@ def structure_agreement(auto_ml: list[float], corrected_ml: list[float], dice: l
 
 
 def agreement(corrections: list[dict], dice_min: float = 0.94, spearman_min: float = 0.97,
-              alpha: float = 0.05) -> dict:
+              alpha: float = 0.05, group_by: str | None = None) -> dict:
     """The agreement report of one model's corrections (rows of `Records.corrections`; the last correction of
-    each job counts), per model version, oldest version first."""
+    each job counts), per model version, oldest version first; with `group_by`, per model version and value of
+    that key of the cases' metadata (subgroups such as age bands; '(none)' where a case lacks it)."""
     latest = {r["job_id"]: r for r in sorted(corrections, key=lambda r: r["created"])}
-    by_version: dict[str, list[dict]] = defaultdict(list)
+    by_version: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
     for row in latest.values():
-        by_version[row["model_version"]].append(row)
+        group = (row["summary"].get("metadata") or {}).get(group_by, "(none)") if group_by else None
+        by_version[(row["model_version"], group)].append(row)
     batches = []
-    for version, rows in sorted(by_version.items(), key=lambda kv: min(r["created"] for r in kv[1])):
+    for (version, group), rows in sorted(by_version.items(),
+                                         key=lambda kv: (min(r["created"] for r in kv[1]), str(kv[0][1]))):
         names = sorted({n for r in rows for n in r["summary"]["per_label"]})
         per = {}
         for name in names:
             cases = [r["summary"]["per_label"][name] for r in rows if name in r["summary"]["per_label"]]
             per[name] = structure_agreement([x["refined_ml"] for x in cases], [x["corrected_ml"] for x in cases],
-                                            [x["dice_refined_vs_corrected"] for x in cases], alpha)
-        batches.append({"model_version": version, "cases": len(rows),
+                                            [x["dice_refined_vs_corrected"] for x in cases], alpha,
+                                            [x["hausdorff_mm"] for x in cases if "hausdorff_mm" in x],
+                                            [x["average_hausdorff_mm"] for x in cases if "average_hausdorff_mm" in x])
+        batches.append({"model_version": version, **({"group": {group_by: group}} if group_by else {}),
+                        "cases": len(rows),
                         "first": min(r["created"] for r in rows), "last": max(r["created"] for r in rows),
                         "structures": per, **verdict(per, len(rows), dice_min, spearman_min)})
     return {"rule": {"alpha": alpha, "dice_min": dice_min, "spearman_min": spearman_min, "min_cases": MIN_CASES},
-            "batches": batches}
+            "group_by": group_by, "batches": batches}
 
 
 def verdict(per: dict[str, dict], cases: int, dice_min: float, spearman_min: float) -> dict:

@@ -47,16 +47,18 @@ class Client:
                                data={"note": note})
         return self._check(r).json()
 
-    def agreement(self, model: str, png: str | Path | None = None) -> dict:
-        """The model's agreement report; with `png`, its Bland-Altman plot saved there too."""
-        report = self._check(self.http.get(f"/v1/models/{model}/agreement")).json()
+    def agreement(self, model: str, png: str | Path | None = None, group_by: str | None = None) -> dict:
+        """The model's agreement report (split by a metadata key with `group_by`); with `png`, its Bland-Altman
+        plot saved there too."""
+        params = {"group_by": group_by} if group_by else {}
+        report = self._check(self.http.get(f"/v1/models/{model}/agreement", params=params)).json()
         if png is not None:
             r = self._check(self.http.get(f"/v1/models/{model}/agreement", params={"format": "png"}))
             atomic_write_bytes(Path(png), r.content)
         return report
 
     def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
-               idempotency_key: str | None = None) -> dict:
+               idempotency_key: str | None = None, metadata: dict[str, str] | None = None) -> dict:
         """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -64,6 +66,8 @@ class Client:
             raise ServiceError(f"{path}: nothing to upload")
         fields = {"model": model, "atlases": atlases, "priority": priority}
         data = {k: str(v) for k, v in fields.items() if v is not None}
+        if metadata:
+            data["metadata"] = json.dumps(metadata)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         handles = [open(p, "rb") for p in files]
         try:

@@ -123,10 +123,25 @@ def _correction(path: str, series_uid: str | None, scan: str, mask: str, labels:
     write_image(volume.array, volume.geometry, Path(out) / "image.nii.gz")
     per_label = {name: {"refined_ml": round(float(np.count_nonzero(refined == v)) * voxel_ml, 3),
                         "corrected_ml": round(float(np.count_nonzero(corrected == v)) * voxel_ml, 3),
-                        "dice_refined_vs_corrected": round(float(scores[v]), 4)} for v, name in names.items()}
+                        "dice_refined_vs_corrected": round(float(scores[v]), 4),
+                        **_distances(refined == v, corrected == v, volume.geometry)} for v, name in names.items()}
     return {"source": "dicom-seg" if is_dicom(path) else "nifti", "per_label": per_label,
             "voxels_changed": int(np.count_nonzero(refined != corrected)),
             "label_sha256": file_sha256(Path(out) / "label.nii.gz")}
+
+
+def _distances(a, b, geometry) -> dict:
+    """Hausdorff and average Hausdorff distance (mm, SimpleITK) between two masks on one grid; absent when either
+    is empty (no distance to measure)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if not a.any() or not b.any():
+        return {}
+    f = sitk.HausdorffDistanceImageFilter()
+    f.Execute(geometry.image_from_array(a.astype(np.uint8)), geometry.image_from_array(b.astype(np.uint8)))
+    return {"hausdorff_mm": round(f.GetHausdorffDistance(), 3),
+            "average_hausdorff_mm": round(f.GetAverageHausdorffDistance(), 3)}
 
 
 def _series(folder: str) -> dict:

@@ -217,7 +217,7 @@ def cmd_agreement(args) -> int:
         print("isl agreement: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(Client(args.server, key).agreement(args.model, args.png), indent=2))
+        print(json.dumps(Client(args.server, key).agreement(args.model, args.png, args.group_by), indent=2))
     except (ServiceError, OSError) as exc:
         print(f"isl agreement: error: {exc}", file=sys.stderr)
         return 1
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True, help="service base URL, e.g. http://isl.hospital:8000")
     p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
     p.add_argument("--png", default=None, help="save the Bland-Altman plot of the latest version's batch here")
+    p.add_argument("--group-by", default=None, help="split each batch by this key of the cases' metadata")
     p.set_defaults(func=cmd_agreement)
 
     p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")

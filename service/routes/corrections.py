@@ -32,7 +32,8 @@ class CorrectionView(BaseModel):
     created: float = Field(description="when it was received (Unix seconds)")
     source: str = Field(description="nifti or dicom-seg")
     per_label: dict[str, dict[str, float]] = Field(
-        description="per label: refined_ml and corrected_ml (volumes), dice_refined_vs_corrected")
+        description="per label: refined_ml and corrected_ml (volumes), dice_refined_vs_corrected, and where both "
+                    "masks hold the label hausdorff_mm and average_hausdorff_mm")
     voxels_changed: int = Field(description="voxels whose label the correction changed")
     note: str = ""
 
@@ -86,7 +87,8 @@ def correct(job: FinishedJob, actor: Actor, response: Response, settings: Settin
            "model_version": str(report.get("model_version") or ""), "actor": actor, "created": now(),
            "source": summary["source"], "folder": str(target.relative_to(storage.root)),
            "label_sha256": summary["label_sha256"],
-           "summary": {"per_label": summary["per_label"], "voxels_changed": summary["voxels_changed"]},
+           "summary": {"per_label": summary["per_label"], "voxels_changed": summary["voxels_changed"],
+                       "metadata": job.options.metadata},
            "note": note}
     try:
         store.records.add_correction(row, {"tenant": job.tenant, "actor": actor, "action": "correct",

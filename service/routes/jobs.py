@@ -18,6 +18,8 @@ from service.views import JobList, JobView, Problem, job_view
 router = APIRouter()
 UPLOAD = "one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series"
 RETRY = "a retried upload with the same key returns the same job"
+METADATA = ("case metadata as a JSON object of short strings, e.g. {\"age_band\": \"40-60\"}; the agreement "
+            "report can be split by any key (GET /v1/models/{name}/agreement?group_by=age_band)")
 SERIES = ("for DICOM uploads that hold several series: the Series Instance UID of the one to refine (without it "
           "such an upload is refused with the list of its series)")
 
@@ -33,18 +35,37 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
            priority: Annotated[int, Form(ge=0, le=9, description="0 (first) .. 9 (last)")] = 5,
            series_uid: Annotated[str | None, Form(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$",
                                                   description=SERIES)] = None,
+           metadata: Annotated[str | None, Form(max_length=2000, description=METADATA)] = None,
            idempotency_key: Annotated[str | None, Header(max_length=200, description=RETRY)] = None) -> JobView:
     model = chosen_model(settings, model)
+    case = case_metadata(metadata)
     if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job_view(job, store)  # a retried upload: the body is not read again
     room_for_upload(settings)
     with staging(settings) as folder:
         inputs = receive(files, folder, settings.max_upload_bytes, series_uid)
-        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid)
+        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case)
         job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key, actor)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, store)
+
+
+def case_metadata(text: str | None) -> dict[str, str]:
+    """The `metadata` form field: a JSON object of at most 16 string keys and values (64 characters each); 422
+    with the problem otherwise."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise HTTPException(422, "metadata: not JSON; give an object such as {\"age_band\": \"40-60\"}") from None
+    if not isinstance(value, dict) or len(value) > 16:
+        raise HTTPException(422, "metadata: give a JSON object of at most 16 keys")
+    for k, v in value.items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool) or not 0 < len(k) <= 64 or len(str(v)) > 64:
+            raise HTTPException(422, f"metadata: {k!r} must name a string or number of at most 64 characters")
+    return {k: str(v) for k, v in value.items()}
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}}, summary="A job's state")

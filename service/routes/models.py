@@ -2,9 +2,9 @@
 radiologists sent back."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
 from service.deps import SettingsDep, StoreDep, Tenant
@@ -25,7 +25,9 @@ def models(who: Tenant, settings: SettingsDep) -> dict:
                     "before and after (paired t-test, Wilcoxon), Spearman, Dice, and the verdict; ?format=png: the "
                     "Bland-Altman plot of the latest version's batch")
 def model_agreement(name: str, who: Tenant, settings: SettingsDep, store: StoreDep,
-                    format: Literal["json", "png"] = "json"):
+                    format: Literal["json", "png"] = "json",
+                    group_by: Annotated[str | None, Query(max_length=64, description="split each version's batch by "
+                                                         "this key of the cases' metadata (e.g. age_band)")] = None):
     from service.agreement import agreement, bland_altman_png
 
     if name not in available_models(settings):
@@ -37,4 +39,5 @@ def model_agreement(name: str, who: Tenant, settings: SettingsDep, store: StoreD
         if not rows:
             raise HTTPException(404, f"model {name!r} has no corrections from your tenant yet")
         return Response(bland_altman_png(rows, name), media_type="image/png")
-    return {"model": name, **agreement(rows, settings.agreement_dice, settings.agreement_spearman)}
+    return {"model": name, **agreement(rows, settings.agreement_dice, settings.agreement_spearman,
+                                       group_by=group_by)}

@@ -10,7 +10,8 @@ def _rows(version: str, auto: np.ndarray, corrected: np.ndarray, dice: np.ndarra
           jobs: list[str] | None = None) -> list[dict]:
     return [{"job_id": (jobs or [f"{version}-{i}" for i in range(len(auto))])[i], "model_version": version,
              "created": t0 + i, "summary": {"per_label": {"gland": {
-                 "refined_ml": float(a), "corrected_ml": float(c), "dice_refined_vs_corrected": float(d)}},
+                 "refined_ml": float(a), "corrected_ml": float(c), "dice_refined_vs_corrected": float(d),
+                 "hausdorff_mm": 4.0 * (1 - d), "average_hausdorff_mm": 1.0 - d}},
                  "voxels_changed": 1}} for i, (a, c, d) in enumerate(zip(auto, corrected, dice))]
 
 
@@ -28,6 +29,7 @@ def test_a_batch_whose_corrections_change_volumes_does_not_converge_and_one_that
     assert v1["converged"] is False and "gland: volumes differ" in v1["why"] and "Dice 0.9 < 0.94" in v1["why"]
     assert not g2["volumes_differ"] and g2["spearman_rho"] > 0.97 and g2["mean_dice"] == 0.97
     assert v2["converged"] is True
+    assert g2["mean_hausdorff_mm"] == 0.12 and g2["mean_average_hausdorff_mm"] == 0.03
     strict = agreement(second, dice_min=0.98)["batches"][0]
     assert strict["converged"] is False and "Dice 0.97 < 0.98" in strict["why"]
 
@@ -43,3 +45,15 @@ def test_the_last_correction_of_a_job_counts_and_few_cases_give_no_verdict():
     assert few["structures"]["gland"]["t_test_p"] is None
     png = bland_altman_png(rows, "pituitary")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_batches_split_by_a_metadata_key():
+    auto = np.arange(1.0, 9.0)
+    rows = _rows("v1", auto, auto, np.ones(8))
+    for i, row in enumerate(rows):
+        if i < 5:
+            row["summary"]["metadata"] = {"age_band": "child" if i % 2 else "adult"}
+    report = agreement(rows, group_by="age_band")
+    groups = {b["group"]["age_band"]: b["cases"] for b in report["batches"]}
+    assert report["group_by"] == "age_band" and groups == {"adult": 3, "child": 2, "(none)": 3}
+    assert all(b["model_version"] == "v1" for b in report["batches"])

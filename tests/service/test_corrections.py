@@ -70,6 +70,7 @@ def test_a_corrected_label_map_is_stored_on_the_scan_grid_with_who_and_what_chan
             assert row["corrected_ml"] == pytest.approx(np.count_nonzero(corrected == value) * spacing_ml, abs=1e-3)
             assert row["refined_ml"] == pytest.approx(np.count_nonzero(auto == value) * spacing_ml, abs=1e-3)
     assert 0 < made["per_label"][labels[1]]["dice_refined_vs_corrected"] < 1
+    assert made["per_label"][labels[1]]["hausdorff_mm"] >= made["per_label"][labels[1]]["average_hausdorff_mm"] > 0
     stored = Path(stack.env["ISL_STORAGE_ROOT"]) / "corrections" / "alpha" / job_id / made["id"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stored / "label.nii.gz"))), corrected)
     source = sitk.ReadImage(str(scan(phantom_dataset)))
@@ -179,6 +180,18 @@ def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_co
     for batch in report["batches"]:
         assert batch["converged"] in (True, False, None) and batch["why"]
     assert (tmp_path / "ba.png").read_bytes().startswith(b"\x89PNG")
+    with client() as c:  # case metadata at submission splits the batches
+        bad = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
+                     data={"metadata": '["not", "an", "object"]'})
+        assert bad.status_code == 422 and "metadata" in bad.json()["detail"], bad.text
+        r = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
+                   data={"metadata": '{"age_band": "40-60"}'})
+        assert wait_final(stack.url, r.json()["id"])["state"] == "succeeded"
+        out = c.get(f"{stack.url}/v1/jobs/{r.json()['id']}/result").content
+        (tmp_path / "m.nii.gz").write_bytes(out)
+        assert _post(stack, r.json()["id"], tmp_path / "m.nii.gz").status_code == 201
+        split = c.get(f"{stack.url}/v1/models/{model}/agreement", params={"group_by": "age_band"}).json()
+    assert {b["group"]["age_band"]: b["cases"] for b in split["batches"]}.get("40-60") == 1, split
     with client("beta") as c:
         assert c.get(f"{stack.url}/v1/models/{model}/agreement").json()["batches"] == []
         assert c.get(f"{stack.url}/v1/models/{model}/agreement", params={"format": "png"}).status_code == 404
