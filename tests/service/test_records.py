@@ -168,3 +168,50 @@ def test_the_service_keeps_history_audit_and_retention_across_a_redis_loss_and_a
             assert r.status_code == 410 and "retention" in r.json()["detail"], r.text
             assert c.get(base + "/v1/audit", params={"action": "purge"}).json()["events"][0]["actor"] == "retention"
         assert not (tmp_path / "stack" / "storage" / "jobs" / job_id).exists()
+
+
+def test_on_postgresql_corrections_and_records_survive_a_restart_of_every_process(tiny_bundle, phantom_dataset,
+                                                                                    tmp_path):
+    """The compose deployment's shape (PostgreSQL, Redis with its append-only file, API, worker): a job and its
+    correction; then the database, Redis, the API and the worker all stopped and started again; the job, its
+    correction, the audit trail and the agreement report are all still there, and the tenant's next job still
+    selects the corrected case as an atlas."""
+    import SimpleITK as sitk
+
+    with private_postgres() as pg, LocalStack(tmp_path / "stack", tiny_bundle.parent, tiny_bundle.name,
+                                              phantom_dataset, KEYS, extra_env={"ISL_DATABASE_URL": pg.url},
+                                              appendonly=True) as stack:
+        base = stack.url
+        job_id = submit(base, scan(phantom_dataset)).json()["id"]
+        assert wait_final(base, job_id)["state"] == "succeeded"
+        with client() as c:
+            (tmp_path / "mask.nii.gz").write_bytes(c.get(f"{base}/v1/jobs/{job_id}/result").content)
+            mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+            corrected = sitk.GetArrayFromImage(mask)
+            corrected[2:5, 2:6, 2:6] = 1
+            image = sitk.GetImageFromArray(corrected)
+            image.CopyInformation(mask)
+            sitk.WriteImage(image, str(tmp_path / "corrected.nii.gz"))
+            with open(tmp_path / "corrected.nii.gz", "rb") as fh:
+                made = c.post(f"{base}/v1/jobs/{job_id}/correction", files={"file": ("c.nii.gz", fh)})
+            assert made.status_code == 201, made.text
+            before = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{tiny_bundle.name}/agreement").json())
+        for name in ("api", "w1"):
+            stack.kill(name, signal.SIGTERM, wait=120)
+        stack.kill("redis", signal.SIGTERM)
+        pg.stop()
+        pg.start()
+        stack.start_redis()
+        stack.start_api()
+        stack.start_worker("w1", wait=True)
+        with client() as c:
+            assert c.get(f"{base}/v1/jobs/{job_id}").json()["state"] == "succeeded"
+            assert [x["id"] for x in c.get(f"{base}/v1/jobs/{job_id}/corrections").json()["corrections"]] == [
+                made.json()["id"]]
+            after = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{tiny_bundle.name}/agreement").json())
+            assert after == before
+            with open(scan(phantom_dataset, 1), "rb") as fh:
+                new = c.post(f"{base}/v1/jobs", files={"files": ("s.nii.gz", fh)}, data={"atlases": "64"}).json()
+            assert wait_final(base, new["id"])["state"] == "succeeded"
+            qa = c.get(f"{base}/v1/jobs/{new['id']}/report").json()["qa"]
+        assert qa["atlases_from_corrections"] == [f"correction:{made.json()['id']}"]
