@@ -190,38 +190,33 @@ def cmd_submit(args) -> int:
     return 0 if all(r["state"] in done for r in summary.values()) else 1
 
 
-def cmd_correct(args) -> int:
+def _client_command(args, command: str, call) -> int:
+    """One request of the Python client (`call(client)`), its JSON answer printed; exit 2 without a key, 1 when the
+    service refuses (its reason on stderr)."""
     import os
+
+    import httpx
 
     from service.client import Client, ServiceError
 
     key = args.api_key or os.environ.get("ISL_API_KEY")
     if not key:
-        print("isl correct: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
+        print(f"isl {command}: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(Client(args.server, key).correct(args.job_id, args.mask, args.note), indent=2))
-    except (ServiceError, OSError) as exc:
-        print(f"isl correct: error: {exc}", file=sys.stderr)
+        print(json.dumps(call(Client(args.server, key)), indent=2))
+    except (ServiceError, OSError, httpx.HTTPError) as exc:
+        print(f"isl {command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_correct(args) -> int:
+    return _client_command(args, "correct", lambda c: c.correct(args.job_id, args.mask, args.note))
 
 
 def cmd_agreement(args) -> int:
-    import os
-
-    from service.client import Client, ServiceError
-
-    key = args.api_key or os.environ.get("ISL_API_KEY")
-    if not key:
-        print("isl agreement: error: give --api-key or set ISL_API_KEY", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(Client(args.server, key).agreement(args.model, args.png, args.group_by), indent=2))
-    except (ServiceError, OSError) as exc:
-        print(f"isl agreement: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _client_command(args, "agreement", lambda c: c.agreement(args.model, args.png, args.group_by))
 
 
 def cmd_revoke_key(args) -> int:
