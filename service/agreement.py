@@ -94,22 +94,21 @@ def verdict(per: dict[str, dict], cases: int, dice_min: float, spearman_min: flo
             f"no structure's volumes differ, Dice >= {dice_min} and Spearman >= {spearman_min} for every one"}
 
 
-def bland_altman_png(corrections: list[dict], model: str) -> bytes:
+def bland_altman_png(corrections: list[dict], model: str, dice_min: float = 0.94, spearman_min: float = 0.97) -> bytes:
     """One Bland-Altman panel per structure (latest model version's batch): the mean of the automatic and the
-    corrected volume against their difference, with the mean difference and the 95% limits of agreement."""
-    import matplotlib
+    corrected volume against their difference, with the mean difference and the 95% limits of agreement. Drawn on
+    a Figure of its own (no pyplot state: the API serves requests from threads)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report = agreement(corrections)
+    report = agreement(corrections, dice_min, spearman_min)
     if not report["batches"]:
         raise ValueError(f"model {model} has no corrections yet")
     batch = report["batches"][-1]
     latest = {r["job_id"]: r for r in sorted(corrections, key=lambda r: r["created"])}
     rows = [r for r in latest.values() if r["model_version"] == batch["model_version"]]
     names = list(batch["structures"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(names), 3.6))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         cases = [r["summary"]["per_label"][name] for r in rows if name in r["summary"]["per_label"]]
         a = np.array([x["refined_ml"] for x in cases])
@@ -128,5 +127,4 @@ def bland_altman_png(corrections: list[dict], model: str) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()

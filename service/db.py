@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -42,6 +44,7 @@ class JobRow(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str] = mapped_column(Text, default="")
     record: Mapped[dict] = mapped_column(JSON)
+    rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # the record's revision (service.records)
     purged: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created"), Index("ix_jobs_finished", "finished"))
 
@@ -169,20 +172,24 @@ class Records:
 
     # -- jobs -----------------------------------------------------------------------------------------------
     def save_job(self, job: Job, session: Session | None = None) -> None:
-        """Insert or update the job's row from its record."""
+        """Insert the job's row, or update it when this record is newer (its `rev`) than the stored one: one
+        statement, so that writers in several processes neither fail nor put an older state over a newer one."""
+        values = {"id": job.id, "tenant": job.tenant, "created": utc(job.created), "state": str(job.state),
+                  "model": job.options.model, "received_by": received_by(job), "started": utc(job.started),
+                  "finished": utc(job.finished), "error": job.error, "record": job.model_dump(mode="json"),
+                  "rev": job.rev, "purged": utc(job.purged)}
+        insert = (sqlite_insert if self.sqlite else pg_insert)(JobRow).values(**values)
+        statement = insert.on_conflict_do_update(index_elements=[JobRow.id],
+                                                 set_={k: insert.excluded[k] for k in values if k != "id"},
+                                                 where=JobRow.rev < insert.excluded.rev)
         with self._session(session) as s:
-            row = s.get(JobRow, job.id)
-            if row is None:
-                row = JobRow(id=job.id, tenant=job.tenant, created=utc(job.created))
-                s.add(row)
-            row.state, row.model, row.received_by = str(job.state), job.options.model, received_by(job)
-            row.started, row.finished, row.error = utc(job.started), utc(job.finished), job.error
-            row.record = job.model_dump(mode="json")
-            row.purged = utc(job.purged)
+            s.execute(statement)
 
-    def job(self, job_id: str) -> Job | None:
+    def job(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job's last recorded state (only when it is `tenant`'s, when given: one query either way)."""
+        where = [JobRow.id == job_id] + ([JobRow.tenant == tenant] if tenant is not None else [])
         with Session(self.engine) as s:
-            row = s.get(JobRow, job_id)
+            row = s.scalars(select(JobRow).where(*where)).first()
             return None if row is None else _job(row)
 
     def jobs(self, tenant: str, offset: int, limit: int) -> tuple[list[str], int]:

@@ -26,6 +26,13 @@ async def storage_error(request: Request, exc: OSError) -> JSONResponse:
     return JSONResponse({"detail": "internal storage error; nothing was kept"}, 500)
 
 
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """The database unreachable while a route needs it: 503 (try again), not a 500."""
+    log.error("database unreachable: %s", exc)
+    return JSONResponse({"detail": "the service's database is unreachable; try again shortly"}, 503,
+                        headers={"Retry-After": "5"})
+
+
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with one readable sentence, as every other error (the Problem schema), not FastAPI's list."""
     parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg', 'invalid')}"
@@ -55,6 +62,9 @@ def install(app: FastAPI, max_upload_bytes: int) -> None:
             return JSONResponse({"detail": f"upload of {length} bytes exceeds the limit of {max_upload_bytes}"}, 413)
         return await call_next(request)
 
+    from sqlalchemy.exc import OperationalError
+
     app.add_exception_handler(OSError, storage_error)
+    app.add_exception_handler(OperationalError, database_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -102,14 +102,16 @@ class JobStore:
         return self.records.job(job_id) if self.records is not None else None
 
     def get_owned(self, job_id: str, tenant: str) -> Job | None:
-        """The job when it is `tenant`'s, else None; another tenant's job costs the same lookups as no job (a
-        Redis miss also asks the database), so that its existence does not show in the response time."""
-        raw = self._r.get(f"{P}job:{job_id}")
-        job = Job.model_validate_json(raw) if raw else None
-        if (job is None or job.tenant != tenant) and self.records is not None:
-            stored = self.records.job(job_id)
-            job = job or stored
-        return job if job is not None and job.tenant == tenant else None
+        """The job when it is `tenant`'s, else None. Another tenant's job costs exactly what no job costs (one
+        Redis round trip that reads no record, then one database query by id and tenant that finds nothing), so
+        that its existence does not show in the response time."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zscore(f"{P}tenant:{tenant}", job_id)
+        pipe.get(f"{P}job:{job_id}")
+        mine, raw = pipe.execute()
+        if mine is not None and raw:
+            return Job.model_validate_json(raw)
+        return self.records.job(job_id, tenant=tenant) if self.records is not None else None
 
     # -- the durable side: job history and audit trail in the database ----------------------------------------
     def keep(self, job: Job) -> None:
@@ -137,22 +139,38 @@ class JobStore:
             self._r.rpush(f"{P}audit_pending", json.dumps(event))
             self.count("audit_deferred")
 
+    _ZREM_IF = ("if tonumber(redis.call('zscore', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then "
+                "return redis.call('zrem', KEYS[1], ARGV[1]) else return 0 end")
+
     def sync_records(self) -> int:
         """Write what the database refused before: job histories first (audit events refer to them), then audit
-        events in their order. Returns how many were written; stops at the first failure (retried next sweep)."""
-        if self.records is None:
+        events in their order; one sweep at a time across all processes. Returns how many were written; stops at
+        the first failure of the database (retried next sweep). An event the database refuses for what it holds
+        (a constraint, a value too long) goes to `isl:audit_dead` with a log line instead of blocking the rest."""
+        from sqlalchemy.exc import DataError, IntegrityError
+
+        if self.records is None or not self._r.set(f"{P}syncing", "1", nx=True, ex=300):
             return 0
         written = 0
-        for job_id in self._r.zrange(f"{P}unsynced", 0, -1):
-            raw = self._r.get(f"{P}job:{job_id}")
-            if raw:
-                self.records.save_job(Job.model_validate_json(raw))
-                written += 1
-            self._r.zrem(f"{P}unsynced", job_id)
-        while raw := self._r.lindex(f"{P}audit_pending", 0):
-            self.records.audit(**json.loads(raw))
-            self._r.lpop(f"{P}audit_pending")
-            written += 1
+        try:
+            for job_id, score in self._r.zrange(f"{P}unsynced", 0, -1, withscores=True):
+                raw = self._r.get(f"{P}job:{job_id}")
+                if raw:
+                    self.records.save_job(Job.model_validate_json(raw))  # the newest record wins (its rev)
+                    written += 1
+                # off the list unless a newer failure put it back meanwhile
+                self._r.eval(self._ZREM_IF, 1, f"{P}unsynced", job_id, repr(score))
+            while raw := self._r.lindex(f"{P}audit_pending", 0):
+                try:
+                    self.records.audit(**json.loads(raw))
+                    written += 1
+                except (IntegrityError, DataError):
+                    log.error("audit event %s refused by the database for what it holds; kept in %saudit_dead",
+                              raw, P, exc_info=True)
+                    self._r.rpush(f"{P}audit_dead", raw)
+                self._r.lpop(f"{P}audit_pending")
+        finally:
+            self._r.delete(f"{P}syncing")
         return written
 
     def pending_records(self) -> int:

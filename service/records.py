@@ -95,10 +95,11 @@ class Job(_Record):
     push: str = ""
     attempts: list[Attempt] = Field(default_factory=list)
     purged: float | None = None  # when the retention policy deleted its input and results (Unix seconds)
+    rev: int = 0  # bumped by every write of the record (service/jobs.py): the database keeps the newest
 
     def with_fields(self, **fields) -> Job:
-        """A validated copy with `fields` replaced (models or plain values)."""
-        return Job.model_validate(self.model_dump() | fields)
+        """A validated copy with `fields` replaced (models or plain values) and the next revision."""
+        return Job.model_validate(self.model_dump() | fields | {"rev": self.rev + 1})
 
 
 class Batch(_Record):

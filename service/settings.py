@@ -101,8 +101,9 @@ class Settings(BaseSettings):
         pairs = {}
         for item in filter(None, (p.strip() for p in self.api_keys.split(","))):
             tenant, _, digest = item.partition(":")
-            if not tenant or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ValueError(f"ISL_API_KEYS entry {item!r} is not tenant:<64 hex sha256 of the key>")
+            if not TENANT.fullmatch(tenant) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"ISL_API_KEYS entry {item!r} is not tenant:<64 hex sha256 of the key> (a tenant is 1 "
+                                 "to 64 letters, digits, '_', '-' and '.')")
             if digest == hash_key(DEV_KEY):
                 raise ValueError(f"ISL_API_KEYS: tenant {tenant!r} uses the development key; choose a real secret")
             pairs[digest] = tenant

@@ -36,7 +36,8 @@ class AuditList(BaseModel):
 def audit(who: Tenant, store: StoreDep,
           job_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$", description="one job's events")] = None,
           action: Annotated[str | None, Query(pattern="^(" + "|".join(ACTIONS) + ")$")] = None,
-          since: Annotated[float | None, Query(ge=0, description="events at or after (Unix seconds)")] = None,
+          since: Annotated[float | None, Query(ge=0, le=32503680000,
+                                               description="events at or after (Unix seconds)")] = None,
           offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> AuditList:
     if store.records is None:

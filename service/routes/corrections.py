@@ -61,7 +61,10 @@ def correct(job: FinishedJob, actor: Actor, response: Response, settings: Settin
         raise HTTPException(503, "this service keeps no database; corrections cannot be recorded")
     room_for_upload(settings)
     out = storage.job_dir(job.id) / "output"
-    report = json.loads((out / "report.json").read_text())
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except FileNotFoundError:  # the retention policy deleted it since the job was read
+        raise HTTPException(410, f"the results of job {job.id} were deleted by the retention policy") from None
     labels = {int(v): name for v, name in report["labels"].items()}
     with staging(settings) as folder:
         head = file.file.read(512)

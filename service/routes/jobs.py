@@ -111,10 +111,14 @@ async def _stream(job_id: str, store: JobStore, request: Request):
 def cancel(job: OwnedJob, store: StoreDep, actor: Actor) -> JobView:
     if job.state in (JobState.QUEUED, JobState.RUNNING):
         store.audit(job.tenant, actor, "cancel", job.id, {"state": str(job.state)})
-    if job.state == JobState.QUEUED:
-        job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
-    elif job.state == JobState.RUNNING:
-        job = store.update(job.id, cancel_requested=True)
+    try:
+        if job.state == JobState.QUEUED:
+            job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
+        elif job.state == JobState.RUNNING:
+            job = store.update(job.id, cancel_requested=True)
+    except KeyError:  # only the database knows it: Redis lost the live job, which no worker will now run
+        raise HTTPException(409, f"job {job.id} is known only from its history (the queue lost it); it will not "
+                                 "run, submit it again") from None
     return job_view(job, store)
 
 

@@ -38,6 +38,7 @@ def model_agreement(name: str, who: Tenant, settings: SettingsDep, store: StoreD
     if format == "png":
         if not rows:
             raise HTTPException(404, f"model {name!r} has no corrections from your tenant yet")
-        return Response(bland_altman_png(rows, name), media_type="image/png")
+        return Response(bland_altman_png(rows, name, settings.agreement_dice, settings.agreement_spearman),
+                        media_type="image/png")
     return {"model": name, **agreement(rows, settings.agreement_dice, settings.agreement_spearman,
                                        group_by=group_by)}

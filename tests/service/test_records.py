@@ -82,8 +82,13 @@ def test_job_history_follows_each_change_of_state_and_outlives_redis(redis_url, 
     assert records.job(job.id).state == JobState.RUNNING
     store.finish(job.id, "h:1", state=JobState.SUCCEEDED, finished=time.time(), progress=1.0)
     assert records.job(job.id).state == JobState.SUCCEEDED
+    final = store.get(job.id)
+    records.save_job(final.model_copy(update={"rev": final.rev - 1, "state": JobState.RUNNING}))  # a late writer
+    assert records.job(job.id).state == JobState.SUCCEEDED  # an older record never overwrites a newer one
+    assert store.get_owned(job.id, "alpha").id == job.id and store.get_owned(job.id, "beta") is None
     redis.Redis.from_url(redis_url).flushall()  # Redis loses its data
     assert store.get(job.id).state == JobState.SUCCEEDED
+    assert store.get_owned(job.id, "alpha").state == JobState.SUCCEEDED and store.get_owned(job.id, "beta") is None
     jobs, total = store.list("alpha", 0, 10)
     assert [j.id for j in jobs] == [job.id] and total == 1
     assert store.list("beta", 0, 10) == ([], 0)

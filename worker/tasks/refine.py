@@ -127,7 +127,13 @@ def _corrections(store: JobStore, job: Job, refiner):
 
     if not settings.corrections_as_atlases or store.records is None:
         return None
-    latest = {r["job_id"]: r for r in store.records.corrections(job.tenant, model=job.options.model)}
+    try:
+        rows = store.records.corrections(job.tenant, model=job.options.model)
+    except Exception:  # noqa: BLE001 - the database away: this job is refined with the bundle's atlases only
+        log.warning("job %s: corrections not read (database unreachable); the bundle's atlases only", job.id,
+                    exc_info=True)
+        return None
+    latest = {r["job_id"]: r for r in rows}
     bank = None
     for row in latest.values():
         key = (refiner.bundle.version, row["id"])

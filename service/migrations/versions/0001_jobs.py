@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
         sa.Column("error", sa.Text(), nullable=False),
         sa.Column("record", sa.JSON(), nullable=False),
+        sa.Column("rev", sa.Integer(), nullable=False, server_default="0"),
     )
     op.create_index("ix_jobs_tenant_created", "jobs", ["tenant", "created"])
 
