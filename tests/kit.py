@@ -15,7 +15,10 @@ import pytest
 from service.records import FINAL
 from worker.localstack import free_port, wait_for_redis, wait_until
 
-KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "gamma": "gamma-key-to-be-revoked"}
+# radiology: the tenant whose corrections join its atlas bank (tests/service/test_corrections.py), kept apart so that
+# alpha's refinements stay those of the bundle's own atlases
+KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "gamma": "gamma-key-to-be-revoked",
+        "radiology": "radiology-key-3"}
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from kit import KEYS, client, scan, submit, wait_final
 from service.settings import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
+TENANT = "radiology"  # its corrections join its atlas bank: kept apart from alpha, whose jobs other tests compare
 CT5N = Path(__import__("pydicom").__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 
 
@@ -22,9 +23,9 @@ CT5N = Path(__import__("pydicom").__file__).parent / "data" / "test_files" / "di
 def refined(stack, phantom_dataset, tmp_path_factory):
     """A succeeded NIfTI job: (job id, its mask as an ITK image, the folder it was saved in)."""
     folder = tmp_path_factory.mktemp("refined")
-    job_id = submit(stack.url, scan(phantom_dataset)).json()["id"]
-    assert wait_final(stack.url, job_id)["state"] == "succeeded"
-    with client() as c:
+    job_id = submit(stack.url, scan(phantom_dataset), tenant=TENANT).json()["id"]
+    assert wait_final(stack.url, job_id, tenant=TENANT)["state"] == "succeeded"
+    with client(TENANT) as c:
         (folder / "mask.nii.gz").write_bytes(c.get(f"{stack.url}/v1/jobs/{job_id}/result").content)
     return job_id, sitk.ReadImage(str(folder / "mask.nii.gz")), folder
 
@@ -39,7 +40,7 @@ def _save(array: np.ndarray, like: sitk.Image, path: Path, **geometry) -> Path:
     return path
 
 
-def _post(stack, job_id: str, path: Path, tenant: str = "alpha"):
+def _post(stack, job_id: str, path: Path, tenant: str = TENANT):
     with client(tenant) as c, open(path, "rb") as fh:
         return c.post(f"{stack.url}/v1/jobs/{job_id}/correction", files={"file": (path.name, fh)})
 
@@ -53,13 +54,13 @@ def test_a_corrected_label_map_is_stored_on_the_scan_grid_with_who_and_what_chan
     corrected[2:5, 2:6, 2:6] = 2
     changed = int(np.count_nonzero(corrected != auto))
     path = _save(corrected, mask, folder / "corrected.nii.gz")
-    env = {"ISL_API_KEY": KEYS["alpha"], "PATH": "/usr/bin:/bin"}
+    env = {"ISL_API_KEY": KEYS[TENANT], "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "worker.cli", "correct", job_id, str(path), "--server", stack.url,
                           "--note", "slice fixed"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     made = json.loads(run.stdout)
     assert made["job_id"] == job_id and made["source"] == "nifti" and made["note"] == "slice fixed"
-    assert made["voxels_changed"] == changed and made["actor"] == f"key:{hash_key(KEYS['alpha'])[:12]}"
+    assert made["voxels_changed"] == changed and made["actor"] == f"key:{hash_key(KEYS[TENANT])[:12]}"
     spacing_ml = float(np.prod(mask.GetSpacing())) / 1000
     report = Path(stack.env["ISL_STORAGE_ROOT"]) / "jobs" / job_id / "output" / "report.json"
     labels = {int(k): v for k, v in json.loads(report.read_text())["labels"].items()}
@@ -71,13 +72,13 @@ def test_a_corrected_label_map_is_stored_on_the_scan_grid_with_who_and_what_chan
             assert row["refined_ml"] == pytest.approx(np.count_nonzero(auto == value) * spacing_ml, abs=1e-3)
     assert 0 < made["per_label"][labels[1]]["dice_refined_vs_corrected"] < 1
     assert made["per_label"][labels[1]]["hausdorff_mm"] >= made["per_label"][labels[1]]["average_hausdorff_mm"] > 0
-    stored = Path(stack.env["ISL_STORAGE_ROOT"]) / "corrections" / "alpha" / job_id / made["id"]
+    stored = Path(stack.env["ISL_STORAGE_ROOT"]) / "corrections" / TENANT / job_id / made["id"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(stored / "label.nii.gz"))), corrected)
     source = sitk.ReadImage(str(scan(phantom_dataset)))
     image = sitk.ReadImage(str(stored / "image.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(source))
     assert image.GetSpacing() == pytest.approx(source.GetSpacing())
-    with client() as c:
+    with client(TENANT) as c:
         listed = c.get(f"{stack.url}/v1/jobs/{job_id}/corrections").json()["corrections"]
         trail = c.get(f"{stack.url}/v1/audit", params={"job_id": job_id, "action": "correct"}).json()["events"]
     assert [x["id"] for x in listed] == [made["id"]]
@@ -100,18 +101,18 @@ def test_corrections_that_do_not_fit_the_job_are_refused_with_the_reason(stack, 
         assert r.status_code == 422 and reason in r.json()["detail"] and name in r.json()["detail"], (name, r.text)
     good = _save(auto, mask, folder / "same.nii.gz")
     assert _post(stack, job_id, good, tenant="beta").status_code == 404  # another tenant's job: as no job
-    with client() as c:  # a job that has no result yet cannot be corrected
+    with client(TENANT) as c:  # a job that has no result yet cannot be corrected
         queued = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
                         data={"priority": "9"}).json()["id"]
         c.delete(f"{stack.url}/v1/jobs/{queued}")
-    state = wait_final(stack.url, queued)["state"]
+    state = wait_final(stack.url, queued, tenant=TENANT)["state"]
     if state != "succeeded":  # (it may have finished before the cancel reached it)
         r = _post(stack, queued, good)
         assert r.status_code == 409 and state in r.json()["detail"], r.text
-    with client() as c:
+    with client(TENANT) as c:
         before = len(c.get(f"{stack.url}/v1/jobs/{job_id}/corrections").json()["corrections"])
     assert _post(stack, job_id, good).status_code == 201  # the same grid and labels: accepted
-    with client() as c:
+    with client(TENANT) as c:
         assert len(c.get(f"{stack.url}/v1/jobs/{job_id}/corrections").json()["corrections"]) == before + 1
 
 
@@ -120,12 +121,12 @@ def test_a_dicom_seg_of_the_jobs_series_corrects_it_and_one_of_another_series_is
     from pydicom.uid import generate_uid
 
     files = sorted(CT5N.iterdir())
-    with client() as c:
+    with client(TENANT) as c:
         handles = [open(f, "rb") for f in files]
         r = c.post(stack.url + "/v1/jobs", files=[("files", (f.name, h)) for f, h in zip(files, handles)])
         for h in handles:
             h.close()
-        job = wait_final(stack.url, r.json()["id"])
+        job = wait_final(stack.url, r.json()["id"], tenant=TENANT)
         assert job["state"] == "succeeded", job
         (tmp_path / "seg.dcm").write_bytes(c.get(f"{stack.url}/v1/jobs/{job['id']}/result",
                                                  params={"format": "dicom-seg"}).content)
@@ -154,7 +155,7 @@ def test_the_next_refinement_of_the_tenant_selects_the_corrected_case_as_an_atla
             assert wait_final(stack.url, new["id"], tenant=tenant)["state"] == "succeeded"
             return c.get(f"{stack.url}/v1/jobs/{new['id']}/report").json()["qa"]
 
-    qa = refine("alpha")
+    qa = refine(TENANT)
     assert f"correction:{made['id']}" in qa["atlases_from_corrections"], qa["atlases_used"]
     assert set(qa["atlases_from_corrections"]) <= set(qa["atlases_used"])
     assert refine("beta")["atlases_from_corrections"] == []
@@ -166,13 +167,13 @@ def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_co
     job_id, mask, folder = refined
     model = stack.env["ISL_DEFAULT_MODEL"]
     _post(stack, job_id, _save(sitk.GetArrayFromImage(mask), mask, folder / "agree.nii.gz"))
-    env = {"ISL_API_KEY": KEYS["alpha"], "PATH": "/usr/bin:/bin"}
+    env = {"ISL_API_KEY": KEYS[TENANT], "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-m", "worker.cli", "agreement", "--model", model, "--server", stack.url,
                           "--png", str(tmp_path / "ba.png")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    with client() as c:
+    with client(TENANT) as c:
         jobs = {x["job_id"] for j in c.get(f"{stack.url}/v1/jobs", params={"limit": 200}).json()["jobs"]
                 for x in c.get(f"{stack.url}/v1/jobs/{j['id']}/corrections").json()["corrections"]}
     assert report["model"] == model and sum(b["cases"] for b in report["batches"]) == len(jobs) >= 1
@@ -180,13 +181,13 @@ def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_co
     for batch in report["batches"]:
         assert batch["converged"] in (True, False, None) and batch["why"]
     assert (tmp_path / "ba.png").read_bytes().startswith(b"\x89PNG")
-    with client() as c:  # case metadata at submission splits the batches
+    with client(TENANT) as c:  # case metadata at submission splits the batches
         bad = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
                      data={"metadata": '["not", "an", "object"]'})
         assert bad.status_code == 422 and "metadata" in bad.json()["detail"], bad.text
         r = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
                    data={"metadata": '{"age_band": "40-60"}'})
-        assert wait_final(stack.url, r.json()["id"])["state"] == "succeeded"
+        assert wait_final(stack.url, r.json()["id"], tenant=TENANT)["state"] == "succeeded"
         out = c.get(f"{stack.url}/v1/jobs/{r.json()['id']}/result").content
         (tmp_path / "m.nii.gz").write_bytes(out)
         assert _post(stack, r.json()["id"], tmp_path / "m.nii.gz").status_code == 201
