@@ -101,10 +101,6 @@ def default_url(storage_root: Path) -> str:
     return f"sqlite:///{Path(storage_root).resolve() / 'isl.db'}"
 
 
-def received_by(job: Job) -> str:
-    return "dimse" if job.options.dimse else "dicomweb" if job.options.stow else "upload"
-
-
 class Records:
     """The database of one deployment (`ISL_DATABASE_URL`). Every process that changes jobs opens one."""
 
@@ -175,7 +171,7 @@ class Records:
         """Insert the job's row, or update it when this record is newer (its `rev`) than the stored one: one
         statement, so that writers in several processes neither fail nor put an older state over a newer one."""
         values = {"id": job.id, "tenant": job.tenant, "created": utc(job.created), "state": str(job.state),
-                  "model": job.options.model, "received_by": received_by(job), "started": utc(job.started),
+                  "model": job.options.model, "received_by": job.received_by, "started": utc(job.started),
                   "finished": utc(job.finished), "error": job.error, "record": job.model_dump(mode="json"),
                   "rev": job.rev, "purged": utc(job.purged)}
         insert = (sqlite_insert if self.sqlite else pg_insert)(JobRow).values(**values)

@@ -97,6 +97,11 @@ class Job(_Record):
     purged: float | None = None  # when the retention policy deleted its input and results (Unix seconds)
     rev: int = 0  # bumped by every write of the record (service/jobs.py): the database keeps the newest
 
+    @property
+    def received_by(self) -> str:
+        """How its input came: upload (/v1/jobs, batches), dicomweb (STOW-RS) or dimse (C-STORE)."""
+        return "dimse" if self.options.dimse else "dicomweb" if self.options.stow else "upload"
+
     def with_fields(self, **fields) -> Job:
         """A validated copy with `fields` replaced (models or plain values) and the next revision."""
         return Job.model_validate(self.model_dump() | fields | {"rev": self.rev + 1})

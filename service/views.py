@@ -68,7 +68,7 @@ def job_view(job: Job, store: JobStore) -> JobView:
     queued = job.state == JobState.QUEUED
     return JobView(id=job.id, state=job.state, stage=job.stage, progress=job.progress, error=job.error,
                    model=job.options.model, worker=job.worker, push=job.push, created=job.created,
-                   received_by="dimse" if job.options.dimse else "dicomweb" if job.options.stow else "upload",
+                   received_by=job.received_by,
                    input_files=len(job.inputs),
                    started=job.started, finished=job.finished, purged=job.purged,
                    queue_position=store.position(job.id) if queued else None,

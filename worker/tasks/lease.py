@@ -56,8 +56,9 @@ def heartbeat(store: JobStore, name: str) -> None:
         except Exception:  # Redis away for a moment: the next beat retries
             log.warning("heartbeat to Redis failed", exc_info=True)
         try:
-            if store.pending_records() and store.turn("records", 5):
-                log.info("wrote %d deferred records to the database", store.sync_records())
+            # one sweep at a time across workers: sync_records holds a lock while it runs (0 when another has it)
+            if store.pending_records() and (written := store.sync_records()):
+                log.info("wrote %d deferred records to the database", written)
             if settings.retention_days and store.turn("retention", settings.retention_sweep_s):
                 purge_expired(store, storage, settings.retention_days)
         except Exception:  # the database away for a moment: the records wait in Redis, the files stay
