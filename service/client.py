@@ -57,6 +57,32 @@ class Client:
             atomic_write_bytes(Path(png), r.content)
         return report
 
+    def retrain(self, model: str, **options) -> dict:
+        """Queue a retraining of `model` on its base data plus your corrections (options: see RetrainOptions)."""
+        return self._check(self.http.post(f"/v1/models/{model}/retrain", json=options)).json()
+
+    def training(self, model: str, training_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/models/{model}/trainings/{training_id}")).json()
+
+    def wait_training(self, model: str, training_id: str, poll: float = 5.0, timeout: float | None = None) -> dict:
+        """Polls a retraining until it has succeeded or failed."""
+        t0 = time.monotonic()
+        while True:
+            row = self.training(model, training_id)
+            if row["state"] in ("succeeded", "failed"):
+                return row
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"retraining {training_id} still {row['state']} after {timeout} s")
+            time.sleep(poll)
+
+    def versions(self, model: str) -> dict:
+        """The model's versions for your tenant, their lineage and figures, and which one is live."""
+        return self._check(self.http.get(f"/v1/models/{model}/versions")).json()
+
+    def promote(self, model: str, version: str, force: bool = False, reason: str = "") -> dict:
+        return self._check(self.http.post(f"/v1/models/{model}/promote",
+                                          json={"version": version, "force": force, "reason": reason})).json()
+
     def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
                idempotency_key: str | None = None, metadata: dict[str, str] | None = None) -> dict:
         """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""

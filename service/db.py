@@ -1,6 +1,8 @@
 """Durable records in a relational database (SQLAlchemy 2; the schema is made and changed only by the Alembic
 migrations in service/migrations/): each job's history, as of its last change of state, and the audit trail of who
-(tenant, key id) submitted, downloaded, cancelled and what the retention policy deleted, when.
+(tenant, key id) submitted, downloaded, cancelled, corrected, retrained and promoted, and what the retention policy
+deleted, when; radiologists' corrections; the model registry (each tenant's retrained versions of a model, their
+lineage and validation figures, which one is live) and the retraining jobs that make them.
 
 Redis stays the queue and the live state (stage, progress, leases); the database is what a hospital keeps and
 audits. It outlives a Redis that lost its data: the job routes read a job from it when Redis no longer has one.
@@ -14,7 +16,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
@@ -84,6 +99,53 @@ class CorrectionRow(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     __table_args__ = (Index("ix_corrections_tenant_model", "tenant", "model", "created"),
                       Index("ix_corrections_job", "job_id"))
+
+
+class TrainingRow(Base):
+    """A retraining job: a tenant asked for a new version of a model trained on its base data and every correction
+    so far. `state`: queued, running, succeeded or failed; `beat`: the running worker's last sign of life (a
+    delivery that finds a running training whose beat is old takes it over); `outcome`: the promotion decision."""
+
+    __tablename__ = "trainings"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(80))
+    state: Mapped[str] = mapped_column(String(16))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    beat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    parent_version: Mapped[str] = mapped_column(String(128), default="")
+    version: Mapped[str] = mapped_column(String(128), default="")
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    outcome: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = (Index("ix_trainings_tenant_model", "tenant", "model", "created"),)
+
+
+class ModelVersionRow(Base):
+    """A version of a model retrained for one tenant: where its bundle lies (`folder`, under the storage root), its
+    lineage (`parent`, the `data` it saw: base cases and corrections), its `figures` (validation Dice of it and of
+    its parent on cases neither trained on, and the promotion rule's verdict) and its `status`: candidate, live,
+    rejected (the rule refused it) or retired (was live). A tenant with no live row is served the base bundle."""
+
+    __tablename__ = "model_versions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the training that made it
+    tenant: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(128))
+    parent: Mapped[str] = mapped_column(String(128))
+    folder: Mapped[str] = mapped_column(String(255))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    figures: Mapped[dict] = mapped_column(JSON, default=dict)
+    promoted: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    promoted_by: Mapped[str] = mapped_column(String(80), default="")
+    __table_args__ = (Index("ix_model_versions_tenant_model", "tenant", "model", "created"),
+                      Index("ux_model_versions_tenant_version", "tenant", "version", unique=True))
 
 
 def utc(t: float | None) -> datetime | None:
@@ -224,6 +286,106 @@ class Records:
             columns = [c.name for c in CorrectionRow.__table__.columns]
             return [{c: getattr(r, c) for c in columns} | {"created": epoch(r.created)} for r in rows]
 
+    # -- retraining and the model registry -------------------------------------------------------------------
+    def add_training(self, row: dict, audit: dict) -> None:
+        """Record a queued retraining (the fields of TrainingRow, `created` in Unix seconds) and its audit event."""
+        with Session(self.engine) as s, s.begin():
+            s.add(TrainingRow(**(row | {"created": utc(row["created"]), "state": "queued"})))
+            self.audit(**audit, session=s)
+
+    def training(self, training_id: str, tenant: str | None = None) -> dict | None:
+        where = [TrainingRow.id == training_id] + ([TrainingRow.tenant == tenant] if tenant is not None else [])
+        with Session(self.engine) as s:
+            row = s.scalars(select(TrainingRow).where(*where)).first()
+            return None if row is None else _plain(row)
+
+    def trainings(self, tenant: str, model: str) -> list[dict]:
+        """This tenant's retrainings of `model`, newest first."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(TrainingRow).where(TrainingRow.tenant == tenant, TrainingRow.model == model)
+                             .order_by(TrainingRow.created.desc(), TrainingRow.id)).all()
+            return [_plain(r) for r in rows]
+
+    def claim_training(self, training_id: str, worker: str, stale_before: float, now: float) -> dict | None:
+        """Start a queued retraining, or take over a running one whose worker has not beaten since `stale_before`
+        (it died); the row as claimed, or None when it is running elsewhere or has ended (a redelivered copy)."""
+        stale = (TrainingRow.state == "running") & (TrainingRow.beat.is_(None) | (TrainingRow.beat < utc(stale_before)))
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(update(TrainingRow).where(TrainingRow.id == training_id,
+                                                       (TrainingRow.state == "queued") | stale)
+                             .values(state="running", worker=worker, started=utc(now), beat=utc(now)))
+            if done.rowcount != 1:
+                return None
+        return self.training(training_id)
+
+    def beat_training(self, training_id: str, worker: str, now: float) -> bool:
+        """The running worker's sign of life; False when another worker has taken the training over."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(update(TrainingRow).where(TrainingRow.id == training_id, TrainingRow.worker == worker,
+                                                       TrainingRow.state == "running").values(beat=utc(now)))
+            return done.rowcount == 1
+
+    def finish_training(self, training_id: str, worker: str, *, state: str, finished: float, error: str = "",
+                        version: dict | None = None, outcome: dict | None = None, audit: dict | None = None) -> bool:
+        """End a retraining held by `worker`; with `version` (the fields of ModelVersionRow), record the new
+        version, and when `outcome["promoted"]`, make it live, in the same transaction. False when the worker no
+        longer holds it (its outcome is dropped)."""
+        with Session(self.engine) as s, s.begin():
+            done = s.execute(update(TrainingRow).where(TrainingRow.id == training_id, TrainingRow.worker == worker,
+                                                       TrainingRow.state == "running")
+                             .values(state=state, finished=utc(finished), error=error,
+                                     version=(version or {}).get("version", ""), outcome=outcome or {}))
+            if done.rowcount != 1:  # nothing was changed
+                return False
+            if version is not None:
+                outcome = outcome or {}
+                promoted = bool(outcome.get("promoted"))
+                status = "rejected" if outcome.get("judged") and not promoted else "candidate"
+                s.add(ModelVersionRow(**(version | {"created": utc(version["created"]), "status": status})))
+                s.flush()
+                if promoted:
+                    self._make_live(s, version["tenant"], version["model"], version["version"], "rule", finished)
+            if audit is not None:
+                self.audit(**audit, session=s)
+            return True
+
+    def fail_training(self, training_id: str, finished: float, error: str) -> None:
+        """End a retraining that never reached a worker (it could not be queued)."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(TrainingRow).where(TrainingRow.id == training_id, TrainingRow.state == "queued")
+                      .values(state="failed", finished=utc(finished), error=error))
+
+    def versions(self, tenant: str, model: str) -> list[dict]:
+        """This tenant's versions of `model`, oldest first."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(ModelVersionRow).where(ModelVersionRow.tenant == tenant,
+                                                           ModelVersionRow.model == model)
+                             .order_by(ModelVersionRow.created, ModelVersionRow.id)).all()
+            return [_plain(r) for r in rows]
+
+    def live_version(self, tenant: str, model: str) -> dict | None:
+        """The version of `model` this tenant's jobs run on; None: the base bundle."""
+        with Session(self.engine) as s:
+            row = s.scalars(select(ModelVersionRow).where(ModelVersionRow.tenant == tenant,
+                                                          ModelVersionRow.model == model,
+                                                          ModelVersionRow.status == "live")).first()
+            return None if row is None else _plain(row)
+
+    def promote(self, tenant: str, model: str, version: str | None, actor: str, at: float, detail: dict) -> None:
+        """Make `version` live for this tenant (None: back to the base bundle); the one live before is retired.
+        The caller has checked the rule; the audit event records who and why."""
+        with Session(self.engine) as s, s.begin():
+            self._make_live(s, tenant, model, version, actor, at)
+            self.audit(tenant, actor, "promote", detail=detail, at=at, session=s)
+
+    @staticmethod
+    def _make_live(s: Session, tenant: str, model: str, version: str | None, actor: str, at: float) -> None:
+        mine = (ModelVersionRow.tenant == tenant) & (ModelVersionRow.model == model)
+        s.execute(update(ModelVersionRow).where(mine, ModelVersionRow.status == "live").values(status="retired"))
+        if version is not None:
+            s.execute(update(ModelVersionRow).where(mine, ModelVersionRow.version == version)
+                      .values(status="live", promoted=utc(at), promoted_by=actor))
+
     # -- audit ----------------------------------------------------------------------------------------------
     def audit(self, tenant: str, actor: str, action: str, job_id: str | None = None, detail: dict | None = None,
               at: float | None = None, session: Session | None = None) -> None:
@@ -255,6 +417,12 @@ class Records:
             return
         with Session(self.engine) as s, s.begin():
             yield s
+
+
+def _plain(row) -> dict:
+    """A registry row as a dict; times in Unix seconds."""
+    out = {c.name: getattr(row, c.name) for c in row.__table__.columns}
+    return {k: epoch(v) if isinstance(v, datetime) else v for k, v in out.items()}
 
 
 def _job(row: JobRow) -> Job:

@@ -6,6 +6,7 @@ from celery import Celery
 from service.settings import Settings
 
 TASK = "isl.refine"
+TRAIN_TASK = "isl.retrain"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -39,3 +40,9 @@ class Queue:
         self.app.send_task(TASK, args=[job_id], queue=self.settings.queue, priority=priority,
                            retry=True, retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
                                                      "interval_max": 3})
+
+    def send_training(self, training_id: str) -> None:
+        """A retraining, on its own queue (ISL_TRAIN_QUEUE)."""
+        self.app.send_task(TRAIN_TASK, args=[training_id], queue=self.settings.train_queue, retry=True,
+                           retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                                         "interval_max": 3})

@@ -112,3 +112,23 @@ class Batch(_Record):
     tenant: str
     jobs: list[str]
     created: float
+
+
+class RetrainOptions(BaseModel):
+    """What a retraining may change from its parent's training (POST /v1/models/{name}/retrain, `isl retrain`;
+    worker/training/retrain.py says what each does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int | None = Field(None, ge=1, le=100_000, description="segmentation training iterations (default: "
+                                                                       "the parent's)")
+    reg_iterations: int | None = Field(None, ge=1, le=100_000, description="registration training iterations "
+                                                                           "(default: the parent's)")
+    warm_start: bool = Field(True, description="start from the parent's networks (else from random weights)")
+    configure: bool | None = Field(None, description="search the refinement settings again (default: as the parent "
+                                                     "was trained)")
+    configure_minutes: float | None = Field(None, gt=0, le=600, description="budget of that search (default: the "
+                                                                            "parent's)")
+    judge_cases: int = Field(10, ge=1, le=100, description="at most this many unseen cases judge the new version")
+    margin: float = Field(0.0, ge=0, le=1, description="promotion: the new version's mean Dice may be at most this "
+                                                       "much under its parent's")

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
                                               "'dev')")
     max_upload_bytes: int = Field(1 << 30, description="larger uploads are refused with 413")
     queue: str = Field("isl", description="Celery queue the GPU workers consume")
+    train_queue: str = Field("train", description="Celery queue of retraining jobs (`isl worker --queues` names the "
+                                                  "queues a worker consumes)")
     visibility_timeout_s: int = Field(7200, ge=1, description="Redis redelivers an unacknowledged job after this long "
                                                               "(a copy of a job that still runs is not run again)")
     min_free_mb: int = Field(1024, ge=0, description="uploads are refused with 507 while the storage root has less "

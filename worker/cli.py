@@ -159,7 +159,7 @@ def cmd_worker(args) -> int:
         os.environ["ISL_DEVICE"] = args.device
     from worker.tasks import app, settings
 
-    argv = ["worker", "--pool=prefork", "--concurrency=1", "-Q", settings.queue,
+    argv = ["worker", "--pool=prefork", "--concurrency=1", "-Q", args.queues or settings.queue,
             "--loglevel=INFO" if args.verbose else "--loglevel=WARNING"]
     if args.name:
         argv += ["-n", args.name]
@@ -219,6 +219,25 @@ def cmd_agreement(args) -> int:
     return _client_command(args, "agreement", lambda c: c.agreement(args.model, args.png, args.group_by))
 
 
+def cmd_retrain(args) -> int:
+    options = {k: v for k, v in (("iterations", args.iterations), ("reg_iterations", args.reg_iterations),
+                                 ("configure", args.configure), ("margin", args.margin)) if v is not None}
+
+    def call(c):
+        queued = c.retrain(args.model, **options)
+        return c.wait_training(args.model, queued["id"], timeout=args.timeout) if args.wait else queued
+
+    return _client_command(args, "retrain", call)
+
+
+def cmd_versions(args) -> int:
+    return _client_command(args, "versions", lambda c: c.versions(args.model))
+
+
+def cmd_promote(args) -> int:
+    return _client_command(args, "promote", lambda c: c.promote(args.model, args.version, args.force, args.reason))
+
+
 def cmd_revoke_key(args) -> int:
     """Revokes a tenant key at once on every API process sharing this Redis (the key itself is read from
     stdin so that it stays out of shell history, or given as its sha256)."""
@@ -232,6 +251,11 @@ def cmd_revoke_key(args) -> int:
     JobStore(Settings().redis_url).revoke(digest)
     print(json.dumps({"revoked": digest}))
     return 0
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="service base URL, e.g. http://isl.hospital:8000")
+    p.add_argument("--api-key", default=None, help="tenant API key (default: $ISL_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None, help="split each batch by this key of the cases' metadata")
     p.set_defaults(func=cmd_agreement)
 
+    p = sub.add_parser("retrain", help="queue a retraining of a model on its base data plus your radiologists' "
+                                       "corrections; the new version goes live if the promotion rule passes")
+    p.add_argument("--model", required=True, help="model bundle name")
+    _server_args(p)
+    p.add_argument("--iterations", type=int, default=None, help="segmentation iterations (default: the parent's)")
+    p.add_argument("--reg-iterations", type=int, default=None, help="registration iterations (default: the parent's)")
+    p.add_argument("--no-configure", dest="configure", action="store_const", const=False, default=None,
+                   help="keep the parent's refinement settings instead of searching them again")
+    p.add_argument("--margin", type=float, default=None, help="promotion: how much lower mean Dice than the parent "
+                                                              "still counts as no worse (default 0)")
+    p.add_argument("--wait", action="store_true", help="wait until it has ended and print the outcome")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("versions", help="a model's versions for your tenant: lineage, figures, which one is live")
+    p.add_argument("--model", required=True, help="model bundle name")
+    _server_args(p)
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("promote", help="make a version of a model live for your tenant (or the base bundle's)")
+    p.add_argument("version", help="the version (isl versions lists them)")
+    p.add_argument("--model", required=True, help="model bundle name")
+    _server_args(p)
+    p.add_argument("--force", action="store_true", help="promote a version the rule rejected or did not judge")
+    p.add_argument("--reason", default="", help="why (required with --force; kept in the audit trail)")
+    p.set_defaults(func=cmd_promote)
+
     p = sub.add_parser("revoke-key", help="revoke an API key now, on every API process (the key on stdin, or --sha256)")
     p.add_argument("--sha256", default=None, help="the key's sha256 (as in ISL_API_KEYS) instead of the key on stdin")
     p.set_defaults(func=cmd_revoke_key)
@@ -362,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one refinement worker (one per GPU) consuming the job queue")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="overrides ISL_DEVICE")
     p.add_argument("--name", default=None, help="Celery node name (default: celery@host)")
+    p.add_argument("--queues", default=None, help="queues to consume, comma-separated (default: ISL_QUEUE, the "
+                                                  "refinement jobs; add ISL_TRAIN_QUEUE, 'train', for retrainings)")
     p.set_defaults(func=cmd_worker)
     return parser
 

@@ -61,7 +61,7 @@ class LocalStack:
 
     def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
                  workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None,
-                 appendonly: bool = False):
+                 appendonly: bool = False, queues: str | None = None):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.folder, self.procs, self.named, self.appendonly = Path(folder), [], {}, appendonly
@@ -75,7 +75,7 @@ class LocalStack:
         if atlas_dir is not None:
             self.env["ISL_ATLAS_DIR"] = str(atlas_dir)
         self.env.update(extra_env or {})
-        self.n_workers = workers
+        self.n_workers, self.queues = workers, queues
 
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:
         """Each process leads its own process group, so that `kill` reaches a worker's pool children too."""
@@ -90,7 +90,8 @@ class LocalStack:
         """Starts `isl worker` as node name@localstack; with wait, returns once its pool process beats."""
         store = self.store()
         before = set(store.workers())
-        proc = self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack"])
+        proc = self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack",
+                                *(["--queues", self.queues] if self.queues else [])])
         if wait:
             wait_until(lambda: set(store.workers()) - before, 60, f"worker {name}'s heartbeat")
         return proc

@@ -11,14 +11,14 @@ from service.deps import StoreDep, Tenant
 from service.views import Problem
 
 router = APIRouter()
-ACTIONS = ("submit", "download", "cancel", "correct", "purge")
+ACTIONS = ("submit", "download", "cancel", "correct", "retrain", "promote", "purge")
 
 
 class AuditEventView(BaseModel):
     at: float = Field(description="when (Unix seconds)")
     actor: str = Field(description="who: key:<first 12 hex digits of the API key's sha256>, dimse (the DICOM "
-                                   "listener) or retention (the retention policy)")
-    action: str = Field(description="submit, download, cancel, correct or purge")
+                                   "listener), retention (the retention policy) or rule (the promotion rule)")
+    action: str = Field(description="submit, download, cancel, correct, retrain, promote or purge")
     job_id: str | None = Field(None, description="the job it concerns")
     detail: dict[str, Any] = Field(default_factory=dict, description="what else was recorded: model and size of a "
                                                                      "submission, format and checksum of a download")

@@ -96,7 +96,8 @@ def test_invalid_requests_get_one_sentence(app):
 def test_models_are_listed_and_an_unknown_one_is_refused(app):
     c = client(app)
     assert c.get("/v1/models").json() == {"default": "tiny", "models": {
-        "other": {"version": "2", "labels": {"1": "organ"}}, "tiny": {"version": "1", "labels": {"1": "organ"}}}}
+        "other": {"version": "2", "labels": {"1": "organ"}, "live": "2"},
+        "tiny": {"version": "1", "labels": {"1": "organ"}, "live": "1"}}}  # live: no version retrained yet
     r = c.post("/v1/jobs", files={"files": ("scan.nii.gz", scan_bytes())}, data={"model": "nope"})
     assert (r.status_code, r.json()) == (422, {"detail": "unknown model 'nope'; available: ['other', 'tiny']"})
 
@@ -197,3 +198,30 @@ def test_probes_and_metrics_read_the_store(app):
     for line in ('isl_stage_seconds_total{stage="finetune"} 4.0', 'isl_stage_runs_total{stage="finetune"} 2.0',
                  'isl_job_events_total{event="requeued"} 1.0', 'isl_worker_heartbeat_age_seconds{worker="node-1"}'):
         assert line in text, line
+
+
+def test_a_retraining_is_queued_once_per_tenant_and_model_and_read_by_its_tenant_only(app):
+    c = client(app)
+    assert c.post("/v1/models/nope/retrain").status_code == 404
+    for bad in ({"iterations": 0}, {"margin": 2}, {"epochs": 5}):
+        r = c.post("/v1/models/tiny/retrain", json=bad)
+        assert r.status_code == 422 and len(r.json()["detail"]) < 300, r.text
+    r = c.post("/v1/models/tiny/retrain", json={"iterations": 50})
+    assert r.status_code == 202 and r.json()["state"] == "queued", r.text
+    training_id = r.json()["id"]
+    assert r.headers["Location"] == f"/v1/models/tiny/trainings/{training_id}"
+    again = c.post("/v1/models/tiny/retrain")
+    assert again.status_code == 409 and "already queued or running" in again.json()["detail"]
+    assert client(app, "beta").post("/v1/models/tiny/retrain").status_code == 202  # each tenant its own
+    row = c.get(f"/v1/models/tiny/trainings/{training_id}").json()
+    assert (row["state"], row["parent_version"], row["options"]) == ("queued", "1", {"iterations": 50})
+    assert client(app, "beta").get(f"/v1/models/tiny/trainings/{training_id}").status_code == 404
+    assert c.get(f"/v1/models/other/trainings/{training_id}").status_code == 404
+    assert [t["id"] for t in c.get("/v1/models/tiny/trainings").json()["trainings"]] == [training_id]
+    assert c.get("/v1/models/tiny/versions").json() == {"model": "tiny", "live": "1", "versions": [],
+                                                        "base": {"version": "1", "status": "live"}}
+    assert c.post("/v1/models/tiny/promote", json={"version": "9"}).status_code == 404
+    assert c.post("/v1/models/tiny/promote", json={"version": "1"}).json() == {"model": "tiny", "live": "1"}
+    events = c.get("/v1/audit").json()["events"]
+    assert [(e["action"], e["detail"].get("training")) for e in events] == [("retrain", training_id),
+                                                                            ("promote", None)]

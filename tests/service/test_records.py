@@ -1,8 +1,12 @@
 """The durable records (service/db.py): the Alembic migrations on SQLite and on a real PostgreSQL server, job
 history and audit events beside Redis, what happens while the database is away, the retention policy, and the
 whole service keeping its records when Redis loses its data and the API restarts."""
+import json
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +21,8 @@ from service.settings import hash_key
 from service.storage import Storage
 from worker.localstack import LocalStack, wait_until
 
-HEAD = "0003"
+HEAD = "0004"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -175,34 +180,100 @@ def test_the_service_keeps_history_audit_and_retention_across_a_redis_loss_and_a
         assert not (tmp_path / "stack" / "storage" / "jobs" / job_id).exists()
 
 
-def test_on_postgresql_corrections_and_records_survive_a_restart_of_every_process(tiny_bundle, phantom_dataset,
-                                                                                    tmp_path):
-    """The compose deployment's shape (PostgreSQL, Redis with its append-only file, API, worker): a job and its
-    correction; then the database, Redis, the API and the worker all stopped and started again; the job, its
-    correction, the audit trail and the agreement report are all still there, and the tenant's next job still
-    selects the corrected case as an atlas."""
+@pytest.fixture(scope="module")
+def registry_bundle(phantom_dataset, tmp_path_factory) -> Path:
+    """A tiny bundle trained on 4 phantoms (2 held out), so that 2 cases are left that neither it nor its retrained
+    versions train on: the promotion rule judges on them."""
+    import torch
+
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    out = tmp_path_factory.mktemp("registry") / "tiny"
+    cfg = BundleTrainConfig(holdout=2, cases=4, validation=0, configure=False, name="tiny")
+    cfg.training.iterations, cfg.registration.iterations = 30, 20
+    train_bundle(phantom_dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
+    return out
+
+
+def _corrected(c, base: str, job_id: str, folder: Path) -> dict:
+    """The job's mask with a block of label 1 drawn in, sent back as its correction."""
     import SimpleITK as sitk
 
-    with private_postgres() as pg, LocalStack(tmp_path / "stack", tiny_bundle.parent, tiny_bundle.name,
-                                              phantom_dataset, KEYS, extra_env={"ISL_DATABASE_URL": pg.url},
-                                              appendonly=True) as stack:
+    (folder / "mask.nii.gz").write_bytes(c.get(f"{base}/v1/jobs/{job_id}/result").content)
+    mask = sitk.ReadImage(str(folder / "mask.nii.gz"))
+    corrected = sitk.GetArrayFromImage(mask)
+    corrected[2:5, 2:6, 2:6] = 1
+    image = sitk.GetImageFromArray(corrected)
+    image.CopyInformation(mask)
+    sitk.WriteImage(image, str(folder / "corrected.nii.gz"))
+    with open(folder / "corrected.nii.gz", "rb") as fh:
+        made = c.post(f"{base}/v1/jobs/{job_id}/correction", files={"file": ("c.nii.gz", fh)})
+    assert made.status_code == 201, made.text
+    return made.json()
+
+
+def _refined_with(c, base: str, path: Path) -> dict:
+    """The report of a job of `path` refined with every atlas on offer."""
+    with open(path, "rb") as fh:
+        new = c.post(f"{base}/v1/jobs", files={"files": ("s.nii.gz", fh)}, data={"atlases": "64"}).json()
+    assert wait_final(base, new["id"])["state"] == "succeeded"
+    return c.get(f"{base}/v1/jobs/{new['id']}/report").json()
+
+
+def test_on_postgresql_the_loop_of_corrections_retraining_and_promotion_survives_a_restart_of_every_process(
+        registry_bundle, phantom_dataset, tmp_path):
+    """The compose deployment's shape (PostgreSQL, Redis with its append-only file, API, a worker consuming both the
+    refinement and the `train` queues): a job and its correction; the next job selects the corrected case as an
+    atlas; `isl retrain` queues a retraining that makes a new version from the base data and the correction, judged
+    against its parent on cases neither trained on and promoted by the rule; the next job runs on it without a
+    worker restart. Then the database, Redis, the API and the worker all stopped and started again: the job, its
+    correction, the audit trail, the agreement report and the registry are all still there, and jobs still run on
+    the promoted version. A version the rule rejected goes live only with force and a reason; back to the base."""
+    name = registry_bundle.name
+    with private_postgres() as pg, LocalStack(tmp_path / "stack", registry_bundle.parent, name, phantom_dataset,
+                                              KEYS, extra_env={"ISL_DATABASE_URL": pg.url}, appendonly=True,
+                                              queues="isl,train") as stack:
         base = stack.url
         job_id = submit(base, scan(phantom_dataset)).json()["id"]
         assert wait_final(base, job_id)["state"] == "succeeded"
         with client() as c:
-            (tmp_path / "mask.nii.gz").write_bytes(c.get(f"{base}/v1/jobs/{job_id}/result").content)
-            mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
-            corrected = sitk.GetArrayFromImage(mask)
-            corrected[2:5, 2:6, 2:6] = 1
-            image = sitk.GetImageFromArray(corrected)
-            image.CopyInformation(mask)
-            sitk.WriteImage(image, str(tmp_path / "corrected.nii.gz"))
-            with open(tmp_path / "corrected.nii.gz", "rb") as fh:
-                made = c.post(f"{base}/v1/jobs/{job_id}/correction", files={"file": ("c.nii.gz", fh)})
-            assert made.status_code == 201, made.text
-            before = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{tiny_bundle.name}/agreement").json())
-        for name in ("api", "w1"):
-            stack.kill(name, signal.SIGTERM, wait=120)
+            made = _corrected(c, base, job_id, tmp_path)
+            first = c.get(f"{base}/v1/models/{name}/versions").json()
+            parent = first["live"]
+            assert first["versions"] == [] and first["base"] == {"version": parent, "status": "live"}
+            qa = _refined_with(c, base, scan(phantom_dataset, 1))["qa"]
+            assert qa["atlases_from_corrections"] == [f"correction:{made['id']}"]
+        env = {"ISL_API_KEY": KEYS["alpha"], "PATH": "/usr/bin:/bin"}
+        run = subprocess.run([sys.executable, "-m", "worker.cli", "retrain", "--model", name, "--server", base,
+                              "--iterations", "60", "--reg-iterations", "20", "--wait", "--timeout", "300"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stderr + stack.logs()
+        trained = json.loads(run.stdout)
+        assert trained["state"] == "succeeded" and trained["parent_version"] == parent, trained
+        outcome = trained["outcome"]
+        assert outcome["judged"] and outcome["promoted"] and outcome["cases"] == 2, outcome
+        assert outcome["mean_dice"] >= outcome["parent_mean_dice"]
+        with client() as c:
+            listed = c.get(f"{base}/v1/models/{name}/versions").json()
+            assert listed["live"] == trained["version"] != parent and listed["base"]["status"] == "base"
+            version = listed["versions"][0]
+            assert (version["parent"], version["status"], version["promoted_by"]) == (parent, "live", "rule")
+            assert version["data"]["corrections"] == [made["id"]] and version["data"]["base_cases"] == 4
+            assert version["figures"]["judged_cases"] == ["phantom_006", "phantom_007"]
+            assert c.get(f"{base}/v1/models").json()["models"][name]["live"] == trained["version"]
+            with client("beta") as other:  # another tenant's registry: its own, still on the base bundle
+                assert other.get(f"{base}/v1/models/{name}/versions").json()["live"] == parent
+            report = _refined_with(c, base, scan(phantom_dataset, 1))
+            assert report["model_version"] == trained["version"]  # picked up without a worker restart
+            assert report["qa"]["atlases_from_corrections"] == [f"correction:{made['id']}"]
+            before = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{name}/agreement").json(),
+                      c.get(f"{base}/v1/models/{name}/versions").json())
+            png = c.get(f"{base}/v1/models/{name}/agreement", params={"format": "png"})
+            assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        actions = [(e["actor"], e["action"]) for e in before[0]["events"]]
+        assert ("rule", "promote") in actions and actions.count(("key:" + hash_key(KEYS["alpha"])[:12], "retrain")) == 1
+        for proc in ("api", "w1"):
+            stack.kill(proc, signal.SIGTERM, wait=120)
         stack.kill("redis", signal.SIGTERM)
         pg.stop()
         pg.start()
@@ -212,11 +283,71 @@ def test_on_postgresql_corrections_and_records_survive_a_restart_of_every_proces
         with client() as c:
             assert c.get(f"{base}/v1/jobs/{job_id}").json()["state"] == "succeeded"
             assert [x["id"] for x in c.get(f"{base}/v1/jobs/{job_id}/corrections").json()["corrections"]] == [
-                made.json()["id"]]
-            after = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{tiny_bundle.name}/agreement").json())
+                made["id"]]
+            after = (c.get(f"{base}/v1/audit").json(), c.get(f"{base}/v1/models/{name}/agreement").json(),
+                     c.get(f"{base}/v1/models/{name}/versions").json())
             assert after == before
-            with open(scan(phantom_dataset, 1), "rb") as fh:
-                new = c.post(f"{base}/v1/jobs", files={"files": ("s.nii.gz", fh)}, data={"atlases": "64"}).json()
-            assert wait_final(base, new["id"])["state"] == "succeeded"
-            qa = c.get(f"{base}/v1/jobs/{new['id']}/report").json()["qa"]
-        assert qa["atlases_from_corrections"] == [f"correction:{made.json()['id']}"]
+            assert _refined_with(c, base, scan(phantom_dataset, 0))["model_version"] == trained["version"]
+            _promotions(c, base, name, pg.url, parent, trained["version"])
+
+
+def _promotions(c, base: str, name: str, database: str, parent: str, live: str) -> None:
+    """A version the rule rejected: refused without force, refused with force but no reason, live with both (and
+    audited as forced); then back to the base bundle."""
+    records = Records(database)
+    try:
+        records.add_training({"id": "f" * 32, "tenant": "alpha", "model": name, "actor": "test", "created": 1.0,
+                              "parent_version": live, "options": {}},
+                             {"tenant": "alpha", "actor": "test", "action": "retrain"})
+        assert records.claim_training("f" * 32, "test:1", 0.0, 2.0) is not None
+        rejected = {"id": "f" * 32, "tenant": "alpha", "model": name, "version": f"{name}-rejected", "parent": live,
+                    "folder": "models/none", "created": 3.0, "data": {}, "figures": {"promoted": False,
+                                                                                     "reason": "worse"}}
+        assert records.finish_training("f" * 32, "test:1", state="succeeded", finished=3.0, version=rejected,
+                                       outcome={"judged": True, "promoted": False, "reason": "worse"})
+    finally:
+        records.close()
+    url = f"{base}/v1/models/{name}/promote"
+    r = c.post(url, json={"version": f"{name}-rejected"})
+    assert r.status_code == 409 and "did not pass the promotion rule (worse)" in r.json()["detail"], r.text
+    assert c.post(url, json={"version": f"{name}-rejected", "force": True}).status_code == 422
+    assert c.post(url, json={"version": "no-such-version"}).status_code == 404
+    r = c.post(url, json={"version": f"{name}-rejected", "force": True, "reason": "reviewed by hand"})
+    assert r.status_code == 200 and c.get(f"{base}/v1/models/{name}/versions").json()["live"] == f"{name}-rejected"
+    statuses = {v["version"]: v["status"] for v in c.get(f"{base}/v1/models/{name}/versions").json()["versions"]}
+    assert statuses == {live: "retired", f"{name}-rejected": "live"}
+    assert c.post(url, json={"version": parent}).status_code == 200
+    assert c.get(f"{base}/v1/models/{name}/versions").json()["live"] == parent
+    forced = c.get(f"{base}/v1/audit", params={"action": "promote"}).json()["events"]
+    assert [(e["detail"]["version"], e["detail"]["forced"]) for e in forced if e["actor"] != "rule"] == [
+        (f"{name}-rejected", True), (parent, False)]
+
+
+def test_a_retraining_runs_once_and_a_silent_workers_one_is_taken_over(database):
+    """The registry's claim on a retraining: one worker claims it, a redelivered copy does not; a worker that has
+    not beaten for three leases loses it to another, whose outcome alone is recorded; promotion makes one version
+    live per tenant and model and retires the one before."""
+    records = Records(database)
+    records.upgrade()
+    row = {"id": "b" * 32, "tenant": "alpha", "model": "m", "actor": "key:x", "created": 100.0,
+           "parent_version": "m-base", "options": {"iterations": 5}}
+    records.add_training(row, {"tenant": "alpha", "actor": "key:x", "action": "retrain"})
+    assert records.training("b" * 32, "beta") is None and records.training("b" * 32, "alpha")["state"] == "queued"
+    assert records.claim_training("b" * 32, "host:1", stale_before=90.0, now=101.0)["worker"] == "host:1"
+    assert records.claim_training("b" * 32, "host:2", stale_before=95.0, now=102.0) is None  # beat at 101: alive
+    assert records.beat_training("b" * 32, "host:1", 110.0)
+    assert records.claim_training("b" * 32, "host:2", stale_before=111.0, now=200.0)["worker"] == "host:2"
+    assert not records.beat_training("b" * 32, "host:1", 201.0)  # the first worker learns it lost it
+    version = {"id": "b" * 32, "tenant": "alpha", "model": "m", "version": "m-new", "parent": "m-base",
+               "folder": "models/alpha/m/x", "created": 300.0, "data": {"corrections": ["c"]}, "figures": {}}
+    assert not records.finish_training("b" * 32, "host:1", state="succeeded", finished=300.0, version=version,
+                                       outcome={"judged": True, "promoted": True})
+    assert records.versions("alpha", "m") == []
+    assert records.finish_training("b" * 32, "host:2", state="succeeded", finished=300.0, version=version,
+                                   outcome={"judged": True, "promoted": True})
+    assert records.live_version("alpha", "m")["version"] == "m-new" and records.live_version("beta", "m") is None
+    assert records.claim_training("b" * 32, "host:3", stale_before=4e9, now=400.0) is None  # ended: not run again
+    records.promote("alpha", "m", None, "key:x", 500.0, {"version": "m-base"})
+    assert records.live_version("alpha", "m") is None
+    assert [v["status"] for v in records.versions("alpha", "m")] == ["retired"]
+    records.close()

@@ -21,3 +21,26 @@ def test_the_same_seed_trains_the_same_bundle_in_two_processes(phantom_dataset, 
                 for name in ("a", "b")]
     assert versions[0].startswith("a-") and versions[1].startswith("b-")
     assert versions[0][2:] == versions[1][2:]  # the digest of both checkpoints
+
+
+def test_the_promotion_rule_takes_no_worse_on_unseen_cases_and_judges_nothing_without_them():
+    from worker.training.retrain import judge
+
+    parent = {"a": 0.80, "b": 0.70}
+    assert judge(parent, {"a": 0.81, "b": 0.69}, 0.0)["promoted"]  # mean 0.75 = 0.75: no worse
+    worse = judge(parent, {"a": 0.78, "b": 0.70}, 0.0)
+    assert worse["judged"] and not worse["promoted"] and "worse than the parent" in worse["reason"]
+    assert judge(parent, {"a": 0.78, "b": 0.70}, 0.02)["promoted"]  # within the margin
+    none = judge({}, {}, 0.0)
+    assert not none["judged"] and not none["promoted"] and "stays a candidate" in none["reason"]
+
+
+def test_the_judged_cases_are_the_validation_cases_or_those_no_version_trained_on(phantom_dataset):
+    from segmentation.dataset import load_dataset
+    from worker.training.retrain import judged_cases
+
+    ds = load_dataset(phantom_dataset)
+    ids = sorted(c.case_id for c in ds.cases)
+    assert judged_cases(ds, {"validation_cases": ids[3:5], "train_cases": ids[2:]}, 10) == ids[3:5]
+    meta = {"validation_cases": [], "holdout_cases": ids[:2], "train_cases": ids[2:5], "atlases": ids[2:6]}
+    assert judged_cases(ds, meta, 10) == ids[6:] and judged_cases(ds, meta, 1) == ids[6:7]

@@ -25,23 +25,37 @@ from worker.tasks.lease import Lease, LeaseLost, holder, holder_alive
 log = logging.getLogger(__name__)
 _refiners: dict = {}
 _correction_atlases: dict = {}  # (model version, correction id) -> that correction as an atlas, per worker process
+_live: dict = {}  # (tenant, model) -> the bundle folder this process last ran for them
 
 
 class Cancelled(Exception):
     pass
 
 
-def _refiner(model: str, atlases: int | None):
-    key = (model, atlases)
-    if key not in _refiners:
+def _refiner(store: JobStore, job: Job):
+    """The refiner of the model version this job's tenant runs (the live one in the registry, looked up for every
+    job, so that a promotion reaches the workers without a restart; the base bundle when none is live). With the
+    database away, the version this process last ran for the tenant, or the base bundle."""
+    from worker.tasks.train import live_bundle
+
+    key = (job.tenant, job.options.model)
+    try:
+        folder, _ = live_bundle(store.records, *key)
+        _live[key] = folder
+    except Exception:  # noqa: BLE001 - the database away: the job still runs, on the version last known
+        folder = _live.get(key, Path(settings.models_dir) / job.options.model)
+        log.warning("job %s: live model version not read (database unreachable); running %s", job.id, folder,
+                    exc_info=True)
+    cached = (folder, job.options.atlases)
+    if cached not in _refiners:
         from worker.method.config import ISLConfig
         from worker.pipeline import load_refiner
 
-        cfg = ISLConfig(device=settings.device, **({"atlases": atlases} if atlases else {})).model_dump(
-            exclude_unset=True)  # overrides on the configuration the bundle carries
+        cfg = ISLConfig(device=settings.device, **({"atlases": job.options.atlases} if job.options.atlases else {})
+                        ).model_dump(exclude_unset=True)  # overrides on the configuration the bundle carries
         _refiners.clear()  # one model in memory per worker
-        _refiners[key] = load_refiner(settings.models_dir / model, settings.atlas_dir, cfg)
-    return _refiners[key]
+        _refiners[cached] = load_refiner(folder, settings.atlas_dir, cfg)
+    return _refiners[cached]
 
 
 class _Progress:
@@ -161,7 +175,7 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
     progress = _Progress(store, job.id, lease)
     try:
         progress("loading model", 0.0)
-        refiner = _refiner(job.options.model, job.options.atlases)
+        refiner = _refiner(store, job)
         source = Storage(settings.storage_root).input_path(job.id)
         report = refine_file([source], None, out_tmp, refiner=refiner, progress=progress,
                              series_uid=job.options.series_uid, extra_atlases=_corrections(store, job, refiner))

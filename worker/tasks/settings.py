@@ -31,6 +31,8 @@ class WorkerSettings(Settings):
     corrections_as_atlases: bool = Field(True, description="a radiologist's correction joins the atlas bank of its "
                                                            "model for its tenant at once: the next refinement of "
                                                            "that tenant can select it")
+    train_time_limit_s: int = Field(6 * 3600, ge=60, description="hard time limit of one retraining (queue "
+                                                                 "ISL_TRAIN_QUEUE); it then ends failed")
     push_retry_s: float = Field(2.0, ge=0, description="wait before the second try of a push, doubled after each")
 
     @field_validator("dimse_destinations")

@@ -27,6 +27,11 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "order"
         + (f" ({meta['holdout_cases'][0]} to {meta['holdout_cases'][-1]})." if meta["holdout_cases"] else "."),
         f"- Trained on {len(meta['train_cases'])} cases: {', '.join(meta['train_cases'])}.",
+        *([f"- Retrained from `{meta['parent']}` (lineage, oldest first: {' > '.join(meta.get('lineage', []))}) on "
+           f"those cases plus {len(meta.get('corrections', []))} radiologists' corrections "
+           f"({', '.join(meta.get('corrections', [])) or 'none'}); warm start: {train.get('warm_start', False)}."]
+          if meta.get("parent") else []),
+        *([f"- Promotion rule: {meta['promotion']['reason']}."] if meta.get("promotion") else []),
         *([f"- Validation (configuration only; neither trained on nor atlases): {', '.join(meta['validation_cases'])}."]
           if meta.get("validation_cases") else []),
         f"- Atlases (by case id; give their dataset folder with `--atlas-dir`): {', '.join(meta['atlases'])}.",

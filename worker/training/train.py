@@ -138,13 +138,16 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: 
 
 
 def _train_registrar(images, labels, known: np.ndarray, pre: Preprocessing, cfg: BundleTrainConfig,
-                     device: torch.device, progress) -> tuple[Registrar, list[float]]:
-    """The registration network, on the ROIs of all training cases."""
+                     device: torch.device, progress, start: Registrar | None = None) -> tuple[Registrar, list[float]]:
+    """The registration network, on the ROIs of all training cases; trained further from `start` when given (a
+    retraining's warm start), else from seeded random weights."""
     rois = [atlas_roi(x, y, pre.roi_size, known.shape[1]) for x, y in zip(images, labels)]
     roi_imgs = torch.from_numpy(np.stack([r[0] for r in rois]))
     roi_onehot = torch.from_numpy(np.stack([r[1] for r in rois]))
     torch.manual_seed(cfg.registration.seed)
-    reg = Registrar(cfg.registration)
+    reg = Registrar(cfg.registration) if start is None else start
+    reg.cfg = cfg.registration if start is None else start.cfg.model_copy(
+        update={"iterations": cfg.registration.iterations})
     curve = train_registration(reg, roi_imgs[:, :1], roi_onehot[:, 1:], device,
                                lambda it, loss: progress(f"registration iteration {it}/{cfg.registration.iterations}: "
                                                          f"loss {loss:.4f}"),

@@ -1,0 +1,219 @@
+"""The human-in-the-loop protocol of the pituitary study (Radiology Practice 2024), replayed on real labelled data,
+and printed as JSON (and a figure beside it).
+
+    python benchmarks/hitl_protocol.py --dataset ../shared/data/hippocampus --skip 48 --start 3 --batches 4 \
+        --batch-size 6 --json benchmarks/results/hitl_protocol_hippocampus.json
+
+A model is trained on `start` labelled cases (seeded sample of the cases after the first `skip` in sorted order, the
+test split of the committed bundles, never touched here). Then, batch after batch of new cases:
+1. the live model segments the batch, three ways:
+   - `baseline`: the network alone;
+   - `isl`: ISL with the model's own atlases (corrections reach it only through retraining);
+   - `isl_bank`: ISL with every corrected case so far joining the atlas bank at once (the product's default,
+     ISL_CORRECTIONS_AS_ATLASES);
+2. the manual label plays the radiologist's correction; agreement is computed as the service computes it
+   (service/agreement.py: volumes before and after with a paired t-test and Wilcoxon, Spearman, Dice, the verdict
+   with the study's 0.94 and 0.97);
+3. the corrected cases join the atlas bank (for `isl_bank`), and the model is retrained on its start cases plus
+   every corrected case so far (worker/training/retrain.py, warm start), the new version serving the next batch.
+   Every retrained version is used, as in the study: the promotion rule needs labelled cases that no version
+   trained on, and this protocol holds none besides the batches to come.
+A structure a case does not contour (partial labels) is neither scored nor trained on for that case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARMS = ("baseline", "isl", "isl_bank")
+
+
+def view(ds, ids: list[str], folder: Path) -> Path:
+    """A dataset folder holding only `ids` (links to the files, never copies), with its cases.json."""
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for case_id in ids:
+        case = ds.case(case_id)
+        for path in (*case.image_paths, case.label_path):
+            link = folder / path.parent.name / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    (folder / "dataset.json").write_text((ds.root / "dataset.json").read_text())
+    if (ds.root / "cases.json").is_file():
+        rows = [r for r in json.loads((ds.root / "cases.json").read_text()) if r["case"] in ids]
+        (folder / "cases.json").write_text(json.dumps(rows))
+    return folder
+
+
+def structures(ds, case_id: str) -> list[str]:
+    case = ds.case(case_id)
+    return [n for v, n in ds.labels.items() if v != 0 and case.present(ds.labels)[list(ds.labels).index(v)]]
+
+
+def segment(refiner, ds, case_id: str, extra) -> tuple[dict, float]:
+    """Per method: per contoured structure, (automatic mL, reference mL, Dice); and the seconds of one ISL run."""
+    from segmentation.dataset import load_case
+    from segmentation.metrics import dice
+    from segmentation.preprocess import to_native
+
+    images, label, _ = load_case(ds, ds.case(case_id))
+    x, canonical = refiner.pre.images(images)
+    t0 = time.perf_counter()
+    res = refiner.refine(x, None, extra)
+    seconds = time.perf_counter() - t0
+    geometry = images[0].geometry
+    ml = float(np.prod(geometry.spacing)) / 1000
+    names = {v: n for v, n in refiner.bundle.segmentation.labels.items() if v}
+    present = structures(ds, case_id)
+    out = {}
+    for method, probs in (("auto", res.probs), ("baseline", res.baseline)):
+        mask = to_native(probs, canonical, geometry)
+        scores = dice(mask, label.array, [v for v, n in names.items() if n in present])
+        out[method] = {names[v]: (np.count_nonzero(mask == v) * ml, np.count_nonzero(label.array == v) * ml, float(d))
+                       for v, d in scores.items()}
+    return out, seconds
+
+
+def batch_agreement(rows: list[dict]) -> dict:
+    from service.agreement import structure_agreement, verdict
+
+    names = sorted({n for r in rows for n in r})
+    per = {}
+    for name in names:
+        cases = [r[name] for r in rows if name in r]
+        per[name] = structure_agreement([c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], 0.05)
+    mean = float(np.mean([np.mean([r[n][2] for n in r]) for r in rows]))
+    return {"mean_dice": round(mean, 4), "structures": per, **verdict(per, len(rows), 0.94, 0.97)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--work", default=None, help="scratch folder for the bundles (default: /tmp/hitl_<dataset>)")
+    ap.add_argument("--skip", type=int, default=0, help="never use the first N cases in sorted order (a test split)")
+    ap.add_argument("--start", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=6)
+    ap.add_argument("--iterations", type=int, default=1000, help="initial segmentation training iterations")
+    ap.add_argument("--reg-iterations", type=int, default=400)
+    ap.add_argument("--retrain-iterations", type=int, default=500)
+    ap.add_argument("--retrain-reg-iterations", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from segmentation.dataset import load_case, load_dataset
+    from worker.method.bundle import Atlases, ISLBundle
+    from worker.method.refiner import Refiner
+    from worker.training.retrain import Correction, RetrainConfig, retrain
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    device = torch.device("cpu")
+    ds = load_dataset(args.dataset)
+    pool = sorted(c.case_id for c in ds.cases)[args.skip:]
+    rng = np.random.default_rng(args.seed)
+    picked = rng.choice(pool, args.start + args.batches * args.batch_size, replace=False).tolist()
+    start, later = sorted(picked[: args.start]), picked[args.start:]
+    batches = [sorted(later[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.batches)]
+    work = Path(args.work or f"/tmp/hitl_{Path(args.dataset).name}")
+    base = view(ds, start, work / "start")
+    cfg = BundleTrainConfig(validation=0, configure=False, name="hitl")
+    cfg.training.iterations, cfg.registration.iterations = args.iterations, args.reg_iterations
+    t0 = time.perf_counter()
+    bundle_dir = work / "v0"
+    if not (bundle_dir / "bundle.json").is_file():
+        train_bundle(base, bundle_dir, cfg, device, progress=lambda m: None)
+    train_seconds = [round(time.perf_counter() - t0, 1)]
+    corrections: list[Correction] = []
+    bank: Atlases | None = None
+    out_batches = []
+    for b, ids in enumerate(batches):
+        bundle = ISLBundle.load(bundle_dir, device)
+        refiner = Refiner(bundle, bundle.load_atlases(base), bundle.refinement_config({"device": "cpu"}), device)
+        rows = {arm: [] for arm in ARMS}
+        seconds = {"isl": [], "isl_bank": []}
+        for case_id in ids:
+            own, t_own = segment(refiner, ds, case_id, None)
+            joined, t_joined = segment(refiner, ds, case_id, bank) if bank is not None else (own, t_own)
+            rows["baseline"].append(own["baseline"])
+            rows["isl"].append(own["auto"])
+            rows["isl_bank"].append(joined["auto"])
+            seconds["isl"].append(t_own)
+            seconds["isl_bank"].append(t_joined)
+            print(f"batch {b + 1} {case_id}: " + " ".join(
+                f"{arm} {np.mean([v[2] for v in rows[arm][-1].values()]):.4f}" for arm in ARMS), flush=True)
+        arms = {arm: batch_agreement(rows[arm]) for arm in ARMS}
+        for arm in ("isl", "isl_bank"):
+            arms[arm]["median_seconds_per_case"] = round(float(np.median(seconds[arm])), 1)
+        out_batches.append({"batch": b + 1, "cases": ids, "model_version": bundle.version,
+                            "atlases": len(bundle.atlas_ids) + (0 if bank is None else len(bank.case_ids)),
+                            "arms": arms})
+        print(json.dumps({"batch": b + 1, **{a: (arms[a]["mean_dice"], arms[a]["converged"]) for a in ARMS}}),
+              flush=True)
+        for case_id in ids:  # the corrections come back: they join the bank, then the model retrains on them
+            case = ds.case(case_id)
+            c = Correction(id=case_id, image=case.image_paths[0], label=case.label_path,
+                           structures=structures(ds, case_id))
+            corrections.append(c)
+            vols, label, _ = load_case(ds, case)
+            atlas = bundle.case_atlas(case_id, vols, label)
+            atlas.known = torch.from_numpy(c.known(bundle.segmentation.labels))[None]
+            bank = atlas if bank is None else bank.plus(atlas)
+        if b + 1 < len(batches):
+            t0 = time.perf_counter()
+            child = work / f"v{b + 1}"
+            if not (child / "bundle.json").is_file():
+                retrain(bundle_dir, base, corrections, child,
+                        RetrainConfig(iterations=args.retrain_iterations, reg_iterations=args.retrain_reg_iterations,
+                                      configure=False), device, progress=lambda m: None)
+            train_seconds.append(round(time.perf_counter() - t0, 1))
+            bundle_dir = child
+    converged = {arm: next((x["batch"] for x in out_batches if x["arms"][arm]["converged"]), None) for arm in ARMS}
+    result = {"command": "python " + " ".join(sys.argv), "dataset": ds.name, "start_cases": start,
+              "batches": out_batches, "training_seconds": train_seconds, "first_converged_batch": converged,
+              "rule": {"alpha": 0.05, "dice_min": 0.94, "spearman_min": 0.97},
+              "seconds": round(time.perf_counter() - t_all, 1), "threads": torch.get_num_threads()}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    figure(result, Path(args.json).with_suffix(".png"))
+    print(json.dumps({"first_converged_batch": converged, "mean_dice": {
+        a: [x["arms"][a]["mean_dice"] for x in out_batches] for a in ARMS}, "seconds": result["seconds"]}))
+
+
+def figure(result: dict, path: Path) -> None:
+    """Mean Dice per batch, and the smallest volume p-value over the structures, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = [x["batch"] for x in result["batches"]]
+    for arm, style in zip(ARMS, ("o-", "s-", "^-")):
+        a.plot(xs, [x["arms"][arm]["mean_dice"] for x in result["batches"]], style, label=arm)
+        ps = [min([s["t_test_p"] for s in x["arms"][arm]["structures"].values() if s["t_test_p"] is not None],
+                  default=np.nan) for x in result["batches"]]
+        b.plot(xs, ps, style, label=arm)
+    a.axhline(0.94, color="grey", ls=":", lw=1)
+    b.axhline(0.05, color="grey", ls=":", lw=1)
+    b.set_yscale("log")
+    a.set(xlabel="batch", ylabel="mean Dice vs correction", title=f"{result['dataset']}: Dice per batch")
+    b.set(xlabel="batch", ylabel="smallest paired t-test p", title="volumes before vs after correction")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

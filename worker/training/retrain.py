@@ -1,0 +1,192 @@
+"""Retraining: a new version of a bundle trained on its base data plus radiologists' corrections, with its lineage,
+self-configured again, and judged against its parent by the promotion rule.
+
+- Data: the parent's training cases (read from the base dataset) and every corrected case (the scan and the
+  corrected label map, on the scan's grid; every label counts as contoured). The parent's preprocessing is kept,
+  so that the corrections, the atlases and the judged cases are read the same way by both versions.
+- Networks: warm-started from the parent's (the default, as MONAI Label retrains) or trained anew; the
+  segmentation network for `iterations`, the registration network for `reg_iterations` (default: the parent's).
+- Configuration: the refinement settings are searched again on the judged cases (worker/training/configure.py),
+  as `isl train` does, unless the parent was trained with `--no-configure` or the request says so.
+- Promotion rule: the new version goes live only when its refined masks are no worse than its parent's on cases
+  neither trained on: mean Dice over the cases and labels at least the parent's minus `margin`. The cases are the
+  parent's validation cases, or, for a parent that has none, the base dataset's cases that it neither trained on,
+  uses as atlases, nor holds out as its test split (at most `judge_cases`). With no such case the version is not
+  judged and stays a candidate: a person may promote it (the audit trail keeps who).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from segmentation.bundle import SegmentationModel
+from segmentation.dataset import load_case, load_dataset
+from segmentation.errors import DatasetError
+from segmentation.io import read_image
+from segmentation.metrics import dice
+from segmentation.train import train_network
+from service.records import RetrainOptions as RetrainConfig
+from worker.method.bundle import ISLBundle
+from worker.training.train import _train_registrar, configure_bundle
+
+
+class Correction(BaseModel):
+    """A corrected case: its id (the correction's), its files on the scan's grid, and the names of the structures
+    it contours (None: all; a correction through the service contours all)."""
+
+    id: str
+    image: Path
+    label: Path
+    structures: list[str] | None = None
+
+    def known(self, labels: dict[int, str]) -> np.ndarray:
+        return np.array([v == 0 or self.structures is None or n in self.structures for v, n in labels.items()])
+
+
+def judged_cases(ds, meta: dict, n: int) -> list[str]:
+    """The cases the promotion rule judges on (see the module's docstring)."""
+    ids = [c for c in meta.get("validation_cases") or [] if c in {x.case_id for x in ds.cases}]
+    if not ids:
+        used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
+        ids = sorted(c.case_id for c in ds.cases if c.case_id not in used)
+    return ids[:n]
+
+
+def score(bundle: ISLBundle, ds, case_ids: list[str], device: torch.device) -> dict[str, float]:
+    """Mean Dice per case (over the labels its reference contours) of what refinement returns under the bundle's
+    own configuration."""
+    from segmentation.preprocess import to_native
+    from worker.method.refiner import Refiner
+
+    refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config({"device": device.type}), device)
+    names = bundle.segmentation.labels
+    out = {}
+    for case_id in case_ids:
+        images, label, _ = load_case(ds, ds.case(case_id))
+        x, canonical = refiner.pre.images(images)
+        probs = refiner.refine(x).probs
+        known = ds.case(case_id).present(names)
+        fg = [v for v, k in zip(names, known) if v != 0 and k]
+        per_label = dice(to_native(probs, canonical, images[0].geometry), label.array, fg)
+        out[case_id] = round(float(np.mean(list(per_label.values()))), 5) if per_label else float("nan")
+    return out
+
+
+def judge(parent: dict[str, float], child: dict[str, float], margin: float) -> dict:
+    """The promotion rule on per-case Dice of both versions over the same cases."""
+    if not child:
+        return {"judged": False, "promoted": False, "reason": "no case that the new version has not trained on: it "
+                "stays a candidate (promote it by hand if you have judged it otherwise)"}
+    p, c = float(np.mean(list(parent.values()))), float(np.mean(list(child.values())))
+    better = sum(child[k] > parent[k] for k in child)
+    worse = sum(child[k] < parent[k] for k in child)
+    ok = c >= p - margin
+    reason = (f"mean Dice {c:.4f} against its parent's {p:.4f} on {len(child)} cases neither trained on "
+              f"({better} better, {worse} worse): {'no worse' if ok else 'worse'} than the parent"
+              + (f" within the margin {margin}" if margin else ""))
+    return {"judged": True, "promoted": ok, "reason": reason, "mean_dice": round(c, 5),
+            "parent_mean_dice": round(p, 5), "cases": len(child), "better": better, "worse": worse, "margin": margin}
+
+
+def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[Correction], out_dir: str | Path,
+            cfg: RetrainConfig, device: torch.device, progress=print, command: str | None = None) -> dict:
+    """Train a new version of the bundle at `parent_dir` into `out_dir`; returns its lineage, data, validation
+    figures and the promotion rule's verdict (`outcome`). Nothing is made live here."""
+    t0 = time.perf_counter()
+    parent = ISLBundle.load(parent_dir, device)
+    ds = load_dataset(dataset_dir)
+    meta = parent.meta
+    names = parent.segmentation.labels
+    pre = parent.segmentation.preprocessing
+    missing = [c for c in meta["train_cases"] if c not in {x.case_id for x in ds.cases}]
+    if missing:
+        raise DatasetError(f"{ds.root} lacks {len(missing)} of model {parent.version}'s training cases "
+                           f"({', '.join(missing[:3])}...): retraining needs the base dataset it was trained on")
+    images, labels, known = [], [], []
+    for case_id in meta["train_cases"]:
+        vols, label, _ = load_case(ds, ds.case(case_id))
+        images.append(pre.images(vols)[0])
+        labels.append(pre.label(label))
+        known.append(ds.case(case_id).present(names))
+    for c in corrections:
+        label = read_image(c.label)
+        values = np.unique(label.array)
+        if values.max(initial=0) >= len(names):
+            raise DatasetError(f"correction {c.id}: label values {values.tolist()} do not fit {names}")
+        images.append(pre.images([read_image(c.image)])[0])
+        labels.append(pre.label(label))
+        known.append(c.known(names))
+    known = np.stack(known)
+    progress(f"retraining {parent.version} on {len(meta['train_cases'])} base cases and {len(corrections)} "
+             "corrected cases")
+    base_cfg = meta.get("config") or {}
+    train_cfg = copy.deepcopy(parent_train_config(base_cfg))
+    if cfg.iterations:
+        train_cfg.training.iterations = cfg.iterations
+    if cfg.reg_iterations:
+        train_cfg.registration.iterations = cfg.reg_iterations
+    seg = parent.segmentation if cfg.warm_start else SegmentationModel.create(train_cfg.network, pre, names)
+    if not cfg.warm_start:
+        torch.manual_seed(train_cfg.training.seed)
+    t_seg = time.perf_counter()
+    curve = train_network(seg.network, images, labels, pre.patch_size, train_cfg.training, device,
+                          lambda it, loss: progress(f"segmentation iteration {it}/{train_cfg.training.iterations}: "
+                                                    f"loss {loss:.4f}"), annotated=known, mirror_axes=pre.mirror_axes)
+    t_seg = time.perf_counter() - t_seg
+    t_reg = time.perf_counter()
+    reg, reg_curve = _train_registrar(images, labels, known, pre, train_cfg, device, progress,
+                                      start=parent.registrar if cfg.warm_start else None)
+    t_reg = time.perf_counter() - t_reg
+    new_meta = {k: v for k, v in meta.items() if k not in ("version", "refinement")} | {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "parent": parent.version,
+        "lineage": list(meta.get("lineage", [])) + [parent.version],
+        "corrections": [c.id for c in corrections],
+        "config": train_cfg.model_dump(mode="json"),
+        "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
+                     "segmentation_final_loss": float(np.mean(curve[-100:])),
+                     "registration_final_loss": float(np.mean(reg_curve[-100:])), "warm_start": cfg.warm_start,
+                     "device": str(device), "torch": torch.__version__},
+    }
+    seg.network.cpu()
+    child = ISLBundle(seg, reg.cpu(), new_meta, Path(out_dir))
+    child.save()
+    judged = judged_cases(ds, meta, cfg.judge_cases)
+    if judged and (cfg.configure if cfg.configure is not None else train_cfg.configure):
+        minutes = cfg.configure_minutes or train_cfg.configure_minutes
+        configure_bundle(child, ds, judged, minutes * 60, device, progress)
+    elif meta.get("refinement"):  # not searched again: the parent's choice carries over
+        child.meta["refinement"] = meta["refinement"]
+        child.save()
+    progress(f"judging {child.version} against {parent.version} on {len(judged)} cases neither trained on")
+    parent = ISLBundle.load(parent_dir, device)  # the warm start trained the loaded parent's network in place
+    parent_scores, child_scores = score(parent, ds, judged, device), score(child, ds, judged, device)
+    outcome = judge(parent_scores, child_scores, cfg.margin)
+    child.meta["promotion"] = outcome | {"per_case": {"parent": parent_scores, "candidate": child_scores}}
+    child.save()
+    from worker.training.card import dataset_metadata, write_model_card
+
+    write_model_card(child.path, child.meta, dataset_metadata(ds.root))
+    progress(f"{child.version}: {outcome['reason']}")
+    return {"version": child.version, "parent": meta["version"], "folder": str(child.path),
+            "data": {"base_dataset": ds.name, "base_cases": len(meta["train_cases"]),
+                     "corrections": [c.id for c in corrections]},
+            "figures": child.meta["promotion"] | {"judged_cases": judged,
+                                                  "configuration": (child.meta.get("refinement") or {}).get(
+                                                      "decision")},
+            "outcome": outcome, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def parent_train_config(config: dict):
+    """The parent's BundleTrainConfig (the defaults for fields it predates)."""
+    from worker.training.train import BundleTrainConfig
+
+    return BundleTrainConfig.model_validate({k: v for k, v in config.items()
+                                             if k in BundleTrainConfig.model_fields})
