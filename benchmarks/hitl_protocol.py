@@ -106,7 +106,11 @@ def main() -> None:
     ap.add_argument("--retrain-reg-iterations", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from-json", action="store_true", help="no run: recompute the summary and the figure of --json")
     args = ap.parse_args()
+    if args.from_json:
+        write(json.loads(Path(args.json).read_text()), Path(args.json))
+        return
 
     import torch
 
@@ -179,15 +183,36 @@ def main() -> None:
                                       configure=False), device, progress=lambda m: None)
             train_seconds.append(round(time.perf_counter() - t0, 1))
             bundle_dir = child
-    converged = {arm: next((x["batch"] for x in out_batches if x["arms"][arm]["converged"]), None) for arm in ARMS}
     result = {"command": "python " + " ".join(sys.argv), "dataset": ds.name, "start_cases": start,
-              "batches": out_batches, "training_seconds": train_seconds, "first_converged_batch": converged,
+              "batches": out_batches, "training_seconds": train_seconds,
               "rule": {"alpha": 0.05, "dice_min": 0.94, "spearman_min": 0.97},
               "seconds": round(time.perf_counter() - t_all, 1), "threads": torch.get_num_threads()}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    figure(result, Path(args.json).with_suffix(".png"))
-    print(json.dumps({"first_converged_batch": converged, "mean_dice": {
-        a: [x["arms"][a]["mean_dice"] for x in out_batches] for a in ARMS}, "seconds": result["seconds"]}))
+    write(result, Path(args.json))
+
+
+def summary(result: dict) -> dict:
+    """Per arm: the first batch that converged by the study's whole rule, the first batch from which no
+    structure's volumes differed in any later batch (the volume half of the rule alone), mean Dice per batch, and
+    the gain over the network alone."""
+    batches = result["batches"]
+    out = {}
+    for arm in ARMS:
+        agree = [not any(s["volumes_differ"] for s in x["arms"][arm]["structures"].values()) for x in batches]
+        stays = next((batches[i]["batch"] for i in range(len(batches)) if all(agree[i:])), None)
+        dice = [x["arms"][arm]["mean_dice"] for x in batches]
+        base = [x["arms"]["baseline"]["mean_dice"] for x in batches]
+        out[arm] = {"first_converged_batch": next((x["batch"] for x in batches if x["arms"][arm]["converged"]), None),
+                    "volumes_agree_from_batch": stays, "mean_dice_per_batch": dice,
+                    "gain_over_baseline_points": [round((d - b) * 100, 2) for d, b in zip(dice, base)],
+                    "why_not_converged_last_batch": batches[-1]["arms"][arm]["why"]}
+    return out
+
+
+def write(result: dict, path: Path) -> None:
+    result["summary"] = summary(result)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    figure(result, path.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=1))
 
 
 def figure(result: dict, path: Path) -> None:
@@ -204,11 +229,13 @@ def figure(result: dict, path: Path) -> None:
         ps = [min([s["t_test_p"] for s in x["arms"][arm]["structures"].values() if s["t_test_p"] is not None],
                   default=np.nan) for x in result["batches"]]
         b.plot(xs, ps, style, label=arm)
+    a.set_xticks(xs)
+    b.set_xticks(xs)
     a.axhline(0.94, color="grey", ls=":", lw=1)
     b.axhline(0.05, color="grey", ls=":", lw=1)
     b.set_yscale("log")
     a.set(xlabel="batch", ylabel="mean Dice vs correction", title=f"{result['dataset']}: Dice per batch")
-    b.set(xlabel="batch", ylabel="smallest paired t-test p", title="volumes before vs after correction")
+    b.set(xlabel="batch", ylabel="smallest paired t-test p (structures)", title="volumes before vs after correction")
     a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -117,6 +117,7 @@ class TrainingRow(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     beat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str] = mapped_column(String(128), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     parent_version: Mapped[str] = mapped_column(String(128), default="")
     version: Mapped[str] = mapped_column(String(128), default="")
     options: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -313,7 +314,8 @@ class Records:
         with Session(self.engine) as s, s.begin():
             done = s.execute(update(TrainingRow).where(TrainingRow.id == training_id,
                                                        (TrainingRow.state == "queued") | stale)
-                             .values(state="running", worker=worker, started=utc(now), beat=utc(now)))
+                             .values(state="running", worker=worker, started=utc(now), beat=utc(now),
+                                     attempts=TrainingRow.attempts + 1))
             if done.rowcount != 1:
                 return None
         return self.training(training_id)

@@ -333,10 +333,12 @@ def test_a_retraining_runs_once_and_a_silent_workers_one_is_taken_over(database)
            "parent_version": "m-base", "options": {"iterations": 5}}
     records.add_training(row, {"tenant": "alpha", "actor": "key:x", "action": "retrain"})
     assert records.training("b" * 32, "beta") is None and records.training("b" * 32, "alpha")["state"] == "queued"
-    assert records.claim_training("b" * 32, "host:1", stale_before=90.0, now=101.0)["worker"] == "host:1"
+    claimed = records.claim_training("b" * 32, "host:1", stale_before=90.0, now=101.0)
+    assert (claimed["worker"], claimed["attempts"]) == ("host:1", 1)
     assert records.claim_training("b" * 32, "host:2", stale_before=95.0, now=102.0) is None  # beat at 101: alive
     assert records.beat_training("b" * 32, "host:1", 110.0)
-    assert records.claim_training("b" * 32, "host:2", stale_before=111.0, now=200.0)["worker"] == "host:2"
+    claimed = records.claim_training("b" * 32, "host:2", stale_before=111.0, now=200.0)
+    assert (claimed["worker"], claimed["attempts"]) == ("host:2", 2)  # a worker would give up past ISL_MAX_DELIVERIES
     assert not records.beat_training("b" * 32, "host:1", 201.0)  # the first worker learns it lost it
     version = {"id": "b" * 32, "tenant": "alpha", "model": "m", "version": "m-new", "parent": "m-base",
                "folder": "models/alpha/m/x", "created": 300.0, "data": {"corrections": ["c"]}, "figures": {}}

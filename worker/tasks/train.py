@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from service.queue import TRAIN_TASK
 from service.records import now
 from worker.tasks.app import app, job_store, settings
@@ -65,6 +67,11 @@ class _Beat(threading.Thread):
 
 def _claim(task, records, training_id: str, me: str) -> dict | None:
     row = records.claim_training(training_id, me, now() - 3 * settings.lease_s, now())
+    if row is not None and row["attempts"] > settings.max_deliveries:  # it kills its worker, or its time limit does
+        records.finish_training(training_id, me, state="failed", finished=now(),
+                                error=f"started {row['attempts'] - 1} times without finishing: its worker died or it "
+                                      f"ran past ISL_TRAIN_TIME_LIMIT_S ({settings.train_time_limit_s} s) each time")
+        return None
     if row is not None:
         return row
     current = records.training(training_id)
@@ -114,8 +121,9 @@ def retrain_job(self, training_id: str) -> None:
         except Exception as exc:  # noqa: BLE001 - any failure ends the training with its reason, never silently
             log.exception("training %s failed", training_id)
             shutil.rmtree(out, ignore_errors=True)
-            if not records.finish_training(training_id, me, state="failed", finished=now(),
-                                           error=f"{type(exc).__name__}: {exc}"):
+            reason = (f"it ran past its time limit of {settings.train_time_limit_s} s (ISL_TRAIN_TIME_LIMIT_S) and was "
+                      "stopped" if isinstance(exc, SoftTimeLimitExceeded) else f"{type(exc).__name__}: {exc}")
+            if not records.finish_training(training_id, me, state="failed", finished=now(), error=reason):
                 log.warning("training %s: taken over by another worker; this failure is dropped", training_id)
             return
         version = {"id": training_id, "tenant": tenant, "model": model, "version": result["version"],

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
         sa.Column("beat", sa.DateTime(timezone=True), nullable=True),
         sa.Column("worker", sa.String(128), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("parent_version", sa.String(128), nullable=False),
         sa.Column("version", sa.String(128), nullable=False),
         sa.Column("options", sa.JSON(), nullable=False),
