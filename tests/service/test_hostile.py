@@ -74,13 +74,15 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(stack, tmp_p
     """Generated requests for every operation of the service's own OpenAPI schema (examples, coverage and
     fuzzing phases, with a valid key): no 5xx, responses as documented, and `ignored_auth` checks that
     every operation refuses a request without the key. positive_data_acceptance is left out: the schema
-    cannot say 'a readable NIfTI', so schema-valid random bytes are rightly refused with 422."""
+    cannot say 'a readable NIfTI', so schema-valid random bytes are rightly refused with 422. One worker thread:
+    with two, hypothesis's ast.parse in both threads at once trips CPython 3.11's "AST constructor recursion depth
+    mismatch" now and then (a runtime error of the tool, not of the service)."""
     if shutil.which("st", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     out = subprocess.run(
         [str(Path(sys.executable).parent / "st"), "run", f"{stack.url}/openapi.json", "--url", stack.url,
          "-H", f"X-API-Key: {KEYS['alpha']}", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-         "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--workers", "2", "--request-timeout", "60",
+         "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--workers", "1", "--request-timeout", "60",
          "--report", "junit", "--report-dir", str(tmp_path),
          "--suppress-health-check", "all", "--seed", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900)
