@@ -66,24 +66,25 @@ class _Beat(threading.Thread):
 
 
 def _claim(task, records, training_id: str, me: str) -> dict | None:
+    """The training as this worker claimed it (queued, or taken over from a dead or silent worker); None when there
+    is nothing to run: it has ended, or it was started more than ISL_MAX_DELIVERIES times (it then ends failed)."""
     row = records.claim_training(training_id, me, now() - 3 * settings.lease_s, now())
-    if row is not None and row["attempts"] > settings.max_deliveries:  # it kills its worker, or its time limit does
+    if row is None:
+        current = records.training(training_id)
+        if current is None or current["state"] != "running":
+            log.warning("training %s: delivery not run (%s)", training_id, current and current["state"])
+            return None
+        if holder_alive(current["worker"]):  # running elsewhere: look again later, taking it over if silent by then
+            raise task.retry(countdown=3 * settings.lease_s, max_retries=None)
+        row = records.claim_training(training_id, me, now() + 1, now())  # its worker died on this host: now
+        if row is None:  # another delivery took it over first
+            return None
+    if row["attempts"] > settings.max_deliveries:  # it kills its worker, or its time limit does
         records.finish_training(training_id, me, state="failed", finished=now(),
                                 error=f"started {row['attempts'] - 1} times without finishing: its worker died or it "
                                       f"ran past ISL_TRAIN_TIME_LIMIT_S ({settings.train_time_limit_s} s) each time")
         return None
-    if row is not None:
-        return row
-    current = records.training(training_id)
-    if current is None or current["state"] != "running":
-        log.warning("training %s: delivery not run (%s)", training_id, current and current["state"])
-        return None
-    if not holder_alive(current["worker"]):  # its worker died on this host: take it over now
-        row = records.claim_training(training_id, me, now() + 1, now())
-        if row is not None:
-            return row
-    # running elsewhere: look again later, and take it over if that worker has gone silent by then
-    raise task.retry(countdown=3 * settings.lease_s, max_retries=None)
+    return row
 
 
 @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, bind=True,
