@@ -15,9 +15,14 @@ test split of the committed bundles, never touched here). Then, batch after batc
    (service/agreement.py: volumes before and after with a paired t-test and Wilcoxon, Spearman, Dice, the verdict
    with the study's 0.94 and 0.97);
 3. the corrected cases join the atlas bank (for `isl_bank`), and the model is retrained on its start cases plus
-   every corrected case so far (worker/training/retrain.py, warm start), the new version serving the next batch.
-   Every retrained version is used, as in the study: the promotion rule needs labelled cases that no version
-   trained on, and this protocol holds none besides the batches to come.
+   the corrected cases so far (worker/training/retrain.py, warm start), the new version serving the next batch.
+   The product's own rules decide, as `isl train` and a retraining apply them: a model of fewer than 10 cases
+   cannot set validation cases aside, so it returns the network's own mask; once start and corrected cases reach
+   10, a retraining holds a fifth of the new corrections back, configures refinement on them (ISL, or the
+   network's own mask where no ISL setting beats it) and is judged on them by the promotion rule. A version the
+   rule rejects is not used (its parent stays live); one it could not judge is used, as in the study.
+   `--unconfigured` replays the protocol with ISL's hand-set defaults instead (`--validation 0 --no-configure`),
+   as the product ran small models before.
 A structure a case does not contour (partial labels) is neither scored nor trained on for that case.
 """
 from __future__ import annotations
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--retrain-reg-iterations", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--unconfigured", action="store_true",
+                    help="ISL's hand-set defaults on every version: no configuration, every version used")
     ap.add_argument("--from-json", action="store_true", help="no run: recompute the summary and the figure of --json")
     args = ap.parse_args()
     if args.from_json:
@@ -132,7 +139,7 @@ def main() -> None:
     batches = [sorted(later[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.batches)]
     work = Path(args.work or f"/tmp/hitl_{Path(args.dataset).name}")
     base = view(ds, start, work / "start")
-    cfg = BundleTrainConfig(validation=0, configure=False, name="hitl")
+    cfg = BundleTrainConfig(name="hitl", **({"validation": 0, "configure": False} if args.unconfigured else {}))
     cfg.training.iterations, cfg.registration.iterations = args.iterations, args.reg_iterations
     t0 = time.perf_counter()
     bundle_dir = work / "v0"
@@ -161,6 +168,7 @@ def main() -> None:
         for arm in ("isl", "isl_bank"):
             arms[arm]["median_seconds_per_case"] = round(float(np.median(seconds[arm])), 1)
         out_batches.append({"batch": b + 1, "cases": ids, "model_version": bundle.version,
+                            "refinement": refiner.decision,
                             "atlases": len(bundle.atlas_ids) + (0 if bank is None else len(bank.case_ids)),
                             "arms": arms})
         print(json.dumps({"batch": b + 1, **{a: (arms[a]["mean_dice"], arms[a]["converged"]) for a in ARMS}}),
@@ -180,10 +188,19 @@ def main() -> None:
             if not (child / "bundle.json").is_file():
                 retrain(bundle_dir, base, corrections, child,
                         RetrainConfig(iterations=args.retrain_iterations, reg_iterations=args.retrain_reg_iterations,
-                                      configure=False), device, progress=lambda m: None)
+                                      configure=False if args.unconfigured else None), device,
+                        progress=lambda m: None)
             train_seconds.append(round(time.perf_counter() - t0, 1))
-            bundle_dir = child
+            meta = ISLBundle.load(child, device).meta
+            verdict = meta["promotion"]
+            used = args.unconfigured or verdict["promoted"] or not verdict["judged"]
+            out_batches[-1]["retraining"] = {"version": meta["version"], "held_back": meta.get(
+                "held_back_corrections", []), "verdict": verdict["reason"], "used": used}
+            print(json.dumps({"retrained": meta["version"], "used": used, "verdict": verdict["reason"]}), flush=True)
+            if used:
+                bundle_dir = child
     result = {"command": "python " + " ".join(sys.argv), "dataset": ds.name, "start_cases": start,
+              "unconfigured": args.unconfigured,
               "batches": out_batches, "training_seconds": train_seconds,
               "rule": {"alpha": 0.05, "dice_min": 0.94, "spearman_min": 0.97},
               "seconds": round(time.perf_counter() - t_all, 1), "threads": torch.get_num_threads()}

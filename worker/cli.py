@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never train on the first N cases in sorted order (default 0)")
     p.add_argument("--validation", type=int, default=None,
                    help="training cases set aside to configure refinement on (default: a fifth, 3 to 10; none under "
-                        "10 cases)")
+                        "10 cases, and then refinement returns the network's own mask until the model is configured)")
     p.add_argument("--atlas-pool", type=int, default=None, help="training cases kept as atlases (default 40)")
     p.add_argument("--iterations", type=int, default=None, help="segmentation training iterations (default 2500)")
     p.add_argument("--reg-iterations", type=int, default=None, help="registration training iterations (default 1000)")
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
     p.add_argument("--no-configure", dest="configure", action="store_const", const=False, default=None,
-                   help="skip the search of refinement settings on the validation cases (the defaults are used)")
+                   help="skip the search of refinement settings on the validation cases (ISL runs with the "
+                        "ISLConfig defaults, unchecked on this data)")
     p.add_argument("--configure-minutes", type=float, default=None,
                    help="time budget of that search (default 30; whole validation cases, at least 2)")
     _device_arg(p)

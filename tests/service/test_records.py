@@ -52,11 +52,19 @@ def test_migrations_from_an_empty_database_and_from_the_previous_revision(databa
                   {"id": "a" * 32, "t": "2026-11-01 10:00:00+00:00",
                    "rec": '{"id": "' + "a" * 32 + '", "tenant": "alpha", "state": "succeeded", "created": 1.0, '
                           '"options": {"model": "m"}}'})
+    records.upgrade("0003")  # the revision before head, with a correction as it wrote one
+    with records.engine.begin() as c:
+        c.execute(text("INSERT INTO corrections (id, job_id, tenant, model, model_version, actor, created, source, "
+                       "folder, label_sha256, summary, note) VALUES (:id, :job, 'alpha', 'm', 'm-1', 'key:abc', :t, "
+                       "'nifti', 'corrections/x', :sha, '{}', '')"),
+                  {"id": "c" * 32, "job": "a" * 32, "t": "2026-11-02 10:00:00+00:00", "sha": "0" * 64})
     records.upgrade()
     assert records.revision() == HEAD
     assert _schema_diff(records) == []  # the models and the migrations describe one schema
     old = records.job("a" * 32)
     assert old is not None and old.state == JobState.SUCCEEDED and old.purged is None
+    assert [c["id"] for c in records.corrections("alpha", model="m")] == ["c" * 32]
+    assert records.versions("alpha", "m") == [] and records.live_version("alpha", "m") is None  # 0004's registry
     records.audit("alpha", "key:abc", "download", "a" * 32, {"format": "nifti"})
     assert records.trail("alpha")[1] == 1 and records.trail("beta")[1] == 0
     records.upgrade()  # at head already: nothing to do, nothing lost

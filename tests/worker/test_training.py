@@ -44,3 +44,70 @@ def test_the_judged_cases_are_the_validation_cases_or_those_no_version_trained_o
     assert judged_cases(ds, {"validation_cases": ids[3:5], "train_cases": ids[2:]}, 10) == ids[3:5]
     meta = {"validation_cases": [], "holdout_cases": ids[:2], "train_cases": ids[2:5], "atlases": ids[2:6]}
     assert judged_cases(ds, meta, 10) == ids[6:] and judged_cases(ds, meta, 1) == ids[6:7]
+
+
+def test_corrections_are_held_back_only_where_the_cases_reach_ten_and_only_those_the_parent_did_not_train_on():
+    from worker.training.retrain import Correction, held_back
+
+    def corrections(n):
+        return [Correction(id=f"c{i}", image=Path(f"c{i}.nii.gz"), label=Path(f"l{i}.nii.gz")) for i in range(n)]
+
+    three = {"train_cases": ["a", "b", "c"]}
+    assert held_back(corrections(6), three, 0) == []  # 9 cases: none set aside, as `isl train` decides
+    held = held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(6)]}, 0)
+    assert len(held) == 3 and all(int(c.id[1:]) >= 6 for c in held)  # 15 cases: a fifth, from the new ones
+    assert held == held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(6)]}, 0)  # seeded
+    assert len(held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(11)]}, 0)) == 0  # 1 new
+    assert len(held_back(corrections(60), three, 0)) == 10  # at most 10
+
+
+def test_a_model_of_too_few_cases_returns_the_network_and_its_retraining_is_judged_on_held_back_corrections(
+        tmp_path):
+    """The first rule with nothing to decide from: a bundle trained on 6 cases cannot set validation cases aside,
+    so refinement returns the network's own mask and says why (ISL's defaults, tuned on one dataset, may hurt on
+    another). Its retraining with 6 corrections (12 cases) holds 3 of them back, configures on them and is judged
+    on them: the tenant's own data decides."""
+    import numpy as np
+    import torch
+
+    from segmentation.dataset import load_dataset
+    from worker.demo import make_dataset
+    from worker.method.bundle import ISLBundle
+    from worker.method.refiner import Refiner
+    from worker.training.retrain import Correction, RetrainConfig, retrain
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    torch.set_num_threads(2)
+    make_dataset(tmp_path / "base", n_train=6, n_test=0, seed=3)
+    cfg = BundleTrainConfig(name="few")
+    cfg.training.iterations, cfg.registration.iterations = 30, 20
+    bundle = train_bundle(tmp_path / "base", tmp_path / "v0", cfg, torch.device("cpu"), progress=lambda m: None)
+    decision = bundle.meta["refinement"]["decision"]
+    assert decision["method"] == "baseline" and "6 training cases, too few" in decision["reason"]
+    assert "Not configured: 6 training cases" in (tmp_path / "v0" / "MODEL_CARD.md").read_text()
+    ds = load_dataset(tmp_path / "base")
+    refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config(), torch.device("cpu"))
+    from segmentation.dataset import load_case
+
+    x, _ = refiner.pre.images(load_case(ds, ds.cases[0])[0])
+    res = refiner.refine(x)
+    assert res.qa["method"] == "baseline" and res.qa["configuration"] == decision
+    assert np.array_equal(res.probs.argmax(0), res.baseline.argmax(0))
+
+    make_dataset(tmp_path / "new", n_train=6, n_test=0, seed=4)
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (tmp_path / "new" / "labelsTr").glob("*.nii.gz"))
+    corrections = [Correction(id=f"job{i}", image=tmp_path / "new" / "imagesTr" / f"{c}.nii.gz",
+                              label=tmp_path / "new" / "labelsTr" / f"{c}.nii.gz") for i, c in enumerate(ids)]
+    out = retrain(tmp_path / "v0", tmp_path / "base", corrections, tmp_path / "v1",
+                  RetrainConfig(iterations=30, reg_iterations=20, configure_minutes=0.01), torch.device("cpu"),
+                  progress=lambda m: None)
+    held = out["data"]["held_back_corrections"]
+    assert len(held) == 3 and sorted(held + out["data"]["corrections"]) == sorted(c.id for c in corrections)
+    assert out["figures"]["judged_cases"] == held and out["outcome"]["judged"] and out["outcome"]["cases"] == 3
+    child = ISLBundle.load(tmp_path / "v1")
+    assert child.meta["held_back_corrections"] == held and child.meta["corrections"] == out["data"]["corrections"]
+    assert f"held back from training, to configure and judge this version on: {', '.join(held)}" in (
+        tmp_path / "v1" / "MODEL_CARD.md").read_text()
+    record = child.meta["refinement"]
+    assert record["validation_cases"] and set(record["validation_cases"]) <= set(held)  # configured on them
+    assert record["decision"]["method"] in ("isl", "baseline", "tta_flip") and record["decision"]["reason"]

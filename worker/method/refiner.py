@@ -82,8 +82,8 @@ class Refiner:
                              f"not segment (its labels: {', '.join(names)})")
         # why this method: the bundle's configuration decision (what `isl train` measured), for every report
         self.decision = (bundle.meta.get("refinement") or {}).get("decision") or {
-            "method": "isl", "reason": "the bundle was not configured (fewer than 10 training cases, --validation 0 "
-                                       "or --no-configure): ISLConfig defaults"}
+            "method": "isl", "reason": "the bundle was not configured (trained with --validation 0 or "
+                                       "--no-configure): ISL with the ISLConfig defaults, unchecked on this data"}
 
     def refine(self, image: np.ndarray, progress=None, extra_atlases: Atlases | None = None) -> ISLResult:
         """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when

@@ -31,6 +31,8 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
            f"those cases plus {len(meta.get('corrections', []))} radiologists' corrections "
            f"({', '.join(meta.get('corrections', [])) or 'none'}); warm start: {train.get('warm_start', False)}."]
           if meta.get("parent") else []),
+        *([f"- Corrections held back from training, to configure and judge this version on: "
+           f"{', '.join(meta['held_back_corrections'])}."] if meta.get("held_back_corrections") else []),
         *([f"- Promotion rule: {meta['promotion']['reason']}."] if meta.get("promotion") else []),
         *([f"- Validation (configuration only; neither trained on nor atlases): {', '.join(meta['validation_cases'])}."]
           if meta.get("validation_cases") else []),
@@ -56,8 +58,10 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
 
 def _configuration(record: dict | None) -> list[str]:
     if not record:
-        return ["## Refinement configuration", "Not configured: refinement uses the defaults of `ISLConfig` "
-                "(trained with fewer than 10 cases, `--validation 0` or `--no-configure`).", ""]
+        return ["## Refinement configuration", "Not configured: refinement runs ISL with the defaults of `ISLConfig`, "
+                "unchecked on this data (trained with `--validation 0` or `--no-configure`).", ""]
+    if not record.get("validation_cases"):
+        return ["## Refinement configuration", f"Not configured: {record['decision']['reason']}.", ""]
     cfg = record["config"]
     lines = ["## Refinement configuration",
              f"Searched by `isl train` / `isl configure` on {len(record['validation_cases'])} validation cases in "

@@ -7,16 +7,24 @@ self-configured again, and judged against its parent by the promotion rule.
 - Networks: warm-started from the parent's (the default, as MONAI Label retrains) or trained anew; the
   segmentation network for `iterations`, the registration network for `reg_iterations` (default: the parent's).
 - Configuration: the refinement settings are searched again on the judged cases (worker/training/configure.py),
-  as `isl train` does, unless the parent was trained with `--no-configure` or the request says so.
+  as `isl train` does, unless the parent was trained with `--no-configure` or the request says so. With no case to
+  search on, the parent's choice carries over (for a bundle trained on too few cases to configure: the network's
+  own mask).
 - Promotion rule: the new version goes live only when its refined masks are no worse than its parent's on cases
   neither trained on: mean Dice over the cases and labels at least the parent's minus `margin`. The cases are the
-  parent's validation cases, or, for a parent that has none, the base dataset's cases that it neither trained on,
-  uses as atlases, nor holds out as its test split (at most `judge_cases`). With no such case the version is not
+  parent's validation cases; for a parent that has none, the base dataset's cases that it neither trained on,
+  uses as atlases, nor holds out as its test split (at most `judge_cases`); and where there are none either (a
+  model trained on all its few cases, as a hospital's first one is), corrections held back from this training:
+  once base and corrected cases reach 10, a fifth of them (3 to 10, as `isl train` sets validation cases aside),
+  drawn from the corrections the parent did not train on. The held-back corrections are the tenant's own data,
+  so the new version is configured and judged on what the hospital sends. With no case at all the version is not
   judged and stays a candidate: a person may promote it (the audit trail keeps who).
 """
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +41,7 @@ from segmentation.metrics import dice
 from segmentation.train import train_network
 from service.records import RetrainOptions as RetrainConfig
 from worker.method.bundle import ISLBundle
-from worker.training.train import _train_registrar, configure_bundle
+from worker.training.train import _train_registrar, configure_bundle, unconfigured_record
 
 
 class Correction(BaseModel):
@@ -50,7 +58,7 @@ class Correction(BaseModel):
 
 
 def judged_cases(ds, meta: dict, n: int) -> list[str]:
-    """The cases the promotion rule judges on (see the module's docstring)."""
+    """The base dataset's cases the promotion rule judges on (see the module's docstring)."""
     ids = [c for c in meta.get("validation_cases") or [] if c in {x.case_id for x in ds.cases}]
     if not ids:
         used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
@@ -58,13 +66,48 @@ def judged_cases(ds, meta: dict, n: int) -> list[str]:
     return ids[:n]
 
 
-def score(bundle: ISLBundle, ds, case_ids: list[str], device: torch.device) -> dict[str, float]:
+def held_back(corrections: list[Correction], meta: dict, seed: int) -> list[Correction]:
+    """The corrections this training sets aside to configure and judge the new version on, where the base dataset
+    has no case for it: a fifth of all cases (3 to 10; none under 10 cases, as `isl train` decides its validation
+    cases), drawn from the corrections the parent did not train on (it may have held them back itself)."""
+    from worker.training.train import validation_count
+
+    trained = set(meta.get("corrections", []))
+    new = [c for c in corrections if c.id not in trained]
+    n = min(validation_count(len(meta["train_cases"]) + len(corrections), None), len(new))
+    if n < 2:
+        return []
+    picked = np.random.default_rng(seed).choice(len(new), n, replace=False)
+    return [new[i] for i in sorted(picked)]
+
+
+def corrections_dataset(corrections: list[Correction], base, folder: Path):
+    """A dataset folder of `corrections` (links to their files, never copies) readable as the base dataset is:
+    its labels and channel, and cases.json where a correction contours only some structures."""
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for c in corrections:
+        for src, dst in ((c.image, folder / "imagesTr" / f"{c.id}.nii.gz"),
+                         (c.label, folder / "labelsTr" / f"{c.id}.nii.gz")):
+            dst.unlink(missing_ok=True)
+            dst.symlink_to(Path(src).resolve())
+    meta = {"name": f"{base.name} corrections", "labels": {n: v for v, n in base.labels.items()},
+            "channel_names": {"0": base.channel_names[0]}, "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    rows = [{"case": c.id, "structures_present": c.structures} for c in corrections if c.structures is not None]
+    if rows:
+        (folder / "cases.json").write_text(json.dumps(rows))
+    return load_dataset(folder)
+
+
+def score(bundle: ISLBundle, ds, case_ids: list[str], device: torch.device, atlas_dir=None) -> dict[str, float]:
     """Mean Dice per case (over the labels its reference contours) of what refinement returns under the bundle's
-    own configuration."""
+    own configuration; its atlases are read from `atlas_dir` (default: the dataset of the cases)."""
     from segmentation.preprocess import to_native
     from worker.method.refiner import Refiner
 
-    refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config({"device": device.type}), device)
+    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root),
+                      bundle.refinement_config({"device": device.type}), device)
     names = bundle.segmentation.labels
     out = {}
     for case_id in case_ids:
@@ -108,6 +151,11 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     if missing:
         raise DatasetError(f"{ds.root} lacks {len(missing)} of model {parent.version}'s training cases "
                            f"({', '.join(missing[:3])}...): retraining needs the base dataset it was trained on")
+    base_cfg = meta.get("config") or {}
+    train_cfg = copy.deepcopy(parent_train_config(base_cfg))
+    judged = judged_cases(ds, meta, cfg.judge_cases)
+    held = [] if judged or len(ds.channel_names) > 1 else held_back(corrections, meta, train_cfg.training.seed)
+    trained = [c for c in corrections if c not in held]
     images, labels, known = [], [], []
     for case_id in meta["train_cases"]:
         vols, label, _ = load_case(ds, ds.case(case_id))
@@ -119,14 +167,14 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
         values = np.unique(label.array)
         if values.max(initial=0) >= len(names):
             raise DatasetError(f"correction {c.id}: label values {values.tolist()} do not fit {names}")
+        if c in held:
+            continue
         images.append(pre.images([read_image(c.image)])[0])
         labels.append(pre.label(label))
         known.append(c.known(names))
     known = np.stack(known)
-    progress(f"retraining {parent.version} on {len(meta['train_cases'])} base cases and {len(corrections)} "
-             "corrected cases")
-    base_cfg = meta.get("config") or {}
-    train_cfg = copy.deepcopy(parent_train_config(base_cfg))
+    progress(f"retraining {parent.version} on {len(meta['train_cases'])} base cases and {len(trained)} "
+             f"corrected cases" + (f", {len(held)} corrections held back to configure and judge it" if held else ""))
     if cfg.iterations:
         train_cfg.training.iterations = cfg.iterations
     if cfg.reg_iterations:
@@ -143,12 +191,13 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     reg, reg_curve = _train_registrar(images, labels, known, pre, train_cfg, device, progress,
                                       start=parent.registrar if cfg.warm_start else None)
     t_reg = time.perf_counter() - t_reg
-    new_meta = {k: v for k, v in meta.items() if k not in ("version", "refinement")} | {
+    new_meta = {k: v for k, v in meta.items() if k not in ("version", "refinement", "held_back_corrections")} | {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "parent": parent.version,
         "lineage": list(meta.get("lineage", [])) + [parent.version],
-        "corrections": [c.id for c in corrections],
+        "corrections": [c.id for c in trained],
+        **({"held_back_corrections": [c.id for c in held]} if held else {}),
         "config": train_cfg.model_dump(mode="json"),
         "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                      "segmentation_final_loss": float(np.mean(curve[-100:])),
@@ -158,16 +207,23 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     seg.network.cpu()
     child = ISLBundle(seg, reg.cpu(), new_meta, Path(out_dir))
     child.save()
-    judged = judged_cases(ds, meta, cfg.judge_cases)
-    if judged and (cfg.configure if cfg.configure is not None else train_cfg.configure):
-        minutes = cfg.configure_minutes or train_cfg.configure_minutes
-        configure_bundle(child, ds, judged, minutes * 60, device, progress)
-    elif meta.get("refinement"):  # not searched again: the parent's choice carries over
-        child.meta["refinement"] = meta["refinement"]
-        child.save()
-    progress(f"judging {child.version} against {parent.version} on {len(judged)} cases neither trained on")
-    parent = ISLBundle.load(parent_dir, device)  # the warm start trained the loaded parent's network in place
-    parent_scores, child_scores = score(parent, ds, judged, device), score(child, ds, judged, device)
+    with tempfile.TemporaryDirectory(prefix="isl-held-back-") as tmp:
+        cases = corrections_dataset(held, ds, Path(tmp)) if held else ds  # where the judged cases are read
+        judged = judged or [c.id for c in held]
+        if judged and (cfg.configure if cfg.configure is not None else train_cfg.configure):
+            minutes = cfg.configure_minutes or train_cfg.configure_minutes
+            configure_bundle(child, cases, judged, minutes * 60, device, progress, atlas_dir=ds.root)
+        elif (meta.get("refinement") or {}).get("decision", {}).get("configured") is False:  # still too few
+            child.meta["refinement"] = unconfigured_record(len(meta["train_cases"]) + len(trained),
+                                                           child.refinement_config())
+            child.save()
+        elif meta.get("refinement"):  # not searched again: the parent's choice carries over
+            child.meta["refinement"] = meta["refinement"]
+            child.save()
+        progress(f"judging {child.version} against {parent.version} on {len(judged)} cases neither trained on")
+        parent = ISLBundle.load(parent_dir, device)  # the warm start trained the loaded parent's network in place
+        parent_scores = score(parent, cases, judged, device, ds.root)
+        child_scores = score(child, cases, judged, device, ds.root)
     outcome = judge(parent_scores, child_scores, cfg.margin)
     child.meta["promotion"] = outcome | {"per_case": {"parent": parent_scores, "candidate": child_scores}}
     child.save()
@@ -177,7 +233,7 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     progress(f"{child.version}: {outcome['reason']}")
     return {"version": child.version, "parent": meta["version"], "folder": str(child.path),
             "data": {"base_dataset": ds.name, "base_cases": len(meta["train_cases"]),
-                     "corrections": [c.id for c in corrections]},
+                     "corrections": [c.id for c in trained], "held_back_corrections": [c.id for c in held]},
             "figures": child.meta["promotion"] | {"judged_cases": judged,
                                                   "configuration": (child.meta.get("refinement") or {}).get(
                                                       "decision")},

@@ -197,23 +197,41 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
     if val_ids and cfg.configure:
         configure_bundle(bundle, ds, val_ids, cfg.configure_minutes * 60, device, progress)
+    elif cfg.configure and cfg.validation is None:  # too few cases to set any aside: nothing to decide ISL from
+        bundle.meta["refinement"] = unconfigured_record(len(train_ids), bundle.refinement_config())
+        bundle.save()
+        progress(f"configuration: {bundle.meta['refinement']['decision']['reason']}")
     elif val_ids or cfg.configure:
-        progress("configuration skipped (" + ("--no-configure" if val_ids else "no validation cases: fewer than 10 "
-                 "training cases, or --validation 0") + "): refinement uses the defaults")
+        progress("configuration skipped (" + ("--no-configure" if val_ids else "--validation 0") + "): refinement "
+                 "runs ISL with the ISLConfig defaults, unchecked on this data")
     write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
     progress(f"wrote {out_dir} ({bundle.version})")
     return bundle
 
 
+def unconfigured_record(n_train: int, base) -> dict:
+    """The `refinement` record of a bundle trained on too few cases to set validation cases aside: with nothing to
+    decide from whether ISL helps on this data (defaults tuned on one dataset hurt on another), refinement returns
+    the network's own mask, and the record says why and how that changes."""
+    reason = (f"{n_train} training cases, too few to set aside the validation cases (at 10 training cases or more) "
+              "on which the configuration decides whether and how ISL helps on this data; refinement returns the "
+              "network's own mask (baseline) until the model is configured: by `isl configure` on labelled cases it "
+              "has not trained on, or by a retraining with radiologists' corrections, which holds some back for it")
+    return {"config": base.model_copy(update={"method": "baseline"}).model_dump(mode="json", exclude={"device"}),
+            "decision": {"method": "baseline", "reason": reason, "configured": False},
+            "validation_cases": [], "table": [], "per_label": {}, "seconds": 0.0, "budget_seconds": 0.0}
+
+
 def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget_s: float, device: torch.device,
-                     progress=print) -> dict:
-    """Search the refinement settings on `case_ids` (see worker/training/configure.py) and write the result into
-    the bundle (a new version: the configuration is part of what the bundle does)."""
+                     progress=print, atlas_dir=None) -> dict:
+    """Search the refinement settings on `case_ids` of `ds` (see worker/training/configure.py) and write the result
+    into the bundle (a new version: the configuration is part of what the bundle does). The atlases are read from
+    `atlas_dir` (default: `ds`)."""
     from worker.method.refiner import Refiner
     from worker.training.configure import configure
 
-    refiner = Refiner(bundle, bundle.load_atlases(ds.root), bundle.refinement_config({"device": device.type}),
-                      device)
+    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root),
+                      bundle.refinement_config({"device": device.type}), device)
     record = configure(refiner, ds, case_ids, budget_s, progress, bundle.path / SCORES_FILE)
     bundle.meta["refinement"] = record
     bundle.segmentation.network.cpu()
