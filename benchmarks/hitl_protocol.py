@@ -116,7 +116,9 @@ def main() -> None:
     ap.add_argument("--from-json", action="store_true", help="no run: recompute the summary and the figure of --json")
     args = ap.parse_args()
     if args.from_json:
-        write(json.loads(Path(args.json).read_text()), Path(args.json))
+        result = json.loads(Path(args.json).read_text())
+        write(result, Path(args.json))
+        print(markdown(result))
         return
 
     import torch
@@ -223,6 +225,26 @@ def summary(result: dict) -> dict:
                     "gain_over_baseline_points": [round((d - b) * 100, 2) for d, b in zip(dice, base)],
                     "why_not_converged_last_batch": batches[-1]["arms"][arm]["why"]}
     return out
+
+
+def markdown(result: dict) -> str:
+    """The README's table of a run: per batch, what the live version returned, Dice, the smallest volume p-value
+    and the lowest Spearman over the structures, and ISL's seconds per case, per arm."""
+    def low(arms: dict, arm: str, key: str) -> str:
+        values = [s[key] for s in arms[arm]["structures"].values() if s[key] is not None]
+        return f"{min(values):.3f}" if values else "-"
+
+    rows = ["| batch | returned | baseline Dice | ISL Dice | ISL + bank Dice | smallest volume t-test p (baseline / "
+            "ISL / bank) | lowest Spearman (baseline / ISL / bank) | s/case (ISL / bank) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for x in result["batches"]:
+        arms = x["arms"]
+        returned = (x.get("refinement") or {}).get("method", "isl")
+        rows.append(f"| {x['batch']} | {returned} | " + " | ".join(f"{arms[a]['mean_dice']:.4f}" for a in ARMS)
+                    + " | " + " / ".join(low(arms, a, "t_test_p") for a in ARMS) + " | "
+                    + " / ".join(low(arms, a, "spearman_rho") for a in ARMS) + " | "
+                    + " / ".join(f"{arms[a]['median_seconds_per_case']}" for a in ARMS[1:]) + " |")
+    return "\n".join(rows)
 
 
 def write(result: dict, path: Path) -> None:
