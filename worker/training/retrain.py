@@ -41,7 +41,7 @@ from segmentation.metrics import dice
 from segmentation.train import train_network
 from service.records import RetrainOptions as RetrainConfig
 from worker.method.bundle import ISLBundle
-from worker.training.train import _train_registrar, configure_bundle, unconfigured_record
+from worker.training.train import _train_registrar, configure_bundle, unconfigured_record, validation_count
 
 
 class Correction(BaseModel):
@@ -70,8 +70,6 @@ def held_back(corrections: list[Correction], meta: dict, seed: int) -> list[Corr
     """The corrections this training sets aside to configure and judge the new version on, where the base dataset
     has no case for it: a fifth of all cases (3 to 10; none under 10 cases, as `isl train` decides its validation
     cases), drawn from the corrections the parent did not train on (it may have held them back itself)."""
-    from worker.training.train import validation_count
-
     trained = set(meta.get("corrections", []))
     new = [c for c in corrections if c.id not in trained]
     n = min(validation_count(len(meta["train_cases"]) + len(corrections), None), len(new))
