@@ -26,7 +26,8 @@ def _setup(args) -> None:
 REFINE_OPTIONS = {"atlases": "atlases", "device": "device"}
 TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "validation": "validation", "atlas_pool": "atlas_pool",
                  "name": "name", "configure": "configure", "configure_minutes": "configure_minutes",
-                 "iterations": "training.iterations", "reg_iterations": "registration.iterations",
+                 "iterations": "training.iterations", "reg_iterations": "registration.iterations", "lr": "training.lr",
+                 "init_from": "init_from", "freeze_encoder": "freeze_encoder",
                  "seed": ("training.seed", "registration.seed")}
 
 
@@ -276,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="segmentation training iterations (default 2500)")
     p.add_argument("--reg-iterations", type=int, default=None, help="registration training iterations (default 1000)")
     p.add_argument("--seed", type=int, default=None, help="seed of both trainings (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="segmentation learning rate (default 0.002; a transfer "
+                                                          "may want a smaller one)")
+    p.add_argument("--init-from", default=None, metavar="BUNDLE",
+                   help="transfer learning: start both networks from this bundle's, whatever its organ, modality or "
+                        "labels (the layers that fit are copied, the output layer is new); chain runs for a "
+                        "two-stage transfer. The card records the lineage")
+    p.add_argument("--freeze-encoder", type=int, default=None, metavar="STEPS",
+                   help="with --init-from: hold the transferred encoder still for the first STEPS iterations")
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
     p.add_argument("--no-configure", dest="configure", action="store_const", const=False, default=None,

@@ -27,6 +27,7 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "order"
         + (f" ({meta['holdout_cases'][0]} to {meta['holdout_cases'][-1]})." if meta["holdout_cases"] else "."),
         f"- Trained on {len(meta['train_cases'])} cases: {', '.join(meta['train_cases'])}.",
+        *_transfer(meta.get("transfer")),
         *([f"- Retrained from `{meta['parent']}` (lineage, oldest first: {' > '.join(meta.get('lineage', []))}) on "
            f"those cases plus {len(meta.get('corrections', []))} radiologists' corrections "
            f"({', '.join(meta.get('corrections', [])) or 'none'}); warm start: {train.get('warm_start', False)}."]
@@ -54,6 +55,21 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         " resemble the scan: check the QA block of each report (folding, agreement with the baseline).",
     ]
     return atomic_write_text(bundle_dir / "MODEL_CARD.md", "\n".join(lines) + "\n")
+
+
+def _transfer(record: dict | None) -> list[str]:
+    """The transfer-learning lineage of a bundle trained with `--init-from`."""
+    if not record:
+        return []
+    chain = " > ".join(f"{a['name']} ({a['dataset']}: {', '.join(a['channels'])}; {', '.join(a['labels'])})"
+                       for a in record["lineage"])
+    seg, reg = record["segmentation"], record.get("registration") or {}
+    new = sorted({n.rsplit(".", 1)[0].split(".conv")[0] + ": " + why for n, why in seg.get("new_tensors", {}).items()})
+    return [f"- Transferred from `{record['name']}` ({record['version']}, read from `{record['from']}`); transfer "
+            f"lineage, oldest first: {chain} > this bundle. Segmentation network: {seg['copied']} tensors copied, "
+            f"{seg['new']} new ({'; '.join(new) or 'none'}); registration network: {reg.get('copied', 0)} copied, "
+            f"{reg.get('new', 0)} new. Encoder held still for the first {record['freeze_encoder_steps']} "
+            f"iterations; learning rate {record['lr']}."]
 
 
 def _configuration(record: dict | None) -> list[str]:

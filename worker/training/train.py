@@ -9,16 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registration.model import Registrar, RegistrationConfig
 from registration.train import train_registration
 from segmentation.bundle import SegmentationModel
 from segmentation.dataset import Dataset, load_case, load_dataset
 from segmentation.errors import BundleError, DatasetError
-from segmentation.network import NetworkConfig
+from segmentation.network import NetworkConfig, build_network
 from segmentation.preprocess import ChannelNorm, Preprocessing
 from segmentation.train import TrainConfig, train_network
+from segmentation.transfer import HEAD, copy_fitting, encoder_parameters
 from worker.method.bundle import ISLBundle, atlas_roi
 from worker.training.card import dataset_metadata, write_model_card
 
@@ -42,8 +43,19 @@ class BundleTrainConfig(BaseModel):
     configure: bool = Field(True, description="search the refinement settings on the validation cases after training")
     configure_minutes: float = Field(30.0, gt=0, description="time budget of that search (whole validation cases "
                                                              "are processed until it is spent; at least 2)")
+    init_from: str | None = Field(None, description="a bundle folder whose networks start this training (transfer "
+                                                    "learning): whatever its organ, modality or labels, the layers "
+                                                    "that fit are copied and the output layer is new")
+    freeze_encoder: int = Field(0, ge=0, description="with init_from: hold the transferred encoder still for the first "
+                                                     "N iterations while the new output layer settles")
     name: str | None = None
     command: str | None = Field(None, description="the command line that trained it, for the model card")
+
+    @model_validator(mode="after")
+    def _freeze_needs_a_source(self):
+        if self.freeze_encoder and not self.init_from:
+            raise ValueError("freezing the encoder needs a transferred one (init_from)")
+        return self
 
 
 def validation_count(n_train: int, asked: int | None) -> int:
@@ -120,19 +132,24 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
 
 
 def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
-                        out_dir: Path, device: torch.device, progress,
-                        resume: bool) -> tuple[SegmentationModel, list[float]]:
-    """The initial network; kept as `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
+                        out_dir: Path, device: torch.device, progress, resume: bool,
+                        source: ISLBundle | None = None) -> tuple[SegmentationModel, list[float]]:
+    """The initial network, from seeded random weights or, transferred, from `source`'s where they fit; kept as
+    `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
     partial = out_dir / "segmentation.partial.pt"
     if resume and partial.is_file():
         progress(f"resuming: segmentation network from {partial}")
         return SegmentationModel.load(partial, device), []
     torch.manual_seed(cfg.training.seed)  # the initial weights too: torch's own seed differs in every process
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
+    frozen = ([], 0)
+    if source is not None:
+        copy_fitting(seg.network, source.segmentation.network.state_dict(), (HEAD,))
+        frozen = (encoder_parameters(seg.network), cfg.freeze_encoder)
     curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
                           lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
                                                     f"loss {loss:.4f}"), annotated=known,
-                          mirror_axes=pre.mirror_axes)
+                          mirror_axes=pre.mirror_axes, frozen=frozen)
     seg.save(partial)
     return seg, curve
 
@@ -167,6 +184,7 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
                  progress=print, resume: bool = False) -> ISLBundle:
     t0 = time.perf_counter()
     ds = load_dataset(dataset_dir)
+    source, cfg, transfer = transfer_source(cfg, ds, progress)
     held, val_ids, train_ids = split(ds, cfg)
     progress(f"dataset {ds.name}: {len(ds.cases)} labelled cases; training on {len(train_ids)}, "
              f"{len(val_ids)} for validation, holding out {len(held)}")
@@ -181,10 +199,16 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_seg = time.perf_counter()
-    seg, curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device, progress, resume)
+    seg, curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device, progress, resume,
+                                     source)
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
-    reg, reg_curve = _train_registrar(images, label_arrays, known, pre, cfg, device, progress)
+    start = None
+    if source is not None:
+        torch.manual_seed(cfg.registration.seed)
+        start = Registrar(cfg.registration)
+        transfer["registration"] = copy_fitting(start.net, source.registrar.net.state_dict()).summary()
+    reg, reg_curve = _train_registrar(images, label_arrays, known, pre, cfg, device, progress, start)
     t_reg = time.perf_counter() - t_reg
     training = {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                 "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
@@ -192,6 +216,8 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
                 "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device), "torch": torch.__version__}
     meta = _meta(ds, cfg, out_dir, held, val_ids, train_ids, atlas_pool(train_ids, cfg),
                  [r.message() for _, _, r in loaded if r.remapped], training)
+    if transfer:
+        meta["transfer"] = transfer
     bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
     bundle.save()
     (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
@@ -207,6 +233,31 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
     progress(f"wrote {out_dir} ({bundle.version})")
     return bundle
+
+
+def transfer_source(cfg: BundleTrainConfig, ds: Dataset, progress) -> tuple[ISLBundle | None, BundleTrainConfig, dict]:
+    """For a training that starts from another bundle (`init_from`): that bundle, the config with its network
+    architectures (the weights can only be copied into the same layers), and the transfer record of the new
+    bundle's lineage (oldest first; the source's own lineage, then the source)."""
+    if not cfg.init_from:
+        return None, cfg, {}
+    source = ISLBundle.load(cfg.init_from)
+    src = source.meta
+    arch = {k: getattr(source.registrar.cfg, k) for k in ("nb_features", "integration_steps", "downsample",
+                                                            "ncc_window")}
+    cfg = cfg.model_copy(update={"network": source.segmentation.config,
+                                 "registration": cfg.registration.model_copy(update=arch)})
+    ancestor = {"name": src["name"], "version": src["version"], "dataset": src["dataset"]["name"],
+                "channels": src["dataset"]["channels"],
+                "labels": [v for k, v in src["dataset"]["labels"].items() if k != "0"]}
+    probe = build_network(cfg.network, len(ds.channel_names), len(ds.labels))  # the same copy as training makes
+    copied = copy_fitting(probe, source.segmentation.network.state_dict(), (HEAD,)).summary()
+    record = {"from": str(cfg.init_from), **ancestor, "segmentation": copied,
+              "freeze_encoder_steps": cfg.freeze_encoder, "lr": cfg.training.lr,
+              "lineage": list((src.get("transfer") or {}).get("lineage", [])) + [ancestor]}
+    progress(f"transfer: starting from {src['name']} ({src['version']}, {ancestor['dataset']}: "
+             f"{', '.join(ancestor['channels'])}; {', '.join(ancestor['labels'])})")
+    return source, cfg, record
 
 
 def unconfigured_record(n_train: int, base) -> dict:
