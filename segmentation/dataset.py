@@ -30,6 +30,7 @@ import numpy as np
 from segmentation.codes import check_overrides
 from segmentation.errors import DatasetError
 from segmentation.io import LabelReport, Volume, read_image, read_label_map
+from segmentation.sequences import on_first_grid
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +155,15 @@ def _annotations(path: Path, ds: Dataset) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_images(paths: tuple[Path, ...] | list[Path]) -> list[Volume]:
-    """Read the channels of one case and check that they share one grid."""
-    volumes = [read_image(p) for p in paths]
-    for other in volumes[1:]:
-        volumes[0].geometry.check_same(other.geometry, f"channel {Path(other.source).name} vs "
-                                                       f"{Path(volumes[0].source).name}")
-    return volumes
+def load_images(paths: tuple[Path, ...] | list[Path], names: list[str] | None = None) -> list[Volume]:
+    """Read the sequences (channels) of one case, each on the first one's grid: a sequence on another grid is
+    rigidly co-registered to the first (segmentation.sequences)."""
+    return on_first_grid([read_image(p) for p in paths], names)[0]
 
 
 def load_case(ds: Dataset, case: Case) -> tuple[list[Volume], Volume, LabelReport]:
     """Images (one Volume per channel) and the checked label map of a labelled case."""
-    images = load_images(case.image_paths)
+    images = load_images(case.image_paths, ds.channel_names)
     label, report = read_label_map(case.label_path, ds.labels)
     images[0].geometry.check_same(label.geometry, f"label {case.label_path.name} vs image")
     if case.annotated is not None:

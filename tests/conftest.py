@@ -22,6 +22,11 @@ def hippocampus() -> Path:
 
 
 @pytest.fixture(scope="session")
+def brats_multiseq() -> Path:
+    return shared("brats_multiseq")
+
+
+@pytest.fixture(scope="session")
 def spinalcord() -> Path:
     return shared("spinalcord")
 
@@ -34,6 +39,40 @@ def phantom_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
     make_dataset(root, n_train=6, n_test=2, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def two_sequence_dataset(phantom_dataset, tmp_path_factory) -> Path:
+    """The phantoms as another task: two MR sequences and one merged structure. The second sequence (the image's
+    inverse) was acquired on another grid: 1.25 mm voxels, turned 6 degrees and shifted 3 mm, as a patient moves
+    between sequences."""
+    import json
+    import math
+
+    import SimpleITK as sitk
+
+    dst = tmp_path_factory.mktemp("two_sequences")
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir()
+    for lab_path in sorted((phantom_dataset / "labelsTr").glob("*.nii.gz")):
+        case = lab_path.name[: -len(".nii.gz")]
+        image = sitk.ReadImage(str(phantom_dataset / "imagesTr" / lab_path.name))
+        sitk.WriteImage(image, str(dst / "imagesTr" / f"{case}_0000.nii.gz"))
+        motion = sitk.Euler3DTransform()
+        motion.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+        motion.SetRotation(0.0, math.radians(3), math.radians(6))
+        motion.SetTranslation((3.0, -2.0, 1.0))
+        grid = sitk.Image([round(n / 1.25) for n in image.GetSize()], sitk.sitkFloat32)
+        grid.SetSpacing((1.25, 1.25, 1.25))
+        grid.SetOrigin(image.GetOrigin())
+        inverse = 200.0 - sitk.Cast(image, sitk.sitkFloat32)
+        sitk.WriteImage(sitk.Resample(inverse, grid, motion, sitk.sitkLinear, 200.0),
+                        str(dst / "imagesTr" / f"{case}_0001.nii.gz"))
+        whole = sitk.Cast(sitk.ReadImage(str(lab_path)) > 0, sitk.sitkUInt8)
+        sitk.WriteImage(whole, str(dst / "labelsTr" / lab_path.name))
+    (dst / "dataset.json").write_text(json.dumps({"name": "Inverse", "channel_names": {"0": "T1", "1": "T2"},
+                                                  "labels": {"background": 0, "whole": 1}, "file_ending": ".nii.gz"}))
+    return dst
 
 
 @pytest.fixture(scope="session")

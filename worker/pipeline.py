@@ -11,9 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from segmentation.errors import InputError
 from segmentation.files import atomic_write_text, file_sha256
 from segmentation.io import Geometry, Volume, read_image, write_label_map
 from segmentation.preprocess import to_native
+from segmentation.sequences import on_first_grid
 from worker.method.bundle import ISLBundle
 from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner, pick_device
@@ -58,12 +60,18 @@ def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None,
     return refined, baseline, {"qa": result.qa, "seconds": seconds}
 
 
-def read_inputs(inputs: list[Path], series_uid: str | None = None) -> list[Volume]:
-    """One volume per channel, all on the first one's grid."""
+def read_inputs(inputs: list[Path], series_uid: str | None = None, channels: list[str] | None = None
+                ) -> tuple[list[Volume], list[dict]]:
+    """One volume per sequence (channel), each on the first one's grid (co-registered to it where it was not:
+    segmentation.sequences), and the QA of each alignment. `channels`: the model's sequences, in order; a missing or
+    extra one is InputError naming them."""
+    if channels is not None and len(inputs) != len(channels):
+        given = ", ".join(str(p) for p in inputs)
+        missing = f"; missing {', '.join(channels[len(inputs):])}" if len(inputs) < len(channels) else ""
+        raise InputError(f"the model takes {len(channels)} sequence(s), one file, folder or zip each, in this order: "
+                         f"{', '.join(channels)}; {len(inputs)} given ({given}){missing}")
     volumes = [read_image(p, series_uid=series_uid) for p in inputs]
-    for v in volumes[1:]:
-        volumes[0].geometry.check_same(v.geometry, f"channel {v.source} vs {volumes[0].source}")
-    return volumes
+    return on_first_grid(volumes, channels)
 
 
 def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, refiner: Refiner,
@@ -99,12 +107,14 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     inputs = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     seconds = {}
     t0 = time.perf_counter()
-    volumes = read_inputs(inputs, series_uid)
-    seconds["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     refiner = refiner or load_refiner(model_dir, atlas_dir, cfg)
     seconds["load_model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    volumes, sequences = read_inputs(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"])
+    seconds["read"] = time.perf_counter() - t0
     refined, baseline, info = refine_volumes(refiner, volumes, progress, extra_atlases)
+    if len(volumes) > 1:
+        info["qa"]["sequences"] = sequences
     seconds.update(info["seconds"])
     t0 = time.perf_counter()
     outputs = write_outputs(refined, baseline, volumes[0], refiner, Path(out_dir))

@@ -1,9 +1,6 @@
 """Transfer learning (`isl train --init-from`): the layers that fit are copied whatever the source's organ, modality
 or number of labels, the output layer is new, the encoder can be held still, and the card records the lineage of
 a two-stage transfer."""
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -52,30 +49,12 @@ def test_a_frozen_encoder_stays_still_for_its_steps_while_the_rest_trains():
     assert all(p.requires_grad for p in net.parameters())  # released for whatever trains next
 
 
-def _two_channel_one_label(src: Path, dst: Path) -> Path:
-    """The phantoms as another task: two MR sequences (the image and its inverse) and one merged structure."""
-    import SimpleITK as sitk
-
-    for sub in ("imagesTr", "labelsTr"):
-        (dst / sub).mkdir(parents=True)
-    for lab_path in sorted((src / "labelsTr").glob("*.nii.gz")):
-        case = lab_path.name[: -len(".nii.gz")]
-        image = sitk.ReadImage(str(src / "imagesTr" / lab_path.name))
-        sitk.WriteImage(image, str(dst / "imagesTr" / f"{case}_0000.nii.gz"))
-        sitk.WriteImage(-image, str(dst / "imagesTr" / f"{case}_0001.nii.gz"))
-        whole = sitk.Cast(sitk.ReadImage(str(lab_path)) > 0, sitk.sitkUInt8)
-        sitk.WriteImage(whole, str(dst / "labelsTr" / lab_path.name))
-    (dst / "dataset.json").write_text(json.dumps({"name": "Inverse", "channel_names": {"0": "T1", "1": "T2"},
-                                                  "labels": {"background": 0, "whole": 1}, "file_ending": ".nii.gz"}))
-    return dst
-
-
 def test_init_from_crosses_modality_and_label_count_and_a_second_stage_carries_the_lineage(
-        tiny_bundle, phantom_dataset, tmp_path, capsys):
+        tiny_bundle, phantom_dataset, two_sequence_dataset, tmp_path, capsys):
     from worker.cli import main
     from worker.method.bundle import ISLBundle
 
-    other = _two_channel_one_label(phantom_dataset, tmp_path / "other")
+    other = two_sequence_dataset
     fast = ["--iterations", "20", "--reg-iterations", "10", "--validation", "0", "--threads", "2"]
     assert main(["train", "--dataset", str(other), "--out", str(tmp_path / "b"), "--init-from", str(tiny_bundle),
                  "--freeze-encoder", "10", "--lr", "0.001", *fast]) == 0
