@@ -31,8 +31,14 @@ def available_models(settings: Settings) -> dict[str, dict]:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        out[meta.parent.name] = {"version": info.get("version"), "labels": info.get("labels")}
+        out[meta.parent.name] = {"version": info.get("version"), "labels": info.get("labels"),
+                                 "channels": (info.get("dataset") or {}).get("channels") or ["image"]}
     return out
+
+
+def model_sequences(settings: Settings, model: str) -> list[str]:
+    """The sequences (channels) the model takes, in order."""
+    return available_models(settings)[model]["channels"]
 
 
 def chosen_model(settings: Settings, model: str | None) -> str:

@@ -58,9 +58,19 @@ class Storage:
     def verify(self, path: Path, digest: str) -> bool:
         return path.is_file() and self.sha256(path) == digest
 
-    def input_path(self, job_id: str) -> Path:
-        """The job's stored input: its NIfTI file or DICOM zip, else its folder of DICOM files."""
+    def input_paths(self, job_id: str) -> list[Path]:
+        """The job's stored input, one path per sequence (a scan of one sequence has one)."""
         folder = self.job_dir(job_id) / "input"
+        sequences = sorted(folder.glob("sequence_*"), key=lambda p: int(p.name.split("_")[1]))
+        return [self._scan(s) for s in sequences] if sequences else [self._scan(folder)]
+
+    def input_path(self, job_id: str) -> Path:
+        """The job's stored input, its first sequence for a scan of several (see `input_paths`)."""
+        return self.input_paths(job_id)[0]
+
+    @staticmethod
+    def _scan(folder: Path) -> Path:
+        """A stored scan: its NIfTI file or DICOM zip, else its folder of DICOM files."""
         for name in ("image.nii.gz", "image.nii", "series.zip"):
             if (folder / name).is_file():
                 return folder / name

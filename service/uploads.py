@@ -27,36 +27,57 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str | None = None) -> list[InputFile]:
-    """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is
-    not one NIfTI, one zip, or DICOM files of a series (`series_uid` chooses one when they hold several)."""
+def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str | None = None,
+            sequences: list[str] | None = None) -> list[InputFile]:
+    """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is not one
+    scan: one NIfTI, one zip, or the DICOM files of a series (`series_uid` chooses one when they hold several). For a
+    model of several sequences (`sequences`: their names, in the model's channel order), one NIfTI or zip per
+    sequence, in that order, each stored in its own folder (sequence_0/, sequence_1/...)."""
     if not files:
         raise HTTPException(422, "no file uploaded (multipart field 'files')")
+    several = sequences is not None and len(sequences) > 1
     inputs: list[InputFile] = []
     for i, up in enumerate(files):
-        inputs.append(_store(up, i, staging, limit - sum(x.bytes for x in inputs), limit))
+        inputs.append(_store(up, i, staging, limit - sum(x.bytes for x in inputs), limit,
+                             f"sequence_{i}/" if several else ""))
     kinds = [x.kind for x in inputs]
-    if len(files) > 1 and set(kinds) != {"dicom"}:
+    if several:
+        _check_sequences(files, kinds, sequences)
+    elif len(files) > 1 and set(kinds) != {"dicom"}:
         raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
     from service.validate import Invalid, validate
 
-    target = staging / ("dicom" if kinds[0] == "dicom" else inputs[0].path)
-    try:
-        validate(target, series_uid=series_uid)
-    except Invalid as exc:
-        names = files[0].filename if len(files) == 1 else f"the {len(files)} DICOM files"
-        raise HTTPException(422, f"{names!r}: {exc}") from None
+    for i, x in enumerate(inputs if several else inputs[:1]):
+        target = staging / ("dicom" if kinds[0] == "dicom" else x.path)
+        try:
+            validate(target, series_uid=series_uid)
+        except Invalid as exc:
+            names = files[i].filename if len(files) == 1 or several else f"the {len(files)} DICOM files"
+            what = f" (sequence {sequences[i]})" if several else ""
+            raise HTTPException(422, f"{names!r}{what}: {exc}") from None
     return inputs
 
 
-def _store(up: UploadFile, i: int, staging: Path, room: int, limit: int) -> InputFile:
-    """The i-th uploaded file, sniffed and written under `staging` (at most `room` bytes of the upload's `limit`)."""
+def _check_sequences(files: list[UploadFile], kinds: list[str], sequences: list[str]) -> None:
+    """422 unless there is one NIfTI or zip per sequence of the model."""
+    if "dicom" in kinds:
+        raise HTTPException(422, f"the model takes {len(sequences)} sequences ({', '.join(sequences)}): send each as "
+                                 "one NIfTI or one zip of its DICOM series, not loose DICOM files")
+    if len(files) != len(sequences):
+        missing = f"; missing {', '.join(sequences[len(files):])}" if len(files) < len(sequences) else ""
+        raise HTTPException(422, f"the model takes {len(sequences)} sequences, one file each in this order: "
+                                 f"{', '.join(sequences)}; {len(files)} given{missing}")
+
+
+def _store(up: UploadFile, i: int, staging: Path, room: int, limit: int, folder: str = "") -> InputFile:
+    """The i-th uploaded file, sniffed and written under `staging`/`folder` (at most `room` bytes of the upload's
+    `limit`)."""
     head = up.file.read(512)
     up.file.seek(0)
     kind = sniff(head)
     if kind is None:
         raise HTTPException(422, f"{up.filename!r}: not a NIfTI, DICOM or zip file (judged by its bytes, not its name)")
-    name = STORED_AS.get(kind, f"dicom/{i:05d}.dcm")
+    name = folder + STORED_AS.get(kind, f"dicom/{i:05d}.dcm")
     try:
         size, digest = Storage.write_stream(staging / name, iter(lambda: up.file.read(1 << 20), b""), room)
     except TooLarge:

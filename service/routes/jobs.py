@@ -9,14 +9,15 @@ from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
 from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
-from service.intake import chosen_model, enqueue, room_for_upload, staging
+from service.intake import chosen_model, enqueue, model_sequences, room_for_upload, staging
 from service.jobs import JobStore
 from service.records import FINAL, RESULT_FORMATS, JobOptions, JobState, now
 from service.uploads import receive
 from service.views import JobList, JobView, Problem, job_view
 
 router = APIRouter()
-UPLOAD = "one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series"
+UPLOAD = ("one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series; for a model of "
+          "several sequences (GET /v1/models: channels), one NIfTI or zip per sequence, in the model's order")
 RETRY = "a retried upload with the same key returns the same job"
 METADATA = ("case metadata as a JSON object of short strings, e.g. {\"age_band\": \"40-60\"}; the agreement "
             "report can be split by any key (GET /v1/models/{name}/agreement?group_by=age_band)")
@@ -44,7 +45,7 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
         return job_view(job, store)  # a retried upload: the body is not read again
     room_for_upload(settings)
     with staging(settings) as folder:
-        inputs = receive(files, folder, settings.max_upload_bytes, series_uid)
+        inputs = receive(files, folder, settings.max_upload_bytes, series_uid, model_sequences(settings, model))
         options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case)
         job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key, actor)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

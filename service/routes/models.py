@@ -21,7 +21,8 @@ router = APIRouter()
 
 @router.get("/v1/models", summary="Model bundles the workers can run")
 def models(who: Tenant, settings: SettingsDep, store: StoreDep) -> dict:
-    """Each bundle with its base version and labels, and `live`: the version your jobs run on (null while the
+    """Each bundle with its base version, labels and sequences (`channels`, in the order a job sends them), and
+    `live`: the version your jobs run on (null while the
     database cannot be read)."""
     out = available_models(settings)
     for name, info in out.items():

@@ -176,8 +176,8 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
     try:
         progress("loading model", 0.0)
         refiner = _refiner(store, job)
-        source = Storage(settings.storage_root).input_path(job.id)
-        report = refine_file([source], None, out_tmp, refiner=refiner, progress=progress,
+        sources = Storage(settings.storage_root).input_paths(job.id)
+        report = refine_file(sources, None, out_tmp, refiner=refiner, progress=progress,
                              series_uid=job.options.series_uid, extra_atlases=_corrections(store, job, refiner))
         store.update(job.id, stage="writing", progress=0.99)
         lease.check()
