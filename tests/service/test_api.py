@@ -96,8 +96,8 @@ def test_invalid_requests_get_one_sentence(app):
 def test_models_are_listed_and_an_unknown_one_is_refused(app):
     c = client(app)
     assert c.get("/v1/models").json() == {"default": "tiny", "models": {
-        "other": {"version": "2", "labels": {"1": "organ"}, "live": "2"},
-        "tiny": {"version": "1", "labels": {"1": "organ"}, "live": "1"}}}  # live: no version retrained yet
+        "other": {"version": "2", "labels": {"1": "organ"}, "channels": ["image"], "live": "2"},
+        "tiny": {"version": "1", "labels": {"1": "organ"}, "channels": ["image"], "live": "1"}}}  # none retrained yet
     r = c.post("/v1/jobs", files={"files": ("scan.nii.gz", scan_bytes())}, data={"model": "nope"})
     assert (r.status_code, r.json()) == (422, {"detail": "unknown model 'nope'; available: ['other', 'tiny']"})
 
