@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -83,11 +84,15 @@ class Client:
         return self._check(self.http.post(f"/v1/models/{model}/promote",
                                           json={"version": version, "force": force, "reason": reason})).json()
 
-    def submit(self, path: str | Path, *, model: str | None = None, atlases: int | None = None, priority: int = 5,
-               idempotency_key: str | None = None, metadata: dict[str, str] | None = None) -> dict:
-        """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files; returns the job."""
-        path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    def submit(self, path: str | Path | list, *, model: str | None = None, atlases: int | None = None,
+               priority: int = 5, idempotency_key: str | None = None, metadata: dict[str, str] | None = None) -> dict:
+        """Upload a NIfTI file, a .zip of a DICOM series or a folder of DICOM files, or, for a model of several
+        sequences, a list of NIfTI or zip files, one per sequence in the model's order; returns the job."""
+        if isinstance(path, list):
+            files = [Path(p) for p in path]
+        else:
+            path = Path(path)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         if not files:
             raise ServiceError(f"{path}: nothing to upload")
         fields = {"model": model, "atlases": atlases, "priority": priority}
@@ -134,10 +139,12 @@ class Client:
         return self._check(self.http.delete(f"/v1/jobs/{job_id}")).json()
 
 
-def _fingerprint(path: Path, options: dict) -> str:
+def _fingerprint(paths: list[Path], options: dict) -> str:
     """Same input and options -> same idempotency key, so a re-run never queues a case twice."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+    files = [q for path in paths for q in (sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir()
+                                           else [path])]
+    for p in files:
         with open(p, "rb") as fh:
             hashlib.file_digest(fh, lambda: h)  # streams the file into the running digest
     return h.hexdigest()
@@ -151,41 +158,67 @@ def case_name(path: Path) -> str:
     return name
 
 
+SEQUENCE = re.compile(r"^(?P<case>.+)_(?P<seq>\d{4})$")  # nnU-Net raw: CASE_0000, CASE_0001...
+
+
+def group_cases(paths: list[Path], sequences: bool) -> dict[str, list[Path]]:
+    """Case name -> its input paths. With `sequences`, the files CASE_0000.nii.gz, CASE_0001.nii.gz... (or .zip) are
+    one case of several sequences, in suffix order; each must be numbered from 0 without a gap."""
+    cases: dict[str, list[Path]] = {}
+    for p in paths:
+        name = case_name(p)
+        if sequences:
+            m = SEQUENCE.match(name)
+            if not m:
+                raise ServiceError(f"{p}: with --sequences every file is named CASE_0000, CASE_0001... (one per "
+                                   "sequence, nnU-Net's raw layout)")
+            cases.setdefault(m["case"], []).append(p)
+        elif name in cases:
+            raise ServiceError(f"two inputs are both named {name!r}; rename one")
+        else:
+            cases[name] = [p]
+    for name, files in cases.items():
+        files.sort(key=lambda p: SEQUENCE.match(case_name(p))["seq"] if sequences else "")
+        numbers = [int(SEQUENCE.match(case_name(p))["seq"]) for p in files] if sequences else [0]
+        if numbers != list(range(len(files))):
+            raise ServiceError(f"case {name}: sequences {[f'{n:04d}' for n in numbers]}; expected 0000 to "
+                               f"{len(files) - 1:04d} without a gap or a repeat")
+    return cases
+
+
 FORMAT_FILES = {"dicom-seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}
 
 
 def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *, parallel: int = 4,
                  model: str | None = None, atlases: int | None = None, priority: int = 5,
-                 timeout: float | None = None, progress: bool = True, formats: tuple[str, ...] = ()) -> dict:
+                 timeout: float | None = None, progress: bool = True, formats: tuple[str, ...] = (),
+                 sequences: bool = False) -> dict:
     """Upload every case (at most `parallel` at once), wait, download mask + report into OUT/<case>/, and each of
     `formats` ("dicom-seg": seg.dcm, "rtstruct": rtstruct.dcm) that the job has (DICOM inputs; a case without one
     still succeeds, its `error` naming what it lacks and the report's reason).
     Resumable: a case whose result is already in OUT is skipped; an interrupted one is found again by its
-    idempotency key. Returns {case: {"state", "job", "error"}}."""
+    idempotency key. `sequences`: the inputs are named CASE_0000, CASE_0001... and each case sends one file per
+    sequence (see group_cases). Returns {case: {"state", "job", "error"}}."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {"model": model, "atlases": atlases, "priority": priority}
-    cases = {}
-    for p in map(Path, paths):
-        name = case_name(p)
-        if name in cases:
-            raise ServiceError(f"two inputs are both named {name!r}; rename one")
-        cases[name] = p
+    cases = group_cases([Path(p) for p in paths], sequences)
     client = Client(server, api_key)
     lock = threading.Lock()
     summary: dict[str, dict] = {}
     bar = tqdm(total=len(cases), unit="case", disable=not progress, file=sys.stderr)
 
-    def one(name: str, path: Path) -> dict:
+    def one(name: str, paths: list[Path]) -> dict:
         folder = out / name
         if (folder / "report.json").is_file() and (folder / "mask.nii.gz").is_file():
             done = json.loads((folder / "report.json").read_text())
             return {"state": "skipped", "job": done.get("job_id", ""), "error": ""}
-        if not path.exists():
-            return {"state": JobState.FAILED.value, "job": "", "error": f"{path} does not exist"}
-        key = _fingerprint(path, options)
+        if missing := [str(p) for p in paths if not p.exists()]:
+            return {"state": JobState.FAILED.value, "job": "", "error": f"{', '.join(missing)} does not exist"}
+        key = _fingerprint(paths, options)
+        path = paths if sequences else paths[0]
         job = client.submit(path, model=model, atlases=atlases, priority=priority, idempotency_key=key)
         if job["state"] in (JobState.FAILED, JobState.CANCELLED):  # an earlier run's job ended badly: try anew
             job = client.submit(path, model=model, atlases=atlases, priority=priority,

@@ -181,7 +181,7 @@ def cmd_submit(args) -> int:
         return 2
     summary = submit_batch(args.paths, args.server, key, args.out, parallel=args.parallel, model=args.model,
                            atlases=args.atlases, priority=args.priority, timeout=args.timeout,
-                           progress=not args.no_progress, formats=tuple(args.formats))
+                           progress=not args.no_progress, formats=tuple(args.formats), sequences=args.sequences)
     counts = {}
     for name, r in summary.items():
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also download this result format beside mask.nii.gz, for DICOM inputs (repeatable): "
                         "OUT/<case>/seg.dcm, rtstruct.dcm")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sequences", action="store_true",
+                   help="for a model of several sequences: files named CASE_0000.nii.gz, CASE_0001.nii.gz... (or .zip) "
+                        "are one case, one file per sequence in the model's order")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("correct", help="send a radiologist's correction of a job's mask to the server")

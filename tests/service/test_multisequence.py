@@ -39,3 +39,24 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         assert len(report["input"]) == 2 and report["input"][0].endswith("sequence_0/image.nii.gz")
         mask = c.get(f"{s.url}/v1/jobs/{final['id']}/result")
         assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
+
+        # the batch client: `isl submit --sequences` groups CASE_0000, CASE_0001 into one job per case
+        from service.client import submit_batch
+
+        files = sorted((two_sequence_dataset / "imagesTr").glob("phantom_00[01]_000?.nii.gz"))
+        summary = submit_batch([str(f) for f in files], s.url, KEYS["alpha"], tmp_path / "out", progress=False,
+                               sequences=True)
+        assert {k: v["state"] for k, v in summary.items()} == {"phantom_000": "succeeded", "phantom_001": "succeeded"}
+        assert (tmp_path / "out" / "phantom_001" / "mask.nii.gz").is_file()
+
+
+def test_the_batch_client_groups_sequences_by_their_suffix_and_refuses_a_gap(tmp_path):
+    from service.client import ServiceError, group_cases
+
+    paths = [tmp_path / n for n in ("b_0001.nii.gz", "a_0000.zip", "b_0000.nii.gz", "a_0001.zip")]
+    assert group_cases(paths, True) == {"b": [paths[2], paths[0]], "a": [paths[1], paths[3]]}
+    assert group_cases(paths[:2], False) == {"b_0001": [paths[0]], "a_0000": [paths[1]]}
+    with pytest.raises(ServiceError, match=r"case b: sequences \['0001'\]; expected 0000 to 0000"):
+        group_cases(paths[:1], True)
+    with pytest.raises(ServiceError, match="every file is named CASE_0000"):
+        group_cases([tmp_path / "scan.nii.gz"], True)
