@@ -4,6 +4,7 @@ several series without a choice are refused with the reason)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -220,6 +221,62 @@ def _read_dicom_files(source: str, files: list[str], limits: ReadLimits) -> Volu
     except RuntimeError as exc:
         raise CorruptImageError(f"{source}: ITK cannot decode the series: {str(exc).strip().splitlines()[-1]}") from exc
     return Volume(sitk.GetArrayFromImage(image), Geometry.of(image), source, "dicom", headers)
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def assign_series(source: str, series: dict[str, list[str]], channels: list[str],
+                  chosen: dict[str, str] | None = None) -> list[list[str]]:
+    """The files of the series of each sequence (channel) of a model, from a study's series: the series named for it
+    in `chosen` (channel -> series UID), else the one series whose description is the channel's name, else the one
+    whose description holds it (case, spaces and punctuation aside: "FLAIR" finds "AX T2 FLAIR"). InputError listing
+    the series when a sequence has none or several."""
+    import pydicom
+
+    chosen = chosen or {}
+    unknown = sorted(set(chosen) - set(channels))
+    if unknown:
+        raise InputError(f"{source}: series given for {unknown}, which the model does not take ({', '.join(channels)})")
+    described = {uid: str(pydicom.dcmread(files[0], stop_before_pixels=True,
+                                          specific_tags=["SeriesDescription"]).get("SeriesDescription", ""))
+                 for uid, files in series.items()}
+    listing = "; ".join(f"{uid} ({described[uid] or 'no description'}, {len(series[uid])} files)"
+                        for uid in sorted(series))
+    out = []
+    for name in channels:
+        if name in chosen:
+            uid = chosen[name]
+            if uid not in series:
+                raise InputError(f"{source}: series {uid} (given for {name}) not found; it holds: {listing}")
+        else:
+            key = _normal(name)
+            matches = [uid for uid, d in described.items() if key and key == _normal(d)] or \
+                [uid for uid, d in described.items() if key and key in _normal(d)]  # "T1" is T1, not "T1C"
+            if len(matches) != 1:
+                found = "no series" if not matches else f"{len(matches)} series"
+                raise InputError(f"{source}: {found} whose description names sequence {name}; name its series "
+                                 f"(--sequence-series {name}=UID). It holds: {listing}")
+            uid = matches[0]
+        out.append(series[uid])
+    return out
+
+
+def read_study(path: Path, channels: list[str], chosen: dict[str, str] | None, limits: ReadLimits) -> list[Volume]:
+    """One volume per sequence of a model from a DICOM study (a folder or a .zip holding several series), each
+    assigned by `assign_series`."""
+    def read(folder: Path, source: str) -> list[Volume]:
+        series = list_dicom_series(folder)
+        if not series:
+            raise InputError(f"{source}: no DICOM image series found")
+        return [_read_dicom_files(source, files, limits) for files in assign_series(source, series, channels, chosen)]
+
+    if path.is_dir():
+        return read(path, str(path))
+    with tempfile.TemporaryDirectory(prefix="isl-dicom-") as tmp:
+        safe_extract_zip(path, Path(tmp), limits)
+        return read(Path(tmp), path.name)
 
 
 def read_dicom(path: Path, series_uid: str | None, limits: ReadLimits) -> Volume:

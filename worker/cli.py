@@ -81,6 +81,19 @@ def cmd_configure(args) -> int:
     return 0
 
 
+def sequence_series(pairs: list[str]) -> dict[str, str]:
+    """`--sequence-series NAME=UID` options as a mapping, or InputError naming the one that is not NAME=UID."""
+    from segmentation.errors import InputError
+
+    out = {}
+    for pair in pairs:
+        name, sep, uid = pair.partition("=")
+        if not sep or not name or not uid:
+            raise InputError(f"--sequence-series {pair!r}: give SEQUENCE=SERIES_UID, e.g. FLAIR=1.2.840.113619.2.5")
+        out[name] = uid
+    return out
+
+
 def cmd_refine(args) -> int:
     _setup(args)
     from worker.method.config import ISLConfig
@@ -88,7 +101,7 @@ def cmd_refine(args) -> int:
 
     cfg = config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True)  # on the bundle's own
     report = refine_file(args.input, args.model, args.out, atlas_dir=args.atlas_dir, cfg=cfg,
-                         series_uid=args.series_uid)
+                         series_uid=args.series_uid, sequence_series=sequence_series(args.sequence_series))
     print(json.dumps({k: report[k] for k in ("output", "volumes_ml", "seconds", "model_version")}, indent=2))
     return 0
 
@@ -319,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas-dir", default=None, help="dataset folder holding the bundle's atlas cases")
     p.add_argument("--atlases", type=int, default=None, help="K atlases per scan (default: the config's)")
     p.add_argument("--series-uid", default=None, help="which DICOM series, when the input holds several")
+    p.add_argument("--sequence-series", action="append", default=[], metavar="SEQUENCE=UID",
+                   help="for a model of several sequences given one DICOM study (folder or zip): the series of this "
+                        "sequence (default: the series whose description names it); repeatable")
     _device_arg(p)
     p.set_defaults(func=cmd_refine)
 

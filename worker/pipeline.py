@@ -60,11 +60,22 @@ def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None,
     return refined, baseline, {"qa": result.qa, "seconds": seconds}
 
 
-def read_inputs(inputs: list[Path], series_uid: str | None = None, channels: list[str] | None = None
-                ) -> tuple[list[Volume], list[dict]]:
+def read_inputs(inputs: list[Path], series_uid: str | None = None, channels: list[str] | None = None,
+                sequence_series: dict[str, str] | None = None) -> tuple[list[Volume], list[dict]]:
     """One volume per sequence (channel), each on the first one's grid (co-registered to it where it was not:
-    segmentation.sequences), and the QA of each alignment. `channels`: the model's sequences, in order; a missing or
-    extra one is InputError naming them."""
+    segmentation.sequences), and the QA of each alignment. `channels`: the model's sequences, in order: one input each,
+    or, for a model of several, one DICOM study (folder or zip) whose series are assigned to them by description or by
+    `sequence_series` (segmentation.dicom.assign_series). A missing or extra sequence is InputError naming them."""
+    study = channels is not None and len(channels) > 1 and len(inputs) == 1 and (
+        inputs[0].is_dir() or inputs[0].suffix.lower() == ".zip")
+    if study:
+        from segmentation.dicom import read_study
+        from segmentation.io import ReadLimits
+
+        return on_first_grid(read_study(inputs[0], channels, sequence_series, ReadLimits()), channels)
+    if sequence_series:
+        raise InputError("series are assigned to sequences only in a DICOM study (one folder or zip) given to a model "
+                         "of several sequences")
     if channels is not None and len(inputs) != len(channels):
         given = ", ".join(str(p) for p in inputs)
         missing = f"; missing {', '.join(channels[len(inputs):])}" if len(inputs) < len(channels) else ""
@@ -98,7 +109,7 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
 
 def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir: str | Path, *, atlas_dir=None,
                 cfg: ISLConfig | dict | None = None, series_uid: str | None = None, refiner: Refiner | None = None,
-                progress=None, extra_atlases=None) -> dict:
+                progress=None, extra_atlases=None, sequence_series: dict[str, str] | None = None) -> dict:
     """Refine one scan given as a file/folder per channel; writes mask.nii.gz (and seg.dcm for DICOM
     input), baseline.nii.gz and report.json into `out_dir`, and returns the report. A loaded `refiner`
     (a worker's) is used as it is; otherwise the bundle `model_dir` is loaded with `cfg`. `extra_atlases`
@@ -110,7 +121,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     refiner = refiner or load_refiner(model_dir, atlas_dir, cfg)
     seconds["load_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    volumes, sequences = read_inputs(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"])
+    volumes, sequences = read_inputs(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"], sequence_series)
     seconds["read"] = time.perf_counter() - t0
     refined, baseline, info = refine_volumes(refiner, volumes, progress, extra_atlases)
     if len(volumes) > 1:

@@ -86,3 +86,28 @@ def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_
                  str(tmp_path / "ev.json"), "--cases", "2", "--threads", "2"]) == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert len(ev["cases"]) == 2 and ev["summary"]["mean_dice_baseline"] >= 0
+
+    # one DICOM study holding both series: each assigned to its sequence by its description, or by option
+    import SimpleITK as sitk
+    from dicom_corpus import datasets, save
+    from pydicom.uid import generate_uid
+
+    study, frame = generate_uid(), generate_uid()
+    uids = {}
+    for path, description in ((t1, "scout"), (t2, "T2 SPACE sag")):
+        series = datasets(sitk.ReadImage(str(path)), study_uid=study, frame_of_reference=frame)
+        for ds in series:
+            ds.SeriesDescription = description
+        uids[description] = series[0].SeriesInstanceUID
+        save(series, tmp_path / "study")
+    capsys.readouterr()
+    assert main(["refine", str(tmp_path / "study"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "no"),
+                 "--atlas-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "no series whose description names sequence T1; name its series (--sequence-series T1=UID)" in err
+    assert f"{uids['scout']} (scout, 40 files)" in err
+    assert main(["refine", str(tmp_path / "study"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "dcm"),
+                 "--atlas-dir", str(data), "--sequence-series", f"T1={uids['scout']}", "--threads", "2"]) == 0
+    (q,) = json.loads((tmp_path / "dcm" / "report.json").read_text())["qa"]["sequences"]
+    assert q["sequence"].startswith("sequence 1 (T2, ") and q["method"].startswith("rigid")
+    assert (tmp_path / "dcm" / "seg.dcm").is_file()  # a DICOM study gets its DICOM SEG, on the first series
