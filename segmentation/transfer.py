@@ -47,11 +47,18 @@ def copy_fitting(target: torch.nn.Module, source_state: dict[str, torch.Tensor],
     return report
 
 
+def single_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to transfer from a network: its own, or an ensemble's first member's."""
+    members = getattr(net, "members", None)
+    return (members[0] if members is not None else net).state_dict()
+
+
 def encoder_parameters(net: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters of a MONAI UNet's contracting path and bottom layer (see the module's docstring)."""
+    """The parameters of a MONAI UNet's contracting path and bottom layer (see the module's docstring), of every
+    member of an ensemble."""
     out = []
     for name, param in net.named_parameters():
-        rest = re.sub(r"^model\.", "", name)
+        rest = re.sub(r"^(members\.\d+\.)?model\.", "", name)
         while rest.startswith("1.submodule."):
             rest = rest[len("1.submodule."):]
         if not rest.startswith("2."):

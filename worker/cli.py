@@ -27,7 +27,8 @@ REFINE_OPTIONS = {"atlases": "atlases", "device": "device"}
 TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "validation": "validation", "atlas_pool": "atlas_pool",
                  "name": "name", "configure": "configure", "configure_minutes": "configure_minutes",
                  "iterations": "training.iterations", "reg_iterations": "registration.iterations", "lr": "training.lr",
-                 "init_from": "init_from", "freeze_encoder": "freeze_encoder",
+                 "init_from": "init_from", "freeze_encoder": "freeze_encoder", "folds": "folds",
+                 "per_sequence": "per_sequence", "combine": "combine",
                  "seed": ("training.seed", "registration.seed")}
 
 
@@ -298,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "two-stage transfer. The card records the lineage")
     p.add_argument("--freeze-encoder", type=int, default=None, metavar="STEPS",
                    help="with --init-from: hold the transferred encoder still for the first STEPS iterations")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="an ensemble of K networks, each trained without one fold of the training cases, served as "
+                        "one model (ISL refines the ensemble's mask)")
+    p.add_argument("--per-sequence", action="store_const", const=True, default=None,
+                   help="an ensemble of one network per sequence, each on its own sequence, served as one model")
+    p.add_argument("--combine", choices=["mean", "vote"], default=None,
+                   help="how an ensemble combines its members: probability averaging (default) or majority vote")
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.add_argument("--resume", action="store_true", help="reuse a segmentation network left by an interrupted run")
     p.add_argument("--no-configure", dest="configure", action="store_const", const=False, default=None,

@@ -1,6 +1,6 @@
-"""A model of two MR sequences served over HTTP: a job sends one file per sequence (the second on another grid, which
-the worker co-registers to the first, with the alignment's QA in the report); a job missing a sequence, or sending
-loose DICOM files for one, is refused at upload with the sequences the model takes."""
+"""A model of two MR sequences served over HTTP, an ensemble of one network per sequence combined by majority vote: a
+job sends one file per sequence (the second on another grid, which the worker co-registers to the first, with the
+alignment's QA in the report); a job missing a sequence is refused at upload with the sequences the model takes."""
 import shutil
 
 import pytest
@@ -15,7 +15,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
-    cfg = BundleTrainConfig(holdout=2, validation=0, name="twoseq")
+    cfg = BundleTrainConfig(holdout=2, validation=0, name="twoseq", per_sequence=True, combine="vote")
     cfg.training.iterations, cfg.registration.iterations = 30, 20
     train_bundle(two_sequence_dataset, tmp_path / "models" / "twoseq", cfg, torch.device("cpu"),
                  progress=lambda m: None)
@@ -37,6 +37,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         (q,) = report["qa"]["sequences"]
         assert q["sequence"].startswith("sequence 1 (T2, ") and q["method"].startswith("rigid")
         assert len(report["input"]) == 2 and report["input"][0].endswith("sequence_0/image.nii.gz")
+        assert report["model_version"].startswith("twoseq-")  # the ensemble, served as one model
         mask = c.get(f"{s.url}/v1/jobs/{final['id']}/result")
         assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
 

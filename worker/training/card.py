@@ -44,6 +44,7 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         f"- Segmentation: MONAI UNet {cfg['network']['channels']}, {cfg['training']['iterations']} iterations "
         f"(batch {cfg['training']['batch_size']}, lr {cfg['training']['lr']}), {train['segmentation_seconds']} s, "
         f"final loss {train['segmentation_final_loss']}.",
+        *_ensemble(meta.get("ensemble")),
         f"- Registration: VxmPairwise {cfg['registration']['nb_features']}, {cfg['registration']['iterations']} "
         "iterations, "
         f"{train['registration_seconds']} s, final loss {train['registration_final_loss']:.4f}.",
@@ -55,6 +56,20 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         " resemble the scan: check the QA block of each report (folding, agreement with the baseline).",
     ]
     return atomic_write_text(bundle_dir / "MODEL_CARD.md", "\n".join(lines) + "\n")
+
+
+def _ensemble(plan: dict | None) -> list[str]:
+    """How an ensemble's members were trained and are combined."""
+    if not plan:
+        return []
+    how = "probability averaging" if plan["combine"] == "mean" else "majority vote (ties by the mean probability)"
+    if plan["kind"] == "per_sequence":
+        what = f"one per sequence ({', '.join(plan['sequences'])}), each trained on its own sequence of every case"
+    else:
+        sizes = ", ".join(str(len(c)) for c in plan["member_cases"])
+        what = f"one per fold, each trained without its fold ({sizes} cases)"
+    return [f"- Ensemble of {plan['members']} such networks, {what}, combined by {how}; ISL refines the ensemble's "
+            "mask and fine-tunes the ensemble as one network (on the mean of its members)."]
 
 
 def _transfer(record: dict | None) -> list[str]:

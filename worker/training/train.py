@@ -6,6 +6,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from segmentation.errors import BundleError, DatasetError
 from segmentation.network import NetworkConfig, build_network
 from segmentation.preprocess import ChannelNorm, Preprocessing
 from segmentation.train import TrainConfig, train_network
-from segmentation.transfer import HEAD, copy_fitting, encoder_parameters
+from segmentation.transfer import HEAD, copy_fitting, encoder_parameters, single_state
 from worker.method.bundle import ISLBundle, atlas_roi
 from worker.training.card import dataset_metadata, write_model_card
 
@@ -48,13 +49,23 @@ class BundleTrainConfig(BaseModel):
                                                     "that fit are copied and the output layer is new")
     freeze_encoder: int = Field(0, ge=0, description="with init_from: hold the transferred encoder still for the first "
                                                      "N iterations while the new output layer settles")
+    folds: int = Field(1, ge=1, description="an ensemble of K networks, each trained without one fold of the training "
+                                            "cases (k-fold), combined as one model")
+    per_sequence: bool = Field(False, description="an ensemble of one network per sequence, each trained on its own "
+                                                  "sequence, combined as one model")
+    combine: Literal["mean", "vote"] = Field("mean", description="how an ensemble combines its members: probability "
+                                                                 "averaging or majority vote")
     name: str | None = None
     command: str | None = Field(None, description="the command line that trained it, for the model card")
 
     @model_validator(mode="after")
-    def _freeze_needs_a_source(self):
+    def _consistent(self):
         if self.freeze_encoder and not self.init_from:
             raise ValueError("freezing the encoder needs a transferred one (init_from)")
+        if self.folds > 1 and self.per_sequence:
+            raise ValueError("an ensemble is of folds or of sequences, not both")
+        if self.combine != "mean" and self.folds == 1 and not self.per_sequence:
+            raise ValueError("combine describes an ensemble: give folds > 1 or per_sequence")
         return self
 
 
@@ -131,10 +142,29 @@ def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
     return pre.model_copy(update={"roi_size": roi, "patch_size": roi, "mirror_axes": axes})
 
 
+def ensemble_plan(cfg: BundleTrainConfig, train_ids: list[str], channels: list[str]) -> dict | None:
+    """What each member of an ensemble trains on: the training cases without its fold (`folds`), or every case on its
+    own sequence (`per_sequence`); None for a single network."""
+    if cfg.per_sequence:
+        if len(channels) < 2:
+            raise DatasetError(f"a per-sequence ensemble needs several sequences; the dataset has {channels}")
+        return {"kind": "per_sequence", "members": len(channels), "combine": cfg.combine, "sequences": channels,
+                "member_cases": [list(train_ids)] * len(channels)}
+    if cfg.folds == 1:
+        return None
+    folds = np.array_split(np.random.default_rng(cfg.training.seed).permutation(len(train_ids)), cfg.folds)
+    if min(len(f) for f in folds) < 1 or len(train_ids) - max(len(f) for f in folds) < 2:
+        raise DatasetError(f"{cfg.folds} folds of {len(train_ids)} training cases leave a member fewer than 2 cases")
+    member_cases = [[c for i, c in enumerate(train_ids) if i not in set(f.tolist())] for f in folds]
+    return {"kind": "folds", "members": cfg.folds, "combine": cfg.combine, "member_cases": member_cases}
+
+
 def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
                         out_dir: Path, device: torch.device, progress, resume: bool,
-                        source: ISLBundle | None = None) -> tuple[SegmentationModel, list[float]]:
-    """The initial network, from seeded random weights or, transferred, from `source`'s where they fit; kept as
+                        source: ISLBundle | None = None, plan: dict | None = None,
+                        train_ids: list[str] | None = None) -> tuple[SegmentationModel, list[float]]:
+    """The initial network, from seeded random weights or, transferred, from `source`'s where they fit; for an
+    ensemble (`plan`), each member on its own cases or sequence, with its own seed. Kept as
     `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
     partial = out_dir / "segmentation.partial.pt"
     if resume and partial.is_file():
@@ -142,16 +172,24 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: 
         return SegmentationModel.load(partial, device), []
     torch.manual_seed(cfg.training.seed)  # the initial weights too: torch's own seed differs in every process
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
-    frozen = ([], 0)
-    if source is not None:
-        copy_fitting(seg.network, source.segmentation.network.state_dict(), (HEAD,))
-        frozen = (encoder_parameters(seg.network), cfg.freeze_encoder)
-    curve = train_network(seg.network, images, labels, pre.patch_size, cfg.training, device,
-                          lambda it, loss: progress(f"segmentation iteration {it}/{cfg.training.iterations}: "
-                                                    f"loss {loss:.4f}"), annotated=known,
-                          mirror_axes=pre.mirror_axes, frozen=frozen)
+    members = list(seg.network.members) if plan else [seg.network]
+    tail = []
+    for k, net in enumerate(members):
+        cases = [train_ids.index(c) for c in plan["member_cases"][k]] if plan else list(range(len(images)))
+        channel = slice(k, k + 1) if plan and plan["kind"] == "per_sequence" else slice(None)
+        frozen = ([], 0)
+        if source is not None:
+            copy_fitting(net, single_state(source.segmentation.network), (HEAD,))
+            frozen = (encoder_parameters(net), cfg.freeze_encoder)
+        what = f"member {k + 1}/{len(members)} " if plan else ""
+        curve = train_network(net, [images[i][channel] for i in cases], [labels[i] for i in cases], pre.patch_size,
+                              cfg.training.model_copy(update={"seed": cfg.training.seed + k}), device,
+                              lambda it, loss, what=what: progress(f"segmentation {what}iteration {it}/"
+                                                        f"{cfg.training.iterations}: loss {loss:.4f}"),
+                              annotated=known[cases], mirror_axes=pre.mirror_axes, frozen=frozen)
+        tail += curve[-100:]
     seg.save(partial)
-    return seg, curve
+    return seg, tail
 
 
 def _train_registrar(images, labels, known: np.ndarray, pre: Preprocessing, cfg: BundleTrainConfig,
@@ -186,6 +224,11 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     ds = load_dataset(dataset_dir)
     source, cfg, transfer = transfer_source(cfg, ds, progress)
     held, val_ids, train_ids = split(ds, cfg)
+    plan = ensemble_plan(cfg, train_ids, ds.channel_names)
+    if plan:
+        cfg = cfg.model_copy(update={"network": cfg.network.model_copy(update={
+            "members": plan["members"], "combine": plan["combine"],
+            "member_inputs": "one_each" if plan["kind"] == "per_sequence" else "all"})})
     progress(f"dataset {ds.name}: {len(ds.cases)} labelled cases; training on {len(train_ids)}, "
              f"{len(val_ids)} for validation, holding out {len(held)}")
     loaded = [load_case(ds, ds.case(i)) for i in train_ids]
@@ -200,7 +243,7 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     out_dir.mkdir(parents=True, exist_ok=True)
     t_seg = time.perf_counter()
     seg, curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device, progress, resume,
-                                     source)
+                                     source, plan, train_ids)
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
     start = None
@@ -218,6 +261,8 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
                  [r.message() for _, _, r in loaded if r.remapped], training)
     if transfer:
         meta["transfer"] = transfer
+    if plan:
+        meta["ensemble"] = plan
     bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
     bundle.save()
     (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
@@ -245,13 +290,13 @@ def transfer_source(cfg: BundleTrainConfig, ds: Dataset, progress) -> tuple[ISLB
     src = source.meta
     arch = {k: getattr(source.registrar.cfg, k) for k in ("nb_features", "integration_steps", "downsample",
                                                             "ncc_window")}
-    cfg = cfg.model_copy(update={"network": source.segmentation.config,
+    cfg = cfg.model_copy(update={"network": source.segmentation.config.member(),
                                  "registration": cfg.registration.model_copy(update=arch)})
     ancestor = {"name": src["name"], "version": src["version"], "dataset": src["dataset"]["name"],
                 "channels": src["dataset"]["channels"],
                 "labels": [v for k, v in src["dataset"]["labels"].items() if k != "0"]}
-    probe = build_network(cfg.network, len(ds.channel_names), len(ds.labels))  # the same copy as training makes
-    copied = copy_fitting(probe, source.segmentation.network.state_dict(), (HEAD,)).summary()
+    probe = build_network(cfg.network, 1 if cfg.per_sequence else len(ds.channel_names), len(ds.labels))
+    copied = copy_fitting(probe, single_state(source.segmentation.network), (HEAD,)).summary()  # as training copies
     record = {"from": str(cfg.init_from), **ancestor, "segmentation": copied,
               "freeze_encoder_steps": cfg.freeze_encoder, "lr": cfg.training.lr,
               "lineage": list((src.get("transfer") or {}).get("lineage", [])) + [ancestor]}
