@@ -68,6 +68,33 @@ def run_arm(args, start: str, source: str | None, n: int, test_ids: list[str]) -
     return result
 
 
+def markdown(result: dict) -> str:
+    """The README table: per size, each start's network and ISL (defaults), and each transferred start's gain over
+    scratch with its paired Wilcoxon p over the test cases."""
+    from worker.evaluation.stats import paired_p
+
+    starts = list(dict.fromkeys(a["start"] for a in result["arms"]))
+    arms = {(a["start"], a["cases"]): a for a in result["arms"]}
+    head = ["cases"] + [f"{s}: network / ISL" for s in starts] + [f"{s} vs scratch (network)" for s in starts[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in result["sizes"]:
+        row = [str(n)]
+        for s in starts:
+            a = arms.get((s, n))
+            row.append(f"{a['mean_dice']['baseline']:.4f} / {a['mean_dice']['isl']:.4f}" if a else "not run")
+        for s in starts[1:]:
+            a, b = arms.get((s, n)), arms.get(("scratch", n))
+            if a and b:
+                ids = sorted(a["per_case"])
+                p = paired_p([a["per_case"][i]["baseline"] for i in ids], [b["per_case"][i]["baseline"] for i in ids])
+                gain = 100 * (a["mean_dice"]["baseline"] - b["mean_dice"]["baseline"])
+                row.append(f"{gain:+.2f} (p {p:.3f})" if p is not None else f"{gain:+.2f}")
+            else:
+                row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -84,6 +111,7 @@ def plot(result: dict, path: str) -> None:
                     label=f"{start}, {'network' if method == 'baseline' else 'ISL (defaults)'}")
     ax.set_xscale("log")
     ax.set_xticks(result["sizes"], [str(s) for s in result["sizes"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel(f"mean Dice, {len(result['test_cases'])} test cases")
     ax.set_title(f"Learning curves: {Path(result['dataset']).name}")
@@ -109,7 +137,11 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None, help="PNG path; with an existing --json and no arm left, plot only")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true", help="print the README table of --json and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset)
     test_ids = sorted(c.case_id for c in ds.cases)[: args.holdout][: args.test]
