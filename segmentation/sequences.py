@@ -54,8 +54,7 @@ def coregister(fixed: Volume, moving: Volume, what: str, seed: int = 0) -> tuple
     """`moving` rigidly aligned to `fixed` and resampled onto its grid, with the alignment's quality; or
     GeometryMismatchError naming `what` when its field of view hardly meets the fixed one's."""
     t0 = time.perf_counter()
-    f, m = fixed.to_sitk(), sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
-    f = sitk.Cast(f, sitk.sitkFloat32)
+    f, m = (sitk.Cast(v.to_sitk(), sitk.sitkFloat32) for v in (fixed, moving))
     identity = sitk.Euler3DTransform()
     identity.SetCenter(f.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in f.GetSize()]))
     before = _coverage(f, m, identity)

@@ -32,13 +32,17 @@ def available_models(settings: Settings) -> dict[str, dict]:
         except (OSError, ValueError):
             continue
         out[meta.parent.name] = {"version": info.get("version"), "labels": info.get("labels"),
-                                 "channels": (info.get("dataset") or {}).get("channels") or ["image"]}
+                                 "channels": _sequences(info)}
     return out
 
 
+def _sequences(info: dict) -> list[str]:
+    return (info.get("dataset") or {}).get("channels") or ["image"]
+
+
 def model_sequences(settings: Settings, model: str) -> list[str]:
-    """The sequences (channels) the model takes, in order."""
-    return available_models(settings)[model]["channels"]
+    """The sequences (channels) the model takes, in order (its bundle.json only: `model` was checked)."""
+    return _sequences(json.loads((Path(settings.models_dir) / model / "bundle.json").read_text()))
 
 
 def chosen_model(settings: Settings, model: str | None) -> str:

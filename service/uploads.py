@@ -36,14 +36,19 @@ def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str 
     if not files:
         raise HTTPException(422, "no file uploaded (multipart field 'files')")
     several = sequences is not None and len(sequences) > 1
+    if several and len(files) != len(sequences):  # before a byte is stored
+        missing = f"; missing {', '.join(sequences[len(files):])}" if len(files) < len(sequences) else ""
+        raise HTTPException(422, f"the model takes {len(sequences)} sequences, one file each in this order: "
+                                 f"{', '.join(sequences)}; {len(files)} given{missing}")
     inputs: list[InputFile] = []
     for i, up in enumerate(files):
         inputs.append(_store(up, i, staging, limit - sum(x.bytes for x in inputs), limit,
                              f"sequence_{i}/" if several else ""))
     kinds = [x.kind for x in inputs]
-    if several:
-        _check_sequences(files, kinds, sequences)
-    elif len(files) > 1 and set(kinds) != {"dicom"}:
+    if several and "dicom" in kinds:
+        raise HTTPException(422, f"the model takes {len(sequences)} sequences ({', '.join(sequences)}): send each as "
+                                 "one NIfTI or one zip of its DICOM series, not loose DICOM files")
+    if not several and len(files) > 1 and set(kinds) != {"dicom"}:
         raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
     from service.validate import Invalid, validate
 
@@ -56,17 +61,6 @@ def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str 
             what = f" (sequence {sequences[i]})" if several else ""
             raise HTTPException(422, f"{names!r}{what}: {exc}") from None
     return inputs
-
-
-def _check_sequences(files: list[UploadFile], kinds: list[str], sequences: list[str]) -> None:
-    """422 unless there is one NIfTI or zip per sequence of the model."""
-    if "dicom" in kinds:
-        raise HTTPException(422, f"the model takes {len(sequences)} sequences ({', '.join(sequences)}): send each as "
-                                 "one NIfTI or one zip of its DICOM series, not loose DICOM files")
-    if len(files) != len(sequences):
-        missing = f"; missing {', '.join(sequences[len(files):])}" if len(files) < len(sequences) else ""
-        raise HTTPException(422, f"the model takes {len(sequences)} sequences, one file each in this order: "
-                                 f"{', '.join(sequences)}; {len(files)} given{missing}")
 
 
 def _store(up: UploadFile, i: int, staging: Path, room: int, limit: int, folder: str = "") -> InputFile:

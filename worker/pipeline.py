@@ -13,7 +13,7 @@ import torch
 
 from segmentation.errors import InputError
 from segmentation.files import atomic_write_text, file_sha256
-from segmentation.io import Geometry, Volume, read_image, write_label_map
+from segmentation.io import Geometry, ReadLimits, Volume, read_image, write_label_map
 from segmentation.preprocess import to_native
 from segmentation.sequences import on_first_grid
 from worker.method.bundle import ISLBundle
@@ -69,8 +69,7 @@ def read_inputs(inputs: list[Path], series_uid: str | None = None, channels: lis
     study = channels is not None and len(channels) > 1 and len(inputs) == 1 and (
         inputs[0].is_dir() or inputs[0].suffix.lower() == ".zip")
     if study:
-        from segmentation.dicom import read_study
-        from segmentation.io import ReadLimits
+        from segmentation.dicom import read_study  # pydicom, only for a study
 
         return on_first_grid(read_study(inputs[0], channels, sequence_series, ReadLimits()), channels)
     if sequence_series:

@@ -155,7 +155,7 @@ def ensemble_plan(cfg: BundleTrainConfig, train_ids: list[str], channels: list[s
     folds = np.array_split(np.random.default_rng(cfg.training.seed).permutation(len(train_ids)), cfg.folds)
     if min(len(f) for f in folds) < 1 or len(train_ids) - max(len(f) for f in folds) < 2:
         raise DatasetError(f"{cfg.folds} folds of {len(train_ids)} training cases leave a member fewer than 2 cases")
-    member_cases = [[c for i, c in enumerate(train_ids) if i not in set(f.tolist())] for f in folds]
+    member_cases = [[c for i, c in enumerate(train_ids) if i not in held] for held in (set(f.tolist()) for f in folds)]
     return {"kind": "folds", "members": cfg.folds, "combine": cfg.combine, "member_cases": member_cases}
 
 
@@ -173,9 +173,10 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: 
     torch.manual_seed(cfg.training.seed)  # the initial weights too: torch's own seed differs in every process
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
     members = list(seg.network.members) if plan else [seg.network]
+    index = {c: i for i, c in enumerate(train_ids or [])}
     tail = []
     for k, net in enumerate(members):
-        cases = [train_ids.index(c) for c in plan["member_cases"][k]] if plan else list(range(len(images)))
+        cases = [index[c] for c in plan["member_cases"][k]] if plan else list(range(len(images)))
         channel = slice(k, k + 1) if plan and plan["kind"] == "per_sequence" else slice(None)
         frozen = ([], 0)
         if source is not None:
