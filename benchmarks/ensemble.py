@@ -1,21 +1,29 @@
 """Single network vs ensembles, each trained through `worker.training.train.train_bundle` as `isl train` trains it,
 scored on cases none of them trained on. Prints JSON (and writes it, arm by arm, to --json: a run resumes).
 
-k-fold ensembles on a test split:
+k-fold ensembles on a test split (a single network on N cases against a K-fold ensemble of the same N cases):
 
-    python benchmarks/ensemble.py folds --dataset ../shared/data/hippocampus --holdout 48 --test 20 --cases 20 \\
-        --folds 5 --iterations 1000 --json benchmarks/results/ensemble_hippocampus.json
+    python benchmarks/ensemble.py folds --dataset ../shared/data/hippocampus --holdout 48 --test 15 --cases 10 \\
+        --folds 5 --iterations 600 --reg-iterations 300 --isl --work scratch/ensemble_hippocampus \\
+        --json benchmarks/results/ensemble_hippocampus.json
 
-Sequences, leave one case out (every case is the test case of one round; each arm trains once per round):
+Sequences, leave one case out (every case is the test case of one round; each arm trains once per round), scored
+on the BraTS regions:
 
     python benchmarks/ensemble.py sequences --dataset ../shared/data/brats_multiseq --resample 3 \\
-        --iterations 600 --json benchmarks/results/ensemble_brats_multiseq.json
+        --iterations 300 --reg-iterations 30 --region whole=1,2,3,4 --region core=1,3,4 --region enhancing=4 \\
+        --work scratch/ensemble_brats --json benchmarks/results/ensemble_brats_multiseq.json
 
-`sequences` arms: the multi-channel network, the per-sequence ensemble (mean and vote), and a network on each
-sequence alone. --resample MM first writes a copy of the dataset resampled to MM mm voxels under --work (a benchmark's
-shortcut on a CPU: 1 mm glioma volumes make a region of interest too large to train on here; the copy stays outside
-the project). Every arm: fixed iterations, --validation 0 (the networks are compared; refinement is not configured)
-and the baseline mask only unless --isl. Scored on the preprocessing's grid, over the labels each reference contours.
+An ensemble is trained once and read several ways (`variants`): its mean, its vote, and each member alone. Its
+members train independently (each on its folds, or each on its own sequence), so a member alone is the network that
+`isl train` would give on those cases or that sequence. `sequences` thus compares the multi-channel network, the
+per-sequence ensemble (mean and vote) and each sequence alone. --resample MM first writes a copy of the dataset
+resampled to MM mm voxels under --work (`dataset_views.py`; a benchmark's shortcut on a CPU: 1 mm glioma volumes make
+a region of interest too large to train on here). Every arm: fixed iterations, --validation 0 (the networks are
+compared; refinement is not configured), the network's mask only unless --isl (ISL then on top of the networks and
+ensembles, ISLConfig defaults, unchecked). Scored on the preprocessing's grid, over the labels each reference contours
+or over --region unions the reference holds; each variant against the single (or multi-channel) network with the
+paired difference in points, cases better/worse and the Wilcoxon p.
 """
 from __future__ import annotations
 
@@ -28,38 +36,84 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dataset_views import leave_out, resampled
 
 from segmentation.dataset import load_case, load_dataset
+from segmentation.infer import predict
 from segmentation.metrics import dice
+from segmentation.network import Ensemble
 from worker.pipeline import load_refiner
 from worker.training.train import BundleTrainConfig, train_bundle
 
 
-def score(model_dir: Path, dataset: str, ids: list[str], isl: bool) -> dict:
+def variants(net, names: list[str] | None = None) -> dict[str, torch.nn.Module]:
+    """What one trained bundle's network can show: the network itself, or for an ensemble its mean, its vote and each
+    member alone (`names`: the members' names, e.g. their sequences). No retraining: members are trained
+    independently, so a member alone is the network an `isl train` of its cases (or its sequence) would give."""
+    if not isinstance(net, Ensemble):
+        return {"network": net}
+    out = {combine: _Combined(net, combine) for combine in ("mean", "vote")}
+    for k, member in enumerate(net.members):
+        out[(names or [f"member{j + 1}" for j in range(len(net.members))])[k]] = _Member(
+            member, k if net.member_inputs == "one_each" else None)
+    return out
+
+
+class _Combined(torch.nn.Module):
+    def __init__(self, net: Ensemble, combine: str):
+        super().__init__()
+        self.net, self.combine = net, combine
+
+    def forward(self, x):
+        self.net.combine = self.combine
+        return self.net(x)
+
+
+class _Member(torch.nn.Module):
+    def __init__(self, member: torch.nn.Module, channel: int | None):
+        super().__init__()
+        self.member, self.channel = member, channel
+
+    def forward(self, x):
+        return self.member(x if self.channel is None else x[:, self.channel: self.channel + 1])
+
+
+def score(model_dir: Path, dataset: str, ids: list[str], isl: list[str], regions: dict[str, list[int]],
+          names: list[str] | None = None) -> dict:
+    """Per test case, each variant's mean Dice over the labels (or `regions`) its reference holds; ISL on top of the
+    variants named in `isl` (ISLConfig defaults, unchecked)."""
     refiner = load_refiner(model_dir, dataset, {"device": "cpu"})
-    ds, names = load_dataset(dataset), refiner.bundle.segmentation.labels
+    ds, labels_all = load_dataset(dataset), refiner.bundle.segmentation.labels
+    nets = variants(refiner.net, names)
     rows = {}
     for case_id in ids:
         case = ds.case(case_id)
         volumes, label, _ = load_case(ds, case)
-        labels = [v for v, known in zip(names, case.present(names)) if v != 0 and known]
+        known = [v for v, k in zip(labels_all, case.present(labels_all)) if v != 0 and k]
         x = refiner.pre.images(volumes)[0]
         truth = refiner.pre.label(label).astype(np.int64)
-        res = refiner.refine(x) if isl else None
-        base = res.baseline if isl else _baseline(refiner, x)
-        rows[case_id] = {"baseline": _mean(base, truth, labels)} | (
-            {"isl": _mean(res.probs, truth, labels)} if isl else {})
+        row = {}
+        for name, net in nets.items():
+            refiner.net = net
+            if name in isl:
+                res = refiner.refine(x)
+                row[name] = _mean(res.baseline, truth, known, regions)
+                row[f"{name}+isl"] = _mean(res.probs, truth, known, regions)
+            else:
+                row[name] = _mean(predict(net, x, refiner.pre.patch_size, refiner.device, ()), truth, known, regions)
+        rows[case_id] = row
     return rows
 
 
-def _baseline(refiner, x: np.ndarray) -> np.ndarray:
-    from segmentation.infer import predict
-
-    return predict(refiner.net, x, refiner.pre.patch_size, refiner.device, ())
-
-
-def _mean(probs: np.ndarray, truth: np.ndarray, labels: list[int]) -> float:
-    return round(float(np.mean(list(dice(probs.argmax(0), truth, labels).values()))), 5)
+def _mean(probs: np.ndarray, truth: np.ndarray, labels: list[int], regions: dict[str, list[int]]) -> float:
+    """Mean Dice over `labels`, or over the `regions` (unions of labels) the reference holds: an empty region in the
+    reference is not scored (a Dice of an absent structure says nothing of the network)."""
+    pred = probs.argmax(0)
+    if not regions:
+        return round(float(np.mean(list(dice(pred, truth, labels).values()))), 5)
+    scores = [dice(np.isin(pred, r).astype(np.int64), np.isin(truth, r).astype(np.int64), [1])[1]
+              for r in regions.values() if np.isin(truth, r).any()]
+    return round(float(np.mean(scores)), 5)
 
 
 def train(args, dataset: str, out: Path, **fields) -> float:
@@ -70,94 +124,70 @@ def train(args, dataset: str, out: Path, **fields) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def resampled(dataset: str, mm: float, work: Path) -> str:
-    """A copy of `dataset` on `mm` mm voxels (images linear, labels nearest), made once under `work`."""
-    import shutil
-
-    import SimpleITK as sitk
-
-    src, dst = Path(dataset), work / f"{Path(dataset).name}_{mm:g}mm"
-    if (dst / "dataset.json").is_file():
-        return str(dst)
-    for sub in ("imagesTr", "labelsTr"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for path in sorted((src / sub).glob("*.nii.gz")):
-            image = sitk.ReadImage(str(path))
-            size = [round(n * s / mm) for n, s in zip(image.GetSize(), image.GetSpacing())]
-            mode = sitk.sitkNearestNeighbor if sub == "labelsTr" else sitk.sitkLinear
-            out = sitk.Resample(image, size, sitk.Transform(), mode, image.GetOrigin(), (mm,) * 3,
-                                image.GetDirection(), 0, image.GetPixelID())
-            sitk.WriteImage(out, str(dst / sub / path.name))
-    for name in ("dataset.json", "cases.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
-    return str(dst)
-
-
-def single_sequence(dataset: str, channel: int, work: Path) -> str:
-    """A view of a multi-sequence dataset holding one sequence only (links, no copies)."""
-    src = Path(dataset)
-    meta = json.loads((src / "dataset.json").read_text())
-    names = meta.get("channel_names") or meta.get("modality")
-    name = names[str(channel)]
-    dst = work / f"{src.name}_{name}"
-    if (dst / "dataset.json").is_file():
-        return str(dst)
-    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
-    for path in sorted((src / "imagesTr").glob(f"*_{channel:04d}.nii.gz")):
-        (dst / "imagesTr" / path.name.replace(f"_{channel:04d}", "_0000")).symlink_to(path.resolve())
-    (dst / "labelsTr").symlink_to((src / "labelsTr").resolve())
-    meta = {k: v for k, v in meta.items() if k not in ("modality", "channel_names")} | {"channel_names": {"0": name}}
-    (dst / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return str(dst)
-
-
 def folds_arms(args, result: dict, save) -> None:
+    """A single network on the N training cases against one K-fold ensemble of the same cases, read as its mean, its
+    vote and each member alone (a member trains on (K-1)/K of the cases)."""
     ids = sorted(c.case_id for c in load_dataset(args.dataset).cases)
     test = ids[: args.holdout][: args.test]
     result["test_cases"] = test
-    arms = {"single": {}, f"folds{args.folds}_mean": {"folds": args.folds},
-            f"folds{args.folds}_vote": {"folds": args.folds, "combine": "vote"}}
-    for arm, fields in arms.items():
+    for arm, fields in {"single": {}, f"folds{args.folds}": {"folds": args.folds}}.items():
         if arm in result["arms"]:
             continue
         out = Path(args.work) / arm
         seconds = train(args, args.dataset, out, holdout=args.holdout, cases=args.cases, **fields)
-        result["arms"][arm] = {"train_seconds": seconds, "per_case": score(out, args.dataset, test, args.isl)}
+        rows = score(out, args.dataset, test, ["network", "mean", "vote"] if args.isl else [], args.regions)
+        result["arms"][arm] = {"train_seconds": seconds, "per_case": {
+            c: {_label(arm, v): d for v, d in row.items()} for c, row in rows.items()}}
         save(arm)
 
 
 def sequences_arms(args, result: dict, save) -> None:
+    """Leave one case out: per round, a multi-channel network and a per-sequence ensemble, the latter read as its
+    mean, its vote and each sequence's member alone (the network an `isl train` of that sequence alone would give)."""
     dataset = resampled(args.dataset, args.resample, Path(args.work)) if args.resample else args.dataset
     ds = load_dataset(dataset)
-    arms = {"multi_channel": (dataset, {}), "per_sequence_mean": (dataset, {"per_sequence": True}),
-            "per_sequence_vote": (dataset, {"per_sequence": True, "combine": "vote"})}
-    arms |= {f"only_{n}": (single_sequence(dataset, c, Path(args.work)), {}) for c, n in enumerate(ds.channel_names)}
+    only = [f"only_{n}" for n in ds.channel_names]
     ids = sorted(c.case_id for c in ds.cases)
-    for arm, (data, fields) in arms.items():
+    for arm, fields in {"multi_channel": {}, "per_sequence": {"per_sequence": True}}.items():
         rows = result["arms"].setdefault(arm, {"train_seconds": 0.0, "per_case": {}})
         for case_id in ids:
             if case_id in rows["per_case"]:
                 continue
             out = Path(args.work) / f"{arm}_{case_id}"
-            train_ds = _leave_out(data, case_id, Path(args.work))
-            rows["train_seconds"] += train(args, train_ds, out, **fields)
-            rows["per_case"] |= score(out, data, [case_id], args.isl)
+            rows["train_seconds"] += train(args, leave_out(dataset, case_id, Path(args.work)), out, **fields)
+            scored = score(out, dataset, [case_id], ["network", "mean", "vote"] if args.isl else [], args.regions,
+                           only)[case_id]
+            rows["per_case"][case_id] = {_label(arm, v): d for v, d in scored.items()}
             save(f"{arm} without {case_id}")
 
 
-def _leave_out(dataset: str, case_id: str, work: Path) -> str:
-    """A view of `dataset` without `case_id` (links)."""
-    src = Path(dataset)
-    dst = work / f"{src.name}_without_{case_id}"
-    if not (dst / "dataset.json").is_file():
-        for sub in ("imagesTr", "labelsTr"):
-            (dst / sub).mkdir(parents=True, exist_ok=True)
-            for path in (src / sub).glob("*.nii.gz"):
-                if not path.name.startswith(case_id + ".") and not path.name.startswith(case_id + "_"):
-                    (dst / sub / path.name).symlink_to(path.resolve())
-        (dst / "dataset.json").write_text((src / "dataset.json").read_text())
-    return str(dst)
+def _label(arm: str, variant: str) -> str:
+    if variant.startswith("only_"):
+        return variant
+    return arm if variant == "network" else f"{arm}_{variant}"
+
+
+def summary(result: dict, reference: str) -> dict:
+    """Per variant: mean Dice over the cases, and against `reference` the paired difference and Wilcoxon p."""
+    from worker.evaluation.stats import paired_p
+
+    rows: dict[str, dict[str, float]] = {}
+    for arm in result["arms"].values():
+        for case_id, row in arm["per_case"].items():
+            for variant, d in row.items():
+                rows.setdefault(variant, {})[case_id] = d
+    ref = rows.get(reference, {})
+    out = {}
+    for variant, cases in rows.items():
+        out[variant] = {"mean_dice": round(float(np.mean(list(cases.values()))), 5), "cases": len(cases)}
+        common = sorted(set(cases) & set(ref))
+        if variant != reference and common:
+            a, b = [cases[c] for c in common], [ref[c] for c in common]
+            p = paired_p(a, b)
+            out[variant] |= {f"vs_{reference}": round(100 * float(np.mean(np.subtract(a, b))), 2),
+                             "better_worse": [int(np.sum(np.greater(a, b))), int(np.sum(np.less(a, b)))],
+                             "p": None if p is None else round(p, 4)}
+    return out
 
 
 def main() -> None:
@@ -171,28 +201,30 @@ def main() -> None:
     ap.add_argument("--resample", type=float, default=None)
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--reg-iterations", type=int, default=100)
-    ap.add_argument("--isl", action="store_true", help="also ISL on top (ISLConfig defaults, unchecked)")
+    ap.add_argument("--region", action="append", default=[], metavar="NAME=L1,L2",
+                    help="score this union of labels instead of each label (repeatable), e.g. whole=1,2,3,4")
+    ap.add_argument("--isl", action="store_true", help="also ISL on top of the networks and ensembles (ISLConfig "
+                    "defaults, unchecked), not of single members")
     ap.add_argument("--work", default="scratch/ensemble")
     ap.add_argument("--json", required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    args.regions = {n: [int(v) for v in ls.split(",")] for n, ls in (r.split("=", 1) for r in args.region)}
     torch.set_num_threads(args.threads)
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
     result |= {"command": "python benchmarks/ensemble.py " + shlex.join(sys.argv[1:]), "mode": args.mode,
-               "iterations": args.iterations}
+               "iterations": args.iterations, "regions": args.regions}
+    reference = "single" if args.mode == "folds" else "multi_channel"
 
     def save(what: str) -> None:
-        for arm in result["arms"].values():
-            cases = arm["per_case"].values()
-            arm["mean_dice"] = {m: round(float(np.mean([c[m] for c in cases])), 5) for m in next(iter(cases))}
+        result["summary"] = summary(result, reference)
         path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{what}: " + json.dumps({a: v["mean_dice"] for a, v in result["arms"].items()}), file=sys.stderr,
+        print(f"{what}: " + json.dumps({v: s["mean_dice"] for v, s in result["summary"].items()}), file=sys.stderr,
               flush=True)
 
     (folds_arms if args.mode == "folds" else sequences_arms)(args, result, save)
-    print(json.dumps({k: v for k, v in result.items() if k != "arms"} | {
-        "mean_dice": {a: v["mean_dice"] for a, v in result["arms"].items()}}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from segmentation.dataset import load_case, load_dataset
+from segmentation.infer import predict
 from segmentation.metrics import dice
 from worker.pipeline import load_refiner
 from worker.training.train import BundleTrainConfig, train_bundle
@@ -34,7 +35,8 @@ def _mean_dice(probs: np.ndarray, truth: np.ndarray, labels: list[int]) -> float
     return float(np.mean(list(dice(probs.argmax(0), truth, labels).values())))
 
 
-def score(model_dir: Path, dataset: str, test_ids: list[str]) -> dict:
+def score(model_dir: Path, dataset: str, test_ids: list[str], isl: bool = True) -> dict:
+    """Per test case, the network's mean Dice ("baseline") and, with `isl`, ISL's (defaults, unchecked)."""
     refiner = load_refiner(model_dir, dataset, {"device": "cpu"})
     ds, names = load_dataset(dataset), refiner.bundle.segmentation.labels
     rows, t0 = {}, time.perf_counter()
@@ -42,12 +44,17 @@ def score(model_dir: Path, dataset: str, test_ids: list[str]) -> dict:
         case = ds.case(case_id)
         volumes, label, _ = load_case(ds, case)
         labels = [v for v, known in zip(names, case.present(names)) if v != 0 and known]
-        res = refiner.refine(refiner.pre.images(volumes)[0])
-        truth = refiner.pre.label(label).astype(np.int64)
-        rows[case_id] = {"baseline": round(_mean_dice(res.baseline, truth, labels), 5),
-                         "isl": round(_mean_dice(res.probs, truth, labels), 5)}
+        x, truth = refiner.pre.images(volumes)[0], refiner.pre.label(label).astype(np.int64)
+        if isl:
+            res = refiner.refine(x)
+            rows[case_id] = {"baseline": round(_mean_dice(res.baseline, truth, labels), 5),
+                             "isl": round(_mean_dice(res.probs, truth, labels), 5)}
+        else:
+            base = predict(refiner.net, x, refiner.pre.patch_size, refiner.device, ())
+            rows[case_id] = {"baseline": round(_mean_dice(base, truth, labels), 5)}
+    methods = ("baseline", "isl") if isl else ("baseline",)
     return {"per_case": rows, "mean_dice": {m: round(float(np.mean([r[m] for r in rows.values()])), 5)
-                                            for m in ("baseline", "isl")},
+                                            for m in methods},
             "isl_seconds_per_case": round((time.perf_counter() - t0) / len(test_ids), 1)}
 
 
@@ -61,10 +68,11 @@ def run_arm(args, start: str, source: str | None, n: int, test_ids: list[str]) -
     t0 = time.perf_counter()
     bundle = train_bundle(args.dataset, out, cfg, torch.device("cpu"), progress=lambda m: None)
     seconds = round(time.perf_counter() - t0, 1)
-    result = {"start": start, "source": source, "cases": n, "train_cases": bundle.meta["train_cases"],
-              "train_seconds": seconds, **score(out, args.dataset, test_ids)}
-    print(f"{start} n={n}: baseline {result['mean_dice']['baseline']:.4f} isl {result['mean_dice']['isl']:.4f} "
-          f"(trained in {seconds} s)", file=sys.stderr, flush=True)
+    lineage = [f"{t['name']} ({t['dataset']})" for t in bundle.meta.get("transfer", {}).get("lineage", [])]
+    result = {"start": start, "source": source, "lineage": lineage, "cases": n,
+              "train_cases": bundle.meta["train_cases"], "train_seconds": seconds,
+              **score(out, args.dataset, test_ids, isl=not args.network_only)}
+    print(f"{start} n={n}: {result['mean_dice']} (trained in {seconds} s)", file=sys.stderr, flush=True)
     return result
 
 
@@ -75,13 +83,16 @@ def markdown(result: dict) -> str:
 
     starts = list(dict.fromkeys(a["start"] for a in result["arms"]))
     arms = {(a["start"], a["cases"]): a for a in result["arms"]}
-    head = ["cases"] + [f"{s}: network / ISL" for s in starts] + [f"{s} vs scratch (network)" for s in starts[1:]]
+    both = result.get("isl") is not None
+    head = (["cases"] + [f"{s}: network / ISL" if both else f"{s}: network" for s in starts]
+            + [f"{s} vs scratch (network)" for s in starts[1:]])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in result["sizes"]:
         row = [str(n)]
         for s in starts:
             a = arms.get((s, n))
-            row.append(f"{a['mean_dice']['baseline']:.4f} / {a['mean_dice']['isl']:.4f}" if a else "not run")
+            row.append(" / ".join(f"{a['mean_dice'][m]:.4f}" for m in ("baseline", "isl") if m in a["mean_dice"])
+                       if a else "not run")
         for s in starts[1:]:
             a, b = arms.get((s, n)), arms.get(("scratch", n))
             if a and b:
@@ -107,6 +118,8 @@ def plot(result: dict, path: str) -> None:
         arms = sorted((a for a in result["arms"] if a["start"] == start), key=lambda a: a["cases"])
         xs = [a["cases"] for a in arms]
         for method, style in (("baseline", "-"), ("isl", "--")):
+            if any(method not in a["mean_dice"] for a in arms):
+                continue
             ax.plot(xs, [a["mean_dice"][method] for a in arms], style, marker="o", color=f"C{i}",
                     label=f"{start}, {'network' if method == 'baseline' else 'ISL (defaults)'}")
     ax.set_xscale("log")
@@ -136,6 +149,9 @@ def main() -> None:
     ap.add_argument("--work", default="scratch/learning_curve", help="where the arms' bundles are written")
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None, help="PNG path; with an existing --json and no arm left, plot only")
+    ap.add_argument("--network-only", action="store_true",
+                    help="score the networks alone (no ISL: the registration network is then barely needed, "
+                         "--reg-iterations can be small)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true", help="print the README table of --json and stop")
     args = ap.parse_args()
@@ -150,7 +166,8 @@ def main() -> None:
     result |= {"command": "python benchmarks/learning_curve.py " + shlex.join(sys.argv[1:]), "dataset": args.dataset,
                "test_cases": test_ids, "sizes": args.sizes, "iterations": args.iterations,
                "reg_iterations": args.reg_iterations, "freeze_encoder": args.freeze_encoder,
-               "transfer_lr": args.transfer_lr, "isl": "ISLConfig defaults, unchecked (trained with validation 0)"}
+               "transfer_lr": args.transfer_lr,
+               "isl": None if args.network_only else "ISLConfig defaults, unchecked (trained with validation 0)"}
     starts = ([] if args.no_scratch else [("scratch", None)]) + [tuple(s.split("=", 1)) for s in args.start]
     done = {(a["start"], a["cases"]) for a in result["arms"]}
     for n in args.sizes:

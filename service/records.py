@@ -52,6 +52,7 @@ class JobOptions(_Record):
     stow: bool = False  # a DICOMweb job: push its DICOM SEG to ISL_STOW_URL
     dimse: bool = False  # a job received over DIMSE: send its results back by C-STORE (ISL_DIMSE_DESTINATIONS)
     series_uid: str | None = None  # which DICOM series of the input, when it holds several
+    sequence_series: dict[str, str] = Field(default_factory=dict)  # a DICOM study: sequence -> its series UID
     metadata: dict[str, str] = Field(default_factory=dict)  # case metadata (e.g. age_band): agreement subgroups
 
 

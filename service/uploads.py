@@ -28,18 +28,34 @@ def sniff(head: bytes) -> str | None:
 
 
 def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str | None = None,
-            sequences: list[str] | None = None) -> list[InputFile]:
+            sequences: list[str] | None = None, sequence_series: dict[str, str] | None = None) -> list[InputFile]:
     """Store the uploaded files under `staging` after sniffing their type from their bytes; refuse what is not one
     scan: one NIfTI, one zip, or the DICOM files of a series (`series_uid` chooses one when they hold several). For a
     model of several sequences (`sequences`: their names, in the model's channel order), one NIfTI or zip per
-    sequence, in that order, each stored in its own folder (sequence_0/, sequence_1/...)."""
+    sequence, in that order, each stored in its own folder (sequence_0/, sequence_1/...); or one zip of a DICOM study
+    whose series are assigned to the sequences by description or by `sequence_series` (sequence -> series UID)."""
     if not files:
         raise HTTPException(422, "no file uploaded (multipart field 'files')")
     several = sequences is not None and len(sequences) > 1
-    if several and len(files) != len(sequences):  # before a byte is stored
+    study = several and len(files) == 1 and sniff(_head(files[0])) == "zip"
+    if sequence_series and not study:
+        raise HTTPException(422, "sequence_series assigns the series of one DICOM study (one zip) to the sequences of "
+                                 "a model of several sequences; this upload is not one")
+    if several and not study and len(files) != len(sequences):  # before a byte is stored
         missing = f"; missing {', '.join(sequences[len(files):])}" if len(files) < len(sequences) else ""
         raise HTTPException(422, f"the model takes {len(sequences)} sequences, one file each in this order: "
-                                 f"{', '.join(sequences)}; {len(files)} given{missing}")
+                                 f"{', '.join(sequences)}; {len(files)} given{missing} (or one zip of a DICOM study "
+                                 "holding a series per sequence)")
+    if study:
+        from service.validate import Invalid, validate_study
+
+        inputs = [_store(files[0], 0, staging, limit, limit)]
+        try:
+            validate_study(staging / inputs[0].path, sequences, sequence_series or {})
+        except Invalid as exc:
+            raise HTTPException(422, f"{files[0].filename!r} (a DICOM study for the sequences "
+                                     f"{', '.join(sequences)}): {exc}") from None
+        return inputs
     inputs: list[InputFile] = []
     for i, up in enumerate(files):
         inputs.append(_store(up, i, staging, limit - sum(x.bytes for x in inputs), limit,
@@ -47,7 +63,8 @@ def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str 
     kinds = [x.kind for x in inputs]
     if several and "dicom" in kinds:
         raise HTTPException(422, f"the model takes {len(sequences)} sequences ({', '.join(sequences)}): send each as "
-                                 "one NIfTI or one zip of its DICOM series, not loose DICOM files")
+                                 "one NIfTI or one zip of its DICOM series, or the study as one zip, not loose DICOM "
+                                 "files")
     if not several and len(files) > 1 and set(kinds) != {"dicom"}:
         raise HTTPException(422, "several files must all be DICOM files of one series; send a NIfTI or a zip alone")
     from service.validate import Invalid, validate
@@ -63,12 +80,16 @@ def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str 
     return inputs
 
 
+def _head(up: UploadFile) -> bytes:
+    head = up.file.read(512)
+    up.file.seek(0)
+    return head
+
+
 def _store(up: UploadFile, i: int, staging: Path, room: int, limit: int, folder: str = "") -> InputFile:
     """The i-th uploaded file, sniffed and written under `staging`/`folder` (at most `room` bytes of the upload's
     `limit`)."""
-    head = up.file.read(512)
-    up.file.seek(0)
-    kind = sniff(head)
+    kind = sniff(_head(up))
     if kind is None:
         raise HTTPException(422, f"{up.filename!r}: not a NIfTI, DICOM or zip file (judged by its bytes, not its name)")
     name = folder + STORED_AS.get(kind, f"dicom/{i:05d}.dcm")

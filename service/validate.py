@@ -41,6 +41,8 @@ def _run(conn, kind: str, path: str, series_uid: str | None = None, extra: dict 
         conn.send(_series(path))
     elif kind == "correction":
         conn.send(_correction(path, series_uid, **extra))
+    elif kind == "study":
+        conn.send(_study(path, **extra))
     else:
         conn.send(_volume(path, series_uid))
     conn.close()
@@ -78,6 +80,13 @@ def validate(path: Path, timeout: float = 120, series_uid: str | None = None) ->
     """{'shape': [...], 'spacing': [...], 'kind': ...} of a readable scan (of series `series_uid` when given), or
     Invalid with the reason."""
     return _child("volume", path, timeout, series_uid)
+
+
+def validate_study(path: Path, sequences: list[str], chosen: dict[str, str], timeout: float = 120) -> dict:
+    """{'sequences': [{'shape', 'spacing'}, ...]} of a DICOM study (a zip of several series) whose series are assigned
+    to the model's `sequences` by description or by `chosen` (sequence -> series UID), or Invalid with the reason
+    (a sequence with no series or several, listing the study's series)."""
+    return _child("study", path, timeout, None, {"sequences": sequences, "chosen": chosen})
 
 
 def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -161,6 +170,20 @@ def _series(folder: str) -> dict:
         return {"series": list_dicom_series(Path(folder)), "instances": instances}
     except InputError as exc:
         return {"error": str(exc)}
+
+
+def _study(path: str, sequences: list[str], chosen: dict[str, str]) -> dict:
+    from segmentation.dicom import read_study
+    from segmentation.errors import InputError
+    from segmentation.io import ReadLimits
+
+    try:
+        volumes = read_study(Path(path), sequences, chosen, ReadLimits())
+        return {"sequences": [{"shape": list(v.array.shape), "spacing": list(v.geometry.spacing)} for v in volumes]}
+    except InputError as exc:
+        return {"error": str(exc)}
+    except MemoryError:
+        return {"error": "reading it needs more memory than an upload may use"}
 
 
 def _volume(path: str, series_uid: str | None = None) -> dict:

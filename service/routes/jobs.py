@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
@@ -17,10 +18,15 @@ from service.views import JobList, JobView, Problem, job_view
 
 router = APIRouter()
 UPLOAD = ("one NIfTI (.nii/.nii.gz), one .zip of a DICOM series, or the DICOM files of one series; for a model of "
-          "several sequences (GET /v1/models: channels), one NIfTI or zip per sequence, in the model's order")
+          "several sequences (GET /v1/models: channels), one NIfTI or zip per sequence, in the model's order, or one "
+          "zip of a DICOM study holding a series per sequence")
 RETRY = "a retried upload with the same key returns the same job"
 METADATA = ("case metadata as a JSON object of short strings, e.g. {\"age_band\": \"40-60\"}; the agreement "
             "report can be split by any key (GET /v1/models/{name}/agreement?group_by=age_band)")
+SEQUENCE_SERIES = ("for a model of several sequences sent as one zip of a DICOM study: which series is which sequence, "
+                   "as a JSON object, e.g. {\"FLAIR\": \"1.2.840.1\", \"T1c\": \"1.2.840.2\"}; without it, each "
+                   "sequence takes the one series whose description names it")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 SERIES = ("for DICOM uploads that hold several series: the Series Instance UID of the one to refine (without it "
           "such an upload is refused with the list of its series)")
 
@@ -37,19 +43,38 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
            series_uid: Annotated[str | None, Form(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$",
                                                   description=SERIES)] = None,
            metadata: Annotated[str | None, Form(max_length=2000, description=METADATA)] = None,
+           sequence_series: Annotated[str | None, Form(max_length=2000, description=SEQUENCE_SERIES)] = None,
            idempotency_key: Annotated[str | None, Header(max_length=200, description=RETRY)] = None) -> JobView:
     model = chosen_model(settings, model)
     case = case_metadata(metadata)
+    chosen = series_of_sequences(sequence_series)
     if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job_view(job, store)  # a retried upload: the body is not read again
     room_for_upload(settings)
     with staging(settings) as folder:
-        inputs = receive(files, folder, settings.max_upload_bytes, series_uid, model_sequences(settings, model))
-        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case)
+        inputs = receive(files, folder, settings.max_upload_bytes, series_uid, model_sequences(settings, model), chosen)
+        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case,
+                             sequence_series=chosen)
         job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key, actor)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, store)
+
+
+def series_of_sequences(text: str | None) -> dict[str, str]:
+    """The `sequence_series` form field: a JSON object of sequence name -> Series Instance UID; 422 otherwise."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise HTTPException(422, "sequence_series: not JSON; give an object such as "
+                                 "{\"FLAIR\": \"1.2.840.1\"}") from None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= 64 and UID.fullmatch(v) for k, v in value.items()):
+        raise HTTPException(422, "sequence_series: give a JSON object of sequence name -> Series Instance UID (digits "
+                                 "and dots, at most 64 characters)")
+    return value
 
 
 def case_metadata(text: str | None) -> dict[str, str]:

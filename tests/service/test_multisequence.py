@@ -1,7 +1,11 @@
 """A model of two MR sequences served over HTTP, an ensemble of one network per sequence combined by majority vote: a
 job sends one file per sequence (the second on another grid, which the worker co-registers to the first, with the
-alignment's QA in the report); a job missing a sequence is refused at upload with the sequences the model takes."""
+alignment's QA in the report), or one zip of a DICOM study whose series are assigned to the sequences by description
+or by the `sequence_series` field; a job missing a sequence is refused at upload with the sequences the model takes,
+and a study whose series cannot be assigned with the study's series listed."""
+import json
 import shutil
+import zipfile
 
 import pytest
 
@@ -27,7 +31,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
             one = c.post(s.url + "/v1/jobs", files=[("files", ("t1.nii.gz", a))])
         assert one.status_code == 422, one.text
         assert one.json()["detail"] == ("the model takes 2 sequences, one file each in this order: T1, T2; 1 given; "
-                                        "missing T2")
+                                        "missing T2 (or one zip of a DICOM study holding a series per sequence)")
         with open(t1, "rb") as a, open(t2, "rb") as b:
             job = c.post(s.url + "/v1/jobs", files=[("files", ("t1.nii.gz", a)), ("files", ("t2.nii.gz", b))])
         assert job.status_code == 202, job.text
@@ -41,6 +45,29 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         mask = c.get(f"{s.url}/v1/jobs/{final['id']}/result")
         assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
 
+        # one DICOM study (a zip of two series): assigned by description, else refused with its series listed, then
+        # assigned by the sequence_series field
+        study, uids = _study_zip(t1, t2, tmp_path / "study.zip", ("scout", "T2 SPACE sag"))
+        with open(study, "rb") as f:
+            refused = c.post(s.url + "/v1/jobs", files=[("files", ("study.zip", f))])
+        assert refused.status_code == 422, refused.text
+        detail = refused.json()["detail"]
+        assert "no series whose description names sequence T1" in detail and f"{uids[0]} (scout, " in detail
+        with open(study, "rb") as f:
+            job = c.post(s.url + "/v1/jobs", files=[("files", ("study.zip", f))],
+                         data={"sequence_series": json.dumps({"T1": uids[0]})})
+        assert job.status_code == 202, job.text
+        final = wait_final(s.url, job.json()["id"])
+        assert final["state"] == "succeeded", s.logs()
+        report = c.get(f"{s.url}/v1/jobs/{final['id']}/report").json()
+        (q,) = report["qa"]["sequences"]
+        assert q["sequence"].startswith("sequence 1 (T2, ")
+        assert c.get(f"{s.url}/v1/jobs/{final['id']}/result", params={"format": "dicom-seg"}).status_code == 200
+        with open(t1, "rb") as a:
+            wrong = c.post(s.url + "/v1/jobs", files=[("files", ("t1.nii.gz", a))],
+                           data={"sequence_series": json.dumps({"T1": uids[0]})})
+        assert wrong.status_code == 422 and "this upload is not one" in wrong.json()["detail"]
+
         # the batch client: `isl submit --sequences` groups CASE_0000, CASE_0001 into one job per case
         from service.client import submit_batch
 
@@ -49,6 +76,27 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
                                sequences=True)
         assert {k: v["state"] for k, v in summary.items()} == {"phantom_000": "succeeded", "phantom_001": "succeeded"}
         assert (tmp_path / "out" / "phantom_001" / "mask.nii.gz").is_file()
+
+
+def _study_zip(t1, t2, out, descriptions):
+    """Both sequences as the DICOM series of one study, zipped; their series UIDs."""
+    import SimpleITK as sitk
+    from dicom_corpus import datasets, save
+    from pydicom.uid import generate_uid
+
+    study, frame, uids = generate_uid(), generate_uid(), []
+    folder = out.with_suffix("")
+    for path, description in zip((t1, t2), descriptions):
+        series = datasets(sitk.ReadImage(str(path)), study_uid=study, frame_of_reference=frame)
+        for ds in series:
+            ds.SeriesDescription = description
+        uids.append(series[0].SeriesInstanceUID)
+        save(series, folder)
+    with zipfile.ZipFile(out, "w") as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(folder))
+    return out, uids
 
 
 def test_the_batch_client_groups_sequences_by_their_suffix_and_refuses_a_gap(tmp_path):

@@ -178,7 +178,8 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
         refiner = _refiner(store, job)
         sources = Storage(settings.storage_root).input_paths(job.id)
         report = refine_file(sources, None, out_tmp, refiner=refiner, progress=progress,
-                             series_uid=job.options.series_uid, extra_atlases=_corrections(store, job, refiner))
+                             series_uid=job.options.series_uid, extra_atlases=_corrections(store, job, refiner),
+                             sequence_series=job.options.sequence_series or None)
         store.update(job.id, stage="writing", progress=0.99)
         lease.check()
         shutil.rmtree(out, ignore_errors=True)
