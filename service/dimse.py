@@ -15,7 +15,12 @@ job whose error says why, visible to its tenant like any other. Nothing received
 series are on disk and get a whole quiet time again from the restart (their sender may resume); a claimed series
 is recorded under the same idempotency key, so it never becomes two jobs. A broker that cannot be reached leaves
 the job recorded and unsent: the workers' sweep sends it (service/jobs.py `requeue_orphans`). Instances of a
-series that arrive after it was claimed form a new series folder, hence a new job."""
+series that arrive after it was claimed form a new series folder, hence a new job.
+
+When the default model takes several sequences (T1, FLAIR...), the unit is the study, not the series: instances are
+kept under their study instance UID, and a quiet study becomes one job whose series are assigned to the model's
+sequences by their descriptions (segmentation.dicom.assign_series); a study that holds no series or several for a
+sequence becomes a failed job that lists its series."""
 from __future__ import annotations
 
 import io
@@ -29,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from service import metrics
+from service.intake import model_sequences
 from service.jobs import open_store
 from service.queue import Queue
 from service.records import InputFile, JobOptions, JobState, now
@@ -76,6 +82,11 @@ class Listener:
             os.utime(folder)
         self.store, self.storage, self.queue = open_store(settings), Storage(settings.storage_root), \
             Queue(settings)
+        try:  # a model of several sequences takes a study per job; any other, a series
+            self.sequences = model_sequences(settings, settings.default_model)
+        except (OSError, ValueError):
+            self.sequences = []
+        self.unit = "study" if len(self.sequences) > 1 else "series"
         self._lock = threading.Lock()  # between an instance landing in a series folder and that folder's claim
         self._open: dict[tuple[str, str], set[int]] = {}  # (tenant, series) -> open associations delivering it
         self._stop = threading.Event()
@@ -93,7 +104,9 @@ class Listener:
             return OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
-            series, sop = _uids(data)
+            study, series, sop = _uids(data)
+            if self.unit == "study":
+                series = study  # the folder of a model of several sequences: the whole study
         except Exception as exc:  # noqa: BLE001 - a data set that cannot be parsed is answered, not raised
             log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
             return CANNOT_UNDERSTAND
@@ -151,7 +164,7 @@ class Listener:
     def make_job(self, tenant: str, claimed: Path) -> str:
         """A claimed series as a job (queued, or failed with the reason when it cannot be read); the folder is
         gone afterwards. Idempotent: a claim queued before a restart is not queued twice."""
-        from service.validate import Invalid, validate
+        from service.validate import Invalid, validate, validate_study
 
         files = sorted((claimed / "dicom").glob("*.dcm"))
         if not files:  # a claim interrupted between its folder and its rename: nothing in it
@@ -162,9 +175,12 @@ class Listener:
                             sha256=Storage.sha256(f)) for f in files]
         options = JobOptions(model=self.settings.default_model, dimse=True)
         key = f"dimse:{claimed.name}"
-        detail = {"series_uid": series, "instances": len(files)}
+        detail = {f"{self.unit}_uid": series, "instances": len(files)}
         try:
-            validate(claimed / "dicom")
+            if self.unit == "study":
+                validate_study(claimed / "dicom", self.sequences, {})
+            else:
+                validate(claimed / "dicom")
         except Invalid as exc:
             job, created = self.store.create(tenant, inputs, options, key)
             if created:
@@ -172,8 +188,9 @@ class Listener:
             if job.state == JobState.QUEUED:  # (a crash may have come between the record and this)
                 self.store.mark_sent(job.id)
                 self.store.update(job.id, state=JobState.FAILED, finished=now(),
-                                  error=f"series {series} received over DIMSE was refused before queueing: {exc}")
-                log.warning("series %s from tenant %s refused: %s", series, tenant, exc)
+                                  error=f"{self.unit} {series} received over DIMSE was refused before queueing: "
+                                        f"{exc}")
+                log.warning("%s %s from tenant %s refused: %s", self.unit, series, tenant, exc)
             shutil.rmtree(claimed)
             return job.id
         job, created = self.store.create(tenant, inputs, options, key)
@@ -191,7 +208,7 @@ class Listener:
             except Exception as exc:  # noqa: BLE001 - recorded and unsent: the workers' sweep sends it
                 log.warning("job %s recorded but not sent (%s); the workers' sweep will send it", job.id, exc)
         metrics.UPLOADED.inc(sum(i.bytes for i in inputs))
-        log.info("series %s from tenant %s (%d instances) is job %s", series, tenant, len(files), job.id)
+        log.info("%s %s from tenant %s (%d instances) is job %s", self.unit, series, tenant, len(files), job.id)
         return job.id
 
     def _complete_loop(self) -> None:
@@ -250,15 +267,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _uids(data: bytes) -> tuple[str, str]:
-    """(series instance UID, SOP instance UID) of an encoded instance, each checked to be a UID (they name the
-    folder and the file)."""
+def _uids(data: bytes) -> tuple[str, str, str]:
+    """(study, series and SOP instance UIDs) of an encoded instance, each checked to be a UID (they name the folder
+    and the file)."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                         specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
-    series, sop = str(ds.get("SeriesInstanceUID", "")).strip(), str(ds.get("SOPInstanceUID", "")).strip()
-    for name, value in (("SeriesInstanceUID", series), ("SOPInstanceUID", sop)):
+    names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(names))
+    values = tuple(str(ds.get(name, "")).strip() for name in names)
+    for name, value in zip(names, values):
         if not UID.match(value) or len(value) > 64:
             raise ValueError(f"{name} {value!r} is not a UID")
-    return series, sop
+    return values

@@ -181,7 +181,7 @@ def _study(path: str, sequences: list[str], chosen: dict[str, str]) -> dict:
         volumes = read_study(Path(path), sequences, chosen, ReadLimits())
         return {"sequences": [{"shape": list(v.array.shape), "spacing": list(v.geometry.spacing)} for v in volumes]}
     except InputError as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc).replace(str(Path(path).parent) + "/", "")}
     except MemoryError:
         return {"error": "reading it needs more memory than an upload may use"}
 

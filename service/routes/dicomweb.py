@@ -1,6 +1,7 @@
 """/dicomweb/studies: DICOMweb STOW-RS for PACS and DICOM routers. The multipart/related body is streamed to
-disk part by part; each image series of the study becomes a job (the workers push the DICOM SEG back: see
-worker/tasks/stow.py)."""
+disk part by part; each image series of the study becomes a job, or, when the default model takes several sequences,
+the whole study one job whose series are assigned to the sequences by their descriptions (the workers push the DICOM
+SEG back: see worker/tasks/stow.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
-from service.intake import enqueue, room_for_upload, staging
+from service.intake import enqueue, model_sequences, room_for_upload, staging
 from service.records import InputFile, JobOptions
 from service.storage import Storage
 from service.views import Problem
@@ -85,8 +86,12 @@ async def stow(request: Request, who: Tenant, settings: SettingsDep, store: Stor
     room_for_upload(settings)
     with staging(settings) as root:
         series, instances = await _receive_study(request, root / "parts", settings.max_upload_bytes)
-        staged = [await _stage_series(uid, files, root / f"s{i}")
-                  for i, (uid, files) in enumerate(sorted(series.items()))]
+        sequences = model_sequences(settings, settings.default_model)
+        if len(sequences) > 1:  # a model of several sequences: the study is one job, its series its sequences
+            staged = [await _stage_study(series, root / "s0", sequences)]
+        else:
+            staged = [await _stage_series(uid, files, root / f"s{i}")
+                      for i, (uid, files) in enumerate(sorted(series.items()))]
         options = JobOptions(model=settings.default_model, atlases=None, priority=5, stow=True)
         jobs = [enqueue(store, storage, queue, who, folder, inputs, options, actor=request.state.actor)
                 for folder, inputs in staged]
@@ -131,6 +136,28 @@ async def _stage_series(uid: str, files: list[str], staged: Path) -> tuple[Path,
         await asyncio.to_thread(validate, folder)
     except Invalid as exc:
         raise HTTPException(422, f"series {uid}: {exc}") from None
+    return staged, inputs
+
+
+async def _stage_study(series: dict[str, list[str]], staged: Path,
+                       sequences: list[str]) -> tuple[Path, list[InputFile]]:
+    """All the study's slices moved to staged/dicom, its series assigned to the model's `sequences` by description in
+    the limited child; 422 listing the series when a sequence has none or several."""
+    from service.validate import Invalid, validate_study
+
+    folder = staged / "dicom"
+    folder.mkdir(parents=True)
+    inputs = []
+    for uid, files in sorted(series.items()):
+        for f in files:
+            dest = folder / f"{len(inputs):05d}.dcm"
+            Path(f).rename(dest)
+            inputs.append(InputFile(name=f"{uid}/{dest.stem}", kind="dicom", path=f"dicom/{dest.name}",
+                                    bytes=dest.stat().st_size, sha256=Storage.sha256(dest)))
+    try:
+        await asyncio.to_thread(validate_study, folder, sequences, {})
+    except Invalid as exc:
+        raise HTTPException(422, f"the study, for a model of the sequences {', '.join(sequences)}: {exc}") from None
     return staged, inputs
 
 

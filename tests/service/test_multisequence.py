@@ -2,7 +2,8 @@
 job sends one file per sequence (the second on another grid, which the worker co-registers to the first, with the
 alignment's QA in the report), or one zip of a DICOM study whose series are assigned to the sequences by description
 or by the `sequence_series` field; a job missing a sequence is refused at upload with the sequences the model takes,
-and a study whose series cannot be assigned with the study's series listed."""
+and a study whose series cannot be assigned with the study's series listed. The model being the default, a study
+pushed by STOW-RS or sent by C-STORE is one job, its series assigned to the sequences by description."""
 import json
 import shutil
 import zipfile
@@ -14,7 +15,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     import torch
     from kit import KEYS, client, wait_final
 
-    from worker.localstack import LocalStack
+    from worker.localstack import LocalStack, free_port, wait_until
     from worker.training.train import BundleTrainConfig, train_bundle
 
     if shutil.which("redis-server") is None:
@@ -24,8 +25,10 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     train_bundle(two_sequence_dataset, tmp_path / "models" / "twoseq", cfg, torch.device("cpu"),
                  progress=lambda m: None)
     t1, t2 = (two_sequence_dataset / "imagesTr" / f"phantom_000_000{c}.nii.gz" for c in (0, 1))
+    dimse = free_port()
+    env = {"ISL_DIMSE_PORT": str(dimse), "ISL_DIMSE_QUIET_S": "3", "ISL_DIMSE_CALLING_AETS": "alpha:STORESCU"}
     with LocalStack(tmp_path / "stack", tmp_path / "models", "twoseq", two_sequence_dataset,
-                    {"alpha": KEYS["alpha"]}) as s, client() as c:
+                    {"alpha": KEYS["alpha"]}, extra_env=env) as s, client() as c:
         assert c.get(s.url + "/v1/models").json()["models"]["twoseq"]["channels"] == ["T1", "T2"]
         with open(t1, "rb") as a:
             one = c.post(s.url + "/v1/jobs", files=[("files", ("t1.nii.gz", a))])
@@ -47,7 +50,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
 
         # one DICOM study (a zip of two series): assigned by description, else refused with its series listed, then
         # assigned by the sequence_series field
-        study, uids = _study_zip(t1, t2, tmp_path / "study.zip", ("scout", "T2 SPACE sag"))
+        study, uids, _ = _study_zip(t1, t2, tmp_path / "study.zip", ("scout", "T2 SPACE sag"))
         with open(study, "rb") as f:
             refused = c.post(s.url + "/v1/jobs", files=[("files", ("study.zip", f))])
         assert refused.status_code == 422, refused.text
@@ -68,6 +71,34 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
                            data={"sequence_series": json.dumps({"T1": uids[0]})})
         assert wrong.status_code == 422 and "this upload is not one" in wrong.json()["detail"]
 
+        # a PACS: the default model takes two sequences, so a study pushed by STOW-RS, or sent by C-STORE, is one job
+        # whose series are assigned by description; a study whose series cannot be assigned is refused, saying why
+        def stow(folder):
+            body = b"".join(b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes() + b"\r\n"
+                            for f in sorted(folder.glob("*.dcm"))) + b"--b0undary--\r\n"
+            return c.post(s.url + "/dicomweb/studies", content=body, headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b0undary'})
+
+        r = stow(study.with_suffix(""))
+        assert r.status_code == 422 and "no series whose description names sequence T1" in r.json()["detail"], r.text
+        named, _, datasets = _study_zip(t1, t2, tmp_path / "named.zip", ("T1 MPRAGE", "T2 SPACE sag"))
+        r = stow(named.with_suffix(""))
+        assert r.status_code == 200, r.text
+        (job_id,) = r.headers["X-ISL-Jobs"].split(",")
+        final = wait_final(s.url, job_id)
+        assert final["state"] == "succeeded", s.logs()
+        (q,) = c.get(f"{s.url}/v1/jobs/{job_id}/report").json()["qa"]["sequences"]
+        assert q["sequence"].startswith("sequence 1 (T2, ")
+
+        s.start_listener()
+        before = {j["id"] for j in c.get(s.url + "/v1/jobs").json()["jobs"]}
+        assert _c_store(datasets, dimse) == [0] * len(datasets)
+        new = wait_until(lambda: {j["id"] for j in c.get(s.url + "/v1/jobs").json()["jobs"]} - before, 60,
+                         "the job of the study sent by C-STORE")
+        assert len(new) == 1  # one job for the study, not one per series
+        final = wait_final(s.url, new.pop())
+        assert final["state"] == "succeeded", s.logs()
+
         # the batch client: `isl submit --sequences` groups CASE_0000, CASE_0001 into one job per case
         from service.client import submit_batch
 
@@ -79,24 +110,42 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
 
 
 def _study_zip(t1, t2, out, descriptions):
-    """Both sequences as the DICOM series of one study, zipped; their series UIDs."""
+    """Both sequences as the DICOM series of one study, in a folder and zipped: (zip, series UIDs, datasets)."""
     import SimpleITK as sitk
     from dicom_corpus import datasets, save
     from pydicom.uid import generate_uid
 
-    study, frame, uids = generate_uid(), generate_uid(), []
+    study, frame, uids, every = generate_uid(), generate_uid(), [], []
     folder = out.with_suffix("")
     for path, description in zip((t1, t2), descriptions):
         series = datasets(sitk.ReadImage(str(path)), study_uid=study, frame_of_reference=frame)
         for ds in series:
             ds.SeriesDescription = description
         uids.append(series[0].SeriesInstanceUID)
+        every += series
         save(series, folder)
     with zipfile.ZipFile(out, "w") as z:
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 z.write(f, f.relative_to(folder))
-    return out, uids
+    return out, uids, every
+
+
+def _c_store(datasets, port):
+    """C-STORE the datasets to the listener in one association as STORESCU; the status of each."""
+    import copy
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ISL")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(copy.deepcopy(ds)).Status for ds in datasets]
+    finally:
+        assoc.release()
 
 
 def test_the_batch_client_groups_sequences_by_their_suffix_and_refuses_a_gap(tmp_path):
