@@ -79,41 +79,40 @@ class _Member(torch.nn.Module):
 
 
 def score(model_dir: Path, dataset: str, ids: list[str], isl: list[str], regions: dict[str, list[int]],
-          names: list[str] | None = None) -> dict:
-    """Per test case, each variant's mean Dice over the labels (or `regions`) its reference holds; ISL on top of the
-    variants named in `isl` (ISLConfig defaults, unchecked)."""
+          names: list[str] | None = None) -> tuple[dict, dict]:
+    """Per test case, each variant's mean Dice over the labels (or `regions`) its reference holds, and the Dice of each
+    of those labels (regions); ISL on top of the variants named in `isl` (ISLConfig defaults, unchecked)."""
     refiner = load_refiner(model_dir, dataset, {"device": "cpu"})
     ds, labels_all = load_dataset(dataset), refiner.bundle.segmentation.labels
     nets = variants(refiner.net, names)
-    rows = {}
+    rows, parts = {}, {}
     for case_id in ids:
         case = ds.case(case_id)
         volumes, label, _ = load_case(ds, case)
-        known = [v for v, k in zip(labels_all, case.present(labels_all)) if v != 0 and k]
+        known = {n: [v] for v, n, k in zip(labels_all, labels_all.values(), case.present(labels_all)) if v != 0 and k}
         x = refiner.pre.images(volumes)[0]
         truth = refiner.pre.label(label).astype(np.int64)
-        row = {}
+        part = {}
         for name, net in nets.items():
             refiner.net = net
             if name in isl:
                 res = refiner.refine(x)
-                row[name] = _mean(res.baseline, truth, known, regions)
-                row[f"{name}+isl"] = _mean(res.probs, truth, known, regions)
+                part[name] = _parts(res.baseline, truth, regions or known)
+                part[f"{name}+isl"] = _parts(res.probs, truth, regions or known)
             else:
-                row[name] = _mean(predict(net, x, refiner.pre.patch_size, refiner.device, ()), truth, known, regions)
-        rows[case_id] = row
-    return rows
+                probs = predict(net, x, refiner.pre.patch_size, refiner.device, ())
+                part[name] = _parts(probs, truth, regions or known)
+        parts[case_id] = part
+        rows[case_id] = {name: round(float(np.mean(list(d.values()))), 5) for name, d in part.items()}
+    return rows, parts
 
 
-def _mean(probs: np.ndarray, truth: np.ndarray, labels: list[int], regions: dict[str, list[int]]) -> float:
-    """Mean Dice over `labels`, or over the `regions` (unions of labels) the reference holds: an empty region in the
-    reference is not scored (a Dice of an absent structure says nothing of the network)."""
+def _parts(probs: np.ndarray, truth: np.ndarray, regions: dict[str, list[int]]) -> dict[str, float]:
+    """Dice of each region (a union of labels; a label alone is a region of one) that the reference holds: a region
+    absent from the reference is not scored (a Dice of an absent structure says nothing of the network)."""
     pred = probs.argmax(0)
-    if not regions:
-        return round(float(np.mean(list(dice(pred, truth, labels).values()))), 5)
-    scores = [dice(np.isin(pred, r).astype(np.int64), np.isin(truth, r).astype(np.int64), [1])[1]
-              for r in regions.values() if np.isin(truth, r).any()]
-    return round(float(np.mean(scores)), 5)
+    return {name: round(dice(np.isin(pred, r).astype(np.int64), np.isin(truth, r).astype(np.int64), [1])[1], 5)
+            for name, r in regions.items() if np.isin(truth, r).any()}
 
 
 def train(args, dataset: str, out: Path, **fields) -> float:
@@ -135,9 +134,8 @@ def folds_arms(args, result: dict, save) -> None:
             continue
         out = Path(args.work) / arm
         seconds = train(args, args.dataset, out, holdout=args.holdout, cases=args.cases, **fields)
-        rows = score(out, args.dataset, test, ["network", "mean", "vote"] if args.isl else [], args.regions)
-        result["arms"][arm] = {"train_seconds": seconds, "per_case": {
-            c: {_label(arm, v): d for v, d in row.items()} for c, row in rows.items()}}
+        result["arms"][arm] = {"train_seconds": seconds}
+        rescore(args, result["arms"][arm], arm, out, args.dataset, test)
         save(arm)
 
 
@@ -155,16 +153,36 @@ def sequences_arms(args, result: dict, save) -> None:
                 continue
             out = Path(args.work) / f"{arm}_{case_id}"
             rows["train_seconds"] += train(args, leave_out(dataset, case_id, Path(args.work)), out, **fields)
-            scored = score(out, dataset, [case_id], ["network", "mean", "vote"] if args.isl else [], args.regions,
-                           only)[case_id]
-            rows["per_case"][case_id] = {_label(arm, v): d for v, d in scored.items()}
+            rescore(args, rows, arm, out, dataset, [case_id], only)
             save(f"{arm} without {case_id}")
+
+
+def rescore(args, rows: dict, arm: str, out: Path, dataset: str, ids: list[str], names: list[str] | None = None):
+    """Score the bundle `out` on `ids` into the arm's `rows` (per_case: mean Dice per variant; per_part: per label or
+    region)."""
+    scored, parts = score(out, dataset, ids, ["network", "mean", "vote"] if args.isl else [], args.regions, names)
+    for case_id in ids:
+        rows.setdefault("per_case", {})[case_id] = {_label(arm, v): d for v, d in scored[case_id].items()}
+        rows.setdefault("per_part", {})[case_id] = {_label(arm, v): d for v, d in parts[case_id].items()}
+
+
+def rescore_all(args, result: dict, save) -> None:
+    """--rescore: score every trained bundle of the JSON again (no training), e.g. after the scoring changed."""
+    for arm, rows in result["arms"].items():
+        if args.mode == "folds":
+            rescore(args, rows, arm, Path(args.work) / arm, args.dataset, result["test_cases"])
+        else:
+            dataset = resampled(args.dataset, args.resample, Path(args.work)) if args.resample else args.dataset
+            only = [f"only_{n}" for n in load_dataset(dataset).channel_names]
+            for case_id in sorted(rows["per_case"]):
+                rescore(args, rows, arm, Path(args.work) / f"{arm}_{case_id}", dataset, [case_id], only)
+        save(f"{arm} rescored")
 
 
 def _label(arm: str, variant: str) -> str:
     if variant.startswith("only_"):
         return variant
-    return arm if variant == "network" else f"{arm}_{variant}"
+    return arm + variant.removeprefix("network") if variant.startswith("network") else f"{arm}_{variant}"
 
 
 def summary(result: dict, reference: str) -> dict:
@@ -176,10 +194,18 @@ def summary(result: dict, reference: str) -> dict:
         for case_id, row in arm["per_case"].items():
             for variant, d in row.items():
                 rows.setdefault(variant, {})[case_id] = d
+    parts: dict[str, dict[str, list[float]]] = {}
+    for arm in result["arms"].values():
+        for row in arm.get("per_part", {}).values():
+            for variant, d in row.items():
+                for name, v in d.items():
+                    parts.setdefault(variant, {}).setdefault(name, []).append(v)
     ref = rows.get(reference, {})
     out = {}
     for variant, cases in rows.items():
         out[variant] = {"mean_dice": round(float(np.mean(list(cases.values()))), 5), "cases": len(cases)}
+        if variant in parts:
+            out[variant]["per_part"] = {n: round(float(np.mean(v)), 5) for n, v in parts[variant].items()}
         common = sorted(set(cases) & set(ref))
         if variant != reference and common:
             a, b = [cases[c] for c in common], [ref[c] for c in common]
@@ -205,6 +231,7 @@ def main() -> None:
                     help="score this union of labels instead of each label (repeatable), e.g. whole=1,2,3,4")
     ap.add_argument("--isl", action="store_true", help="also ISL on top of the networks and ensembles (ISLConfig "
                     "defaults, unchecked), not of single members")
+    ap.add_argument("--rescore", action="store_true", help="score the bundles of --json again, training nothing")
     ap.add_argument("--work", default="scratch/ensemble")
     ap.add_argument("--json", required=True)
     ap.add_argument("--threads", type=int, default=2)
@@ -223,7 +250,10 @@ def main() -> None:
         print(f"{what}: " + json.dumps({v: s["mean_dice"] for v, s in result["summary"].items()}), file=sys.stderr,
               flush=True)
 
-    (folds_arms if args.mode == "folds" else sequences_arms)(args, result, save)
+    if args.rescore:
+        rescore_all(args, result, save)
+    else:
+        (folds_arms if args.mode == "folds" else sequences_arms)(args, result, save)
     print(json.dumps({k: v for k, v in result.items() if k != "arms"}, indent=1))
 
 
