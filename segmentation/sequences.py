@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from segmentation.errors import GeometryMismatchError
-from segmentation.io import Geometry, Volume
+from segmentation.errors import GeometryMismatchError, InputError
+from segmentation.io import Geometry, ReadLimits, Volume, read_image
 
 MIN_OVERLAP = 0.5  # share of the first sequence's field of view that another must cover, in the scanner's coordinates
 SUSPECT_MM, SUSPECT_DEG = 20.0, 15.0  # an alignment that moved more than this is flagged in the QA
@@ -111,3 +112,27 @@ def on_first_grid(volumes: list[Volume], names: list[str] | None = None) -> tupl
         out.append(v)
         qa.append({"sequence": what, "method": "same grid as the first sequence (taken as co-registered)"})
     return out, qa
+
+
+def read_sequences(inputs: list[Path], series_uid: str | None = None, channels: list[str] | None = None,
+                   sequence_series: dict[str, str] | None = None) -> tuple[list[Volume], list[dict]]:
+    """One volume per sequence (channel), each on the first one's grid (co-registered to it where it was not), and
+    the QA of each alignment. `channels`: the model's sequences, in order: one input each,
+    or, for a model of several, one DICOM study (folder or zip) whose series are assigned to them by description or by
+    `sequence_series` (segmentation.dicom.assign_series). A missing or extra sequence is InputError naming them."""
+    study = channels is not None and len(channels) > 1 and len(inputs) == 1 and (
+        inputs[0].is_dir() or inputs[0].suffix.lower() == ".zip")
+    if study:
+        from segmentation.dicom import read_study  # pydicom, only for a study
+
+        return on_first_grid(read_study(inputs[0], channels, sequence_series, ReadLimits()), channels)
+    if sequence_series:
+        raise InputError("series are assigned to sequences only in a DICOM study (one folder or zip) given to a model "
+                         "of several sequences")
+    if channels is not None and len(inputs) != len(channels):
+        given = ", ".join(str(p) for p in inputs)
+        missing = f"; missing {', '.join(channels[len(inputs):])}" if len(inputs) < len(channels) else ""
+        raise InputError(f"the model takes {len(channels)} sequence(s), one file, folder or zip each, in this order: "
+                         f"{', '.join(channels)}; {len(inputs)} given ({given}){missing}")
+    volumes = [read_image(p, series_uid=series_uid) for p in inputs]
+    return on_first_grid(volumes, channels)

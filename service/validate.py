@@ -96,17 +96,22 @@ def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str
     return result["series"], result["instances"]
 
 
-def check_correction(path: Path, scan: Path, series_uid: str | None, mask: Path, labels: dict[int, str], out: Path,
+def check_correction(path: Path, scans: list[Path], series_uid: str | None, mask: Path, labels: dict[int, str],
+                     out: Path, sequences: list[str] | None = None, sequence_series: dict[str, str] | None = None,
                      timeout: float = 300) -> dict:
-    """Read a correction (NIfTI label map or DICOM SEG) onto the grid of the job's scan (`scan`, its series
-    `series_uid`), in the limited child; write it and the scan as NIfTI into `out` (label.nii.gz, image.nii.gz)
-    and return what it changed against the job's refined mask `mask`, per label. Invalid with the reason when the
-    grid, the labels or the references do not match."""
+    """Read a correction (NIfTI label map or DICOM SEG) onto the grid of the job's scan (`scans`: its stored inputs,
+    of series `series_uid`; for a model of several `sequences`, one per sequence or one DICOM study assigned by
+    `sequence_series`, as the worker read them), in the limited child; write it and the scan as NIfTI into `out`
+    (label.nii.gz, image.nii.gz, and image_0001.nii.gz... for the further sequences on the first one's grid) and return
+    what it changed against the job's refined mask `mask`, per label. Invalid with the reason when the grid, the
+    labels or the references do not match."""
     return _child("correction", path, timeout, series_uid,
-                  {"scan": str(scan), "mask": str(mask), "labels": labels, "out": str(out)})
+                  {"scans": [str(s) for s in scans], "mask": str(mask), "labels": labels, "out": str(out),
+                   "sequences": sequences, "sequence_series": sequence_series or None})
 
 
-def _correction(path: str, series_uid: str | None, scan: str, mask: str, labels: dict, out: str) -> dict:
+def _correction(path: str, series_uid: str | None, scans: list[str], mask: str, labels: dict, out: str,
+                sequences: list[str] | None, sequence_series: dict[str, str] | None) -> dict:
     import numpy as np
 
     from segmentation.corrections import is_dicom, read_correction
@@ -114,10 +119,12 @@ def _correction(path: str, series_uid: str | None, scan: str, mask: str, labels:
     from segmentation.files import file_sha256
     from segmentation.io import read_image, write_image, write_label_map
     from segmentation.metrics import dice
+    from segmentation.sequences import read_sequences
 
     labels = {int(v): n for v, n in labels.items()}
     try:
-        volume = read_image(Path(scan), series_uid=series_uid)
+        volumes, _ = read_sequences([Path(p) for p in scans], series_uid, sequences, sequence_series)
+        volume = volumes[0]
         corrected = read_correction(Path(path), volume, labels)
         refined = read_image(Path(mask)).array
     except InputError as exc:
@@ -130,6 +137,8 @@ def _correction(path: str, series_uid: str | None, scan: str, mask: str, labels:
     Path(out).mkdir(parents=True, exist_ok=True)
     write_label_map(corrected, volume.geometry, Path(out) / "label.nii.gz")
     write_image(volume.array, volume.geometry, Path(out) / "image.nii.gz")
+    for k, further in enumerate(volumes[1:], 1):  # the further sequences, on the first one's grid
+        write_image(further.array, further.geometry, Path(out) / f"image_{k:04d}.nii.gz")
     per_label = {name: {"refined_ml": round(float(np.count_nonzero(refined == v)) * voxel_ml, 3),
                         "corrected_ml": round(float(np.count_nonzero(corrected == v)) * voxel_ml, 3),
                         "dice_refined_vs_corrected": round(float(scores[v]), 4),

@@ -11,11 +11,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from segmentation.errors import InputError
 from segmentation.files import atomic_write_text, file_sha256
-from segmentation.io import Geometry, ReadLimits, Volume, read_image, write_label_map
+from segmentation.io import Geometry, Volume, write_label_map
 from segmentation.preprocess import to_native
-from segmentation.sequences import on_first_grid
+from segmentation.sequences import read_sequences
 from worker.method.bundle import ISLBundle
 from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner, pick_device
@@ -60,30 +59,6 @@ def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None,
     return refined, baseline, {"qa": result.qa, "seconds": seconds}
 
 
-def read_inputs(inputs: list[Path], series_uid: str | None = None, channels: list[str] | None = None,
-                sequence_series: dict[str, str] | None = None) -> tuple[list[Volume], list[dict]]:
-    """One volume per sequence (channel), each on the first one's grid (co-registered to it where it was not:
-    segmentation.sequences), and the QA of each alignment. `channels`: the model's sequences, in order: one input each,
-    or, for a model of several, one DICOM study (folder or zip) whose series are assigned to them by description or by
-    `sequence_series` (segmentation.dicom.assign_series). A missing or extra sequence is InputError naming them."""
-    study = channels is not None and len(channels) > 1 and len(inputs) == 1 and (
-        inputs[0].is_dir() or inputs[0].suffix.lower() == ".zip")
-    if study:
-        from segmentation.dicom import read_study  # pydicom, only for a study
-
-        return on_first_grid(read_study(inputs[0], channels, sequence_series, ReadLimits()), channels)
-    if sequence_series:
-        raise InputError("series are assigned to sequences only in a DICOM study (one folder or zip) given to a model "
-                         "of several sequences")
-    if channels is not None and len(inputs) != len(channels):
-        given = ", ".join(str(p) for p in inputs)
-        missing = f"; missing {', '.join(channels[len(inputs):])}" if len(inputs) < len(channels) else ""
-        raise InputError(f"the model takes {len(channels)} sequence(s), one file, folder or zip each, in this order: "
-                         f"{', '.join(channels)}; {len(inputs)} given ({given}){missing}")
-    volumes = [read_image(p, series_uid=series_uid) for p in inputs]
-    return on_first_grid(volumes, channels)
-
-
 def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, refiner: Refiner,
                   out: Path) -> dict[str, Path]:
     """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input whose headers allow them
@@ -120,7 +95,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     refiner = refiner or load_refiner(model_dir, atlas_dir, cfg)
     seconds["load_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    volumes, sequences = read_inputs(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"], sequence_series)
+    volumes, sequences = read_sequences(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"], sequence_series)
     seconds["read"] = time.perf_counter() - t0
     refined, baseline, info = refine_volumes(refiner, volumes, progress, extra_atlases)
     if len(volumes) > 1:

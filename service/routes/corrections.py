@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 from pydantic import BaseModel, Field
 
 from service.deps import Actor, FinishedJob, OwnedJob, SettingsDep, StorageDep, StoreDep
-from service.intake import room_for_upload, staging
+from service.intake import model_sequences, room_for_upload, staging
 from service.records import now
 from service.storage import Storage, TooLarge
 from service.uploads import sniff
@@ -78,8 +78,9 @@ def correct(job: FinishedJob, actor: Actor, response: Response, settings: Settin
         except TooLarge:
             raise HTTPException(413, f"upload exceeds the limit of {settings.max_upload_bytes} bytes") from None
         try:
-            summary = check_correction(path, storage.input_path(job.id), job.options.series_uid,
-                                       out / "mask.nii.gz", labels, folder / "files")
+            summary = check_correction(path, storage.input_paths(job.id), job.options.series_uid,
+                                       out / "mask.nii.gz", labels, folder / "files", _sequences(settings, job),
+                                       job.options.sequence_series)
         except Invalid as exc:
             raise HTTPException(422, f"{file.filename!r}: {exc}") from None
         correction_id = uuid.uuid4().hex
@@ -103,6 +104,14 @@ def correct(job: FinishedJob, actor: Actor, response: Response, settings: Settin
                                  "again") from None
     response.headers["Location"] = f"/v1/jobs/{job.id}/corrections"
     return _view(row)
+
+
+def _sequences(settings, job) -> list[str] | None:
+    """The sequences the job's model takes (None when its bundle is gone: the job's input is then read as one scan)."""
+    try:
+        return model_sequences(settings, job.options.model)
+    except (OSError, ValueError):
+        return None
 
 
 @router.get("/v1/jobs/{job_id}/corrections", response_model=CorrectionList,

@@ -2,7 +2,8 @@
 job sends one file per sequence (the second on another grid, which the worker co-registers to the first, with the
 alignment's QA in the report), or one zip of a DICOM study whose series are assigned to the sequences by description
 or by the `sequence_series` field; a job missing a sequence is refused at upload with the sequences the model takes,
-and a study whose series cannot be assigned with the study's series listed. The model being the default, a study
+and a study whose series cannot be assigned with the study's series listed. A correction is kept with both
+sequences (retraining reads both). The model being the default, a study
 pushed by STOW-RS or sent by C-STORE is one job, its series assigned to the sequences by description."""
 import json
 import shutil
@@ -47,6 +48,11 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         assert report["model_version"].startswith("twoseq-")  # the ensemble, served as one model
         mask = c.get(f"{s.url}/v1/jobs/{final['id']}/result")
         assert mask.status_code == 200 and mask.content[:2] == b"\x1f\x8b"
+        # a radiologist's correction is kept with both sequences, the second on the first one's grid
+        fixed = c.post(f"{s.url}/v1/jobs/{final['id']}/correction", files={"file": ("mask.nii.gz", mask.content)})
+        assert fixed.status_code == 201, fixed.text
+        (kept,) = (tmp_path / "stack").rglob("corrections/*/*/*/label.nii.gz")
+        assert sorted(p.name for p in kept.parent.glob("image*")) == ["image.nii.gz", "image_0001.nii.gz"]
 
         # one DICOM study (a zip of two series): assigned by description, else refused with its series listed, then
         # assigned by the sequence_series field

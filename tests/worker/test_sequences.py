@@ -111,3 +111,42 @@ def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_
     (q,) = json.loads((tmp_path / "dcm" / "report.json").read_text())["qa"]["sequences"]
     assert q["sequence"].startswith("sequence 1 (T2, ") and q["method"].startswith("rigid")
     assert (tmp_path / "dcm" / "seg.dcm").is_file()  # a DICOM study gets its DICOM SEG, on the first series
+
+
+def test_a_model_of_two_sequences_retrains_on_corrections_kept_with_both(two_sequence_dataset, tmp_path):
+    """A radiologist's correction of a two-sequence job is kept with both sequences on the first one's grid, as the
+    service stores it (image.nii.gz, image_0001.nii.gz, label.nii.gz): retraining reads both, and a correction kept
+    with one sequence only is refused, naming the model's sequences."""
+    import shutil
+
+    import torch
+
+    from segmentation.errors import DatasetError
+    from segmentation.io import write_image
+    from segmentation.sequences import read_sequences
+    from worker.training.retrain import Correction, RetrainConfig, retrain
+    from worker.training.train import BundleTrainConfig, train_bundle
+
+    torch.set_num_threads(2)
+    cfg = BundleTrainConfig(holdout=2, validation=0, name="two")
+    cfg.training.iterations, cfg.registration.iterations = 20, 10
+    train_bundle(two_sequence_dataset, tmp_path / "v0", cfg, torch.device("cpu"), progress=lambda m: None)
+    corrections = []
+    for i, case in enumerate(["phantom_000", "phantom_001"]):  # the held-out cases, as corrected jobs
+        folder = tmp_path / "corrections" / case
+        folder.mkdir(parents=True)
+        volumes, _ = read_sequences([two_sequence_dataset / "imagesTr" / f"{case}_000{k}.nii.gz" for k in (0, 1)],
+                                    None, ["T1", "T2"])
+        for k, v in enumerate(volumes):
+            write_image(v.array, v.geometry, folder / ("image.nii.gz" if k == 0 else f"image_{k:04d}.nii.gz"))
+        shutil.copy(two_sequence_dataset / "labelsTr" / f"{case}.nii.gz", folder / "label.nii.gz")
+        corrections.append(Correction.stored(f"job{i}", folder))
+    assert [len(c.images) for c in corrections] == [2, 2]
+    rcfg = RetrainConfig(iterations=20, reg_iterations=10, configure_minutes=0.01)
+    out = retrain(tmp_path / "v0", two_sequence_dataset, corrections, tmp_path / "v1", rcfg, torch.device("cpu"),
+                  progress=lambda m: None)
+    assert sorted(out["data"]["corrections"]) == ["job0", "job1"]
+    one = Correction(id="one", image=corrections[0].image, label=corrections[0].label)
+    with pytest.raises(DatasetError, match=r"correction one: 1 sequence\(s\) kept with it; model .+ takes 2 \(T1, "):
+        retrain(tmp_path / "v0", two_sequence_dataset, [one], tmp_path / "v2", rcfg, torch.device("cpu"),
+                progress=lambda m: None)

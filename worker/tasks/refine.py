@@ -138,6 +138,7 @@ def _corrections(store: JobStore, job: Job, refiner):
     correction of each job is its truth); None when there are none or ISL_CORRECTIONS_AS_ATLASES is off."""
     from segmentation.io import read_image
     from worker.method.refiner import CORRECTION_PREFIX
+    from worker.training.retrain import Correction
 
     if not settings.corrections_as_atlases or store.records is None:
         return None
@@ -154,9 +155,9 @@ def _corrections(store: JobStore, job: Job, refiner):
         if key not in _correction_atlases:
             folder = Path(settings.storage_root) / row["folder"]
             try:
+                stored = Correction.stored(row["id"], folder)
                 _correction_atlases[key] = refiner.bundle.case_atlas(
-                    CORRECTION_PREFIX + row["id"], [read_image(folder / "image.nii.gz")],
-                    read_image(folder / "label.nii.gz"))
+                    CORRECTION_PREFIX + row["id"], [read_image(p) for p in stored.images], read_image(stored.label))
             except Exception:  # noqa: BLE001 - one unreadable correction must not fail the job (said once)
                 log.warning("correction %s (job %s) cannot join the atlas bank", row["id"], row["job_id"],
                             exc_info=True)

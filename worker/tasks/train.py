@@ -45,8 +45,7 @@ def corrected_cases(records, tenant: str, model: str) -> list:
 
     latest = {r["job_id"]: r for r in records.corrections(tenant, model=model)}
     root = Path(settings.storage_root)
-    return [Correction(id=r["id"], image=root / r["folder"] / "image.nii.gz", label=root / r["folder"] / "label.nii.gz")
-            for r in latest.values()]
+    return [Correction.stored(r["id"], root / r["folder"]) for r in latest.values()]
 
 
 class _Beat(threading.Thread):

@@ -52,6 +52,18 @@ class Correction(BaseModel):
     image: Path
     label: Path
     structures: list[str] | None = None
+    further_images: list[Path] = []  # a model of several sequences: the second, third... on the first one's grid
+
+    @classmethod
+    def stored(cls, id: str, folder: Path) -> Correction:
+        """A correction as the service keeps it: image.nii.gz (image_0001.nii.gz... for further sequences) and
+        label.nii.gz in `folder`."""
+        return cls(id=id, image=folder / "image.nii.gz", label=folder / "label.nii.gz",
+                   further_images=sorted(folder.glob("image_[0-9][0-9][0-9][0-9].nii.gz")))
+
+    @property
+    def images(self) -> list[Path]:
+        return [self.image, *self.further_images]
 
     def known(self, labels: dict[int, str]) -> np.ndarray:
         return np.array([v == 0 or self.structures is None or n in self.structures for v, n in labels.items()])
@@ -84,13 +96,15 @@ def corrections_dataset(corrections: list[Correction], base, folder: Path):
     its labels and channel, and cases.json where a correction contours only some structures."""
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    several = len(base.channel_names) > 1
     for c in corrections:
-        for src, dst in ((c.image, folder / "imagesTr" / f"{c.id}.nii.gz"),
-                         (c.label, folder / "labelsTr" / f"{c.id}.nii.gz")):
+        images = [(src, folder / "imagesTr" / (f"{c.id}_{k:04d}.nii.gz" if several else f"{c.id}.nii.gz"))
+                  for k, src in enumerate(c.images)]
+        for src, dst in [*images, (c.label, folder / "labelsTr" / f"{c.id}.nii.gz")]:
             dst.unlink(missing_ok=True)
             dst.symlink_to(Path(src).resolve())
     meta = {"name": f"{base.name} corrections", "labels": {n: v for v, n in base.labels.items()},
-            "channel_names": {"0": base.channel_names[0]}, "file_ending": ".nii.gz"}
+            "channel_names": dict(enumerate(base.channel_names)), "file_ending": ".nii.gz"}
     (folder / "dataset.json").write_text(json.dumps(meta))
     rows = [{"case": c.id, "structures_present": c.structures} for c in corrections if c.structures is not None]
     if rows:
@@ -152,7 +166,7 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     base_cfg = meta.get("config") or {}
     train_cfg = copy.deepcopy(parent_train_config(base_cfg))
     judged = judged_cases(ds, meta, cfg.judge_cases)
-    held = [] if judged or len(ds.channel_names) > 1 else held_back(corrections, meta, train_cfg.training.seed)
+    held = [] if judged else held_back(corrections, meta, train_cfg.training.seed)
     trained = [c for c in corrections if c not in held]
     images, labels, known = [], [], []
     for case_id in meta["train_cases"]:
@@ -165,9 +179,12 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
         values = np.unique(label.array)
         if values.max(initial=0) >= len(names):
             raise DatasetError(f"correction {c.id}: label values {values.tolist()} do not fit {names}")
+        if len(c.images) != len(ds.channel_names):
+            raise DatasetError(f"correction {c.id}: {len(c.images)} sequence(s) kept with it; model {parent.version} "
+                               f"takes {len(ds.channel_names)} ({', '.join(ds.channel_names)})")
         if c in held:
             continue
-        images.append(pre.images([read_image(c.image)])[0])
+        images.append(pre.images([read_image(p) for p in c.images])[0])
         labels.append(pre.label(label))
         known.append(c.known(names))
     known = np.stack(known)
