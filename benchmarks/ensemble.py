@@ -216,9 +216,27 @@ def summary(result: dict, reference: str) -> dict:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The README table of a result: per variant, its mean Dice, each label's or region's, and the paired difference
+    to the reference network (points, cases better/worse, Wilcoxon p)."""
+    summary = result["summary"]
+    parts = list(dict.fromkeys(n for v in summary.values() for n in v.get("per_part", {})))
+    ref = next(v for v, row in summary.items() if not any(k.startswith("vs_") for k in row))
+    lines = ["| variant | mean Dice | " + " | ".join(parts) + f" | vs {ref} (points; better/worse; p) |",
+             "|" + "---|" * (len(parts) + 3)]
+    for variant, row in summary.items():
+        diff = row.get(f"vs_{ref}")
+        versus = "" if diff is None else f"{diff:+.2f}; {row['better_worse'][0]}/{row['better_worse'][1]}; " + (
+            "n/a" if row["p"] is None else f"{row['p']:.3f}")
+        cells = [f"{row['per_part'][n]:.4f}" if n in row.get("per_part", {}) else "" for n in parts]
+        lines.append(f"| {variant} | {row['mean_dice']:.4f} | " + " | ".join(cells) + f" | {versus} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["folds", "sequences"])
+    ap.add_argument("mode", choices=["folds", "sequences", "markdown"], help="markdown: print the README table of "
+                    "--json and stop")
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--holdout", type=int, default=0)
     ap.add_argument("--test", type=int, default=20)
@@ -236,12 +254,16 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.mode == "markdown":
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return
     args.regions = {n: [int(v) for v in ls.split(",")] for n, ls in (r.split("=", 1) for r in args.region)}
     torch.set_num_threads(args.threads)
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
-    result |= {"command": "python benchmarks/ensemble.py " + shlex.join(sys.argv[1:]), "mode": args.mode,
-               "iterations": args.iterations, "regions": args.regions}
+    command = "python benchmarks/ensemble.py " + shlex.join(sys.argv[1:])
+    result |= {"rescore_command": command} if args.rescore else {
+        "command": command, "mode": args.mode, "iterations": args.iterations, "regions": args.regions}
     reference = "single" if args.mode == "folds" else "multi_channel"
 
     def save(what: str) -> None:
