@@ -237,7 +237,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["folds", "sequences", "markdown"], help="markdown: print the README table of "
                     "--json and stop")
-    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dataset", help="the dataset (all modes but markdown)")
     ap.add_argument("--holdout", type=int, default=0)
     ap.add_argument("--test", type=int, default=20)
     ap.add_argument("--cases", type=int, default=None)
@@ -257,6 +257,8 @@ def main() -> None:
     if args.mode == "markdown":
         print(markdown(json.loads(Path(args.json).read_text())))
         return
+    if not args.dataset:
+        ap.error("--dataset is required")
     args.regions = {n: [int(v) for v in ls.split(",")] for n, ls in (r.split("=", 1) for r in args.region)}
     torch.set_num_threads(args.threads)
     path = Path(args.json)
