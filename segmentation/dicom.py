@@ -257,7 +257,8 @@ def assign_series(source: str, series: dict[str, list[str]], channels: list[str]
             if len(matches) != 1:
                 found = "no series" if not matches else f"{len(matches)} series"
                 raise InputError(f"{source}: {found} whose description names sequence {name}; name its series "
-                                 f"(--sequence-series {name}=UID). It holds: {listing}")
+                                 f"(--sequence-series {name}=UID, or the API's sequence_series field). It holds: "
+                                 f"{listing}")
             uid = matches[0]
         out.append(series[uid])
     return out

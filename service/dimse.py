@@ -84,7 +84,8 @@ class Listener:
             Queue(settings)
         try:  # a model of several sequences takes a study per job; any other, a series
             self.sequences = model_sequences(settings, settings.default_model)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            log.warning("default model %s unreadable (%s): each series becomes a job", settings.default_model, exc)
             self.sequences = []
         self.unit = "study" if len(self.sequences) > 1 else "series"
         self._lock = threading.Lock()  # between an instance landing in a series folder and that folder's claim
@@ -104,7 +105,7 @@ class Listener:
             return OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
-            study, series, sop = _uids(data)
+            study, series, sop = _uids(data, self.unit == "study")
             if self.unit == "study":
                 series = study  # the folder of a model of several sequences: the whole study
         except Exception as exc:  # noqa: BLE001 - a data set that cannot be parsed is answered, not raised
@@ -267,15 +268,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _uids(data: bytes) -> tuple[str, str, str]:
-    """(study, series and SOP instance UIDs) of an encoded instance, each checked to be a UID (they name the folder
-    and the file)."""
+def _uids(data: bytes, by_study: bool = False) -> tuple[str, str, str]:
+    """(study, series and SOP instance UIDs) of an encoded instance, those that name the folder and the file checked
+    to be UIDs (the study's only `by_study`)."""
     import pydicom
 
     names = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(names))
     values = tuple(str(ds.get(name, "")).strip() for name in names)
     for name, value in zip(names, values):
-        if not UID.match(value) or len(value) > 64:
+        if (name != "StudyInstanceUID" or by_study) and (not UID.match(value) or len(value) > 64):
             raise ValueError(f"{name} {value!r} is not a UID")
     return values

@@ -38,6 +38,9 @@ def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str 
         raise HTTPException(422, "no file uploaded (multipart field 'files')")
     several = sequences is not None and len(sequences) > 1
     study = several and len(files) == 1 and sniff(_head(files[0])) == "zip"
+    if study and series_uid:
+        raise HTTPException(422, "series_uid chooses the series of a one-sequence upload; the series of a study for a "
+                                 "model of several sequences are chosen by description or by sequence_series")
     if sequence_series and not study:
         raise HTTPException(422, "sequence_series assigns the series of one DICOM study (one zip) to the sequences of "
                                  "a model of several sequences; this upload is not one")

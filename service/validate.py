@@ -17,9 +17,9 @@ class Invalid(Exception):
     pass
 
 
-def _limit() -> None:
+def _limit(cpu_seconds: int = CPU_SECONDS) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
@@ -32,8 +32,9 @@ def _ctx():
 
 
 def _run(conn, kind: str, path: str, series_uid: str | None = None, extra: dict | None = None) -> None:
-    """In the child: limits first, then the reader; one answer on the pipe (a crash sends none)."""
-    _limit()
+    """In the child: limits first, then the reader; one answer on the pipe (a crash sends none). Each further
+    sequence of a study or correction to co-register adds CPU_SECONDS (a rigid alignment takes seconds to tens)."""
+    _limit(CPU_SECONDS * max(1, len((extra or {}).get("sequences") or [])))
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -90,8 +91,8 @@ def validate_study(path: Path, sequences: list[str], chosen: dict[str, str], tim
 
 
 def group_series(folder: Path, timeout: float = 120) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(series instance UID -> file paths of its slices, file path -> [SOP class UID, SOP instance UID]) of the
-    DICOM files under `folder`, read in the limited child."""
+    """(series instance UID -> file paths of its slices, file path -> [SOP class UID, SOP instance UID, study instance
+    UID]) of the DICOM files under `folder`, read in the limited child."""
     result = _child("series", folder, timeout)
     return result["series"], result["instances"]
 
@@ -172,10 +173,11 @@ def _series(folder: str) -> dict:
         instances = {}
         for p in sorted(Path(folder).iterdir()):
             try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-                instances[str(p)] = [str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))]
+                ds = pydicom.dcmread(p, stop_before_pixels=True,
+                                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+                instances[str(p)] = [str(ds.get(t, "")) for t in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
             except Exception:  # not DICOM: reported as a failed part
-                instances[str(p)] = ["", ""]
+                instances[str(p)] = ["", "", ""]
         return {"series": list_dicom_series(Path(folder)), "instances": instances}
     except InputError as exc:
         return {"error": str(exc)}

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
-from service.intake import enqueue, model_sequences, room_for_upload, staging
+from service.intake import chosen_model, enqueue, model_sequences, room_for_upload, staging
 from service.records import InputFile, JobOptions
 from service.storage import Storage
 from service.views import Problem
@@ -77,22 +77,27 @@ async def receive_parts(stream, content_type: str, folder: Path, limit: int) -> 
              responses={400: {"model": Problem}, 401: {"model": Problem}, 413: {"model": Problem},
                         415: {"model": Problem}, 422: {"model": Problem}},
              summary="DICOMweb STOW-RS: store a study (multipart/related of application/dicom); each series becomes a "
-                     "job",
+                     "job (each study, for a default model of several sequences)",
              description="For PACS and DICOM routers. The job ids come back in the `X-ISL-Jobs` header and as "
                          "RetrieveURL (0008,1190) values; each result is available as DICOM SEG and, when "
                          "`ISL_STOW_URL` is set, pushed there by the worker.")
 async def stow(request: Request, who: Tenant, settings: SettingsDep, store: StoreDep, storage: StorageDep,
                queue: QueueDep) -> JSONResponse:
+    model = chosen_model(settings, None)  # the default model: 422 before the body is read when it is missing
+    sequences = model_sequences(settings, model)
     room_for_upload(settings)
     with staging(settings) as root:
         series, instances = await _receive_study(request, root / "parts", settings.max_upload_bytes)
-        sequences = model_sequences(settings, settings.default_model)
-        if len(sequences) > 1:  # a model of several sequences: the study is one job, its series its sequences
-            staged = [await _stage_study(series, root / "s0", sequences)]
+        if len(sequences) > 1:  # a model of several sequences: each study is one job, its series its sequences
+            studies: dict[str, dict[str, list[str]]] = {}
+            for uid, files in series.items():
+                studies.setdefault(instances[files[0]][2], {})[uid] = files
+            staged = [await _stage_study(uid, study, root / f"s{i}", sequences)
+                      for i, (uid, study) in enumerate(sorted(studies.items()))]
         else:
             staged = [await _stage_series(uid, files, root / f"s{i}")
                       for i, (uid, files) in enumerate(sorted(series.items()))]
-        options = JobOptions(model=settings.default_model, atlases=None, priority=5, stow=True)
+        options = JobOptions(model=model, atlases=None, priority=5, stow=True)
         jobs = [enqueue(store, storage, queue, who, folder, inputs, options, actor=request.state.actor)
                 for folder, inputs in staged]
     urls = [str(request.url_for("get_job", job_id=j.id)) for j in jobs]
@@ -139,10 +144,10 @@ async def _stage_series(uid: str, files: list[str], staged: Path) -> tuple[Path,
     return staged, inputs
 
 
-async def _stage_study(series: dict[str, list[str]], staged: Path,
+async def _stage_study(study_uid: str, series: dict[str, list[str]], staged: Path,
                        sequences: list[str]) -> tuple[Path, list[InputFile]]:
-    """All the study's slices moved to staged/dicom, its series assigned to the model's `sequences` by description in
-    the limited child; 422 listing the series when a sequence has none or several."""
+    """All the slices of study `study_uid` moved to staged/dicom, its series assigned to the model's `sequences` by
+    description in the limited child; 422 listing the series when a sequence has none or several."""
     from service.validate import Invalid, validate_study
 
     folder = staged / "dicom"
@@ -157,7 +162,8 @@ async def _stage_study(series: dict[str, list[str]], staged: Path,
     try:
         await asyncio.to_thread(validate_study, folder, sequences, {})
     except Invalid as exc:
-        raise HTTPException(422, f"the study, for a model of the sequences {', '.join(sequences)}: {exc}") from None
+        raise HTTPException(422, f"study {study_uid or '(no Study Instance UID)'}, for a model of the sequences "
+                                 f"{', '.join(sequences)}: {exc}") from None
     return staged, inputs
 
 
@@ -169,8 +175,8 @@ def _stow_response(urls: list[str], series: dict[str, list[str]], instances: dic
     def ref(cls: str, inst: str) -> dict:
         return {"00081150": {"vr": "UI", "Value": [cls]}, "00081155": {"vr": "UI", "Value": [inst]}}
 
-    stored = [ref(*instances[f]) for f in sorted(taken) if f in instances]
-    failed = [ref(*uids) | {"00081197": {"vr": "US", "Value": [0x0110]}} for f, uids in sorted(instances.items())
+    stored = [ref(*instances[f][:2]) for f in sorted(taken) if f in instances]
+    failed = [ref(*uids[:2]) | {"00081197": {"vr": "US", "Value": [0x0110]}} for f, uids in sorted(instances.items())
               if f not in taken]
     body = {"00081190": {"vr": "UR", "Value": urls}, "00081199": {"vr": "SQ", "Value": stored}}
     if failed:

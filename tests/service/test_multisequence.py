@@ -71,7 +71,11 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         report = c.get(f"{s.url}/v1/jobs/{final['id']}/report").json()
         (q,) = report["qa"]["sequences"]
         assert q["sequence"].startswith("sequence 1 (T2, ")
-        assert c.get(f"{s.url}/v1/jobs/{final['id']}/result", params={"format": "dicom-seg"}).status_code == 200
+        seg = c.get(f"{s.url}/v1/jobs/{final['id']}/result", params={"format": "dicom-seg"})
+        assert seg.status_code == 200
+        fixed = c.post(f"{s.url}/v1/jobs/{final['id']}/correction", files={"file": ("seg.dcm", seg.content)})
+        assert fixed.status_code == 201, fixed.text  # the study read again as the worker read it, its series chosen
+        assert len(list((tmp_path / "stack").rglob("corrections/*/*/*/image_0001.nii.gz"))) == 2
         with open(t1, "rb") as a:
             wrong = c.post(s.url + "/v1/jobs", files=[("files", ("t1.nii.gz", a))],
                            data={"sequence_series": json.dumps({"T1": uids[0]})})
@@ -88,22 +92,27 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
         r = stow(study.with_suffix(""))
         assert r.status_code == 422 and "no series whose description names sequence T1" in r.json()["detail"], r.text
         named, _, datasets = _study_zip(t1, t2, tmp_path / "named.zip", ("T1 MPRAGE", "T2 SPACE sag"))
-        r = stow(named.with_suffix(""))
+        other, _, _ = _study_zip(t1, t2, tmp_path / "other.zip", ("T1 MPRAGE", "T2 SPACE sag"))  # a second study
+        for f in other.with_suffix("").glob("*.dcm"):
+            f.rename(named.with_suffix("") / ("other-" + f.name))
+        r = stow(named.with_suffix(""))  # two studies in one request: one job each, their series never mixed
         assert r.status_code == 200, r.text
-        (job_id,) = r.headers["X-ISL-Jobs"].split(",")
-        final = wait_final(s.url, job_id)
-        assert final["state"] == "succeeded", s.logs()
-        (q,) = c.get(f"{s.url}/v1/jobs/{job_id}/report").json()["qa"]["sequences"]
-        assert q["sequence"].startswith("sequence 1 (T2, ")
+        jobs = r.headers["X-ISL-Jobs"].split(",")
+        assert len(jobs) == 2
+        for job_id in jobs:
+            final = wait_final(s.url, job_id)
+            assert final["state"] == "succeeded", s.logs()
+            (q,) = c.get(f"{s.url}/v1/jobs/{job_id}/report").json()["qa"]["sequences"]
+            assert q["sequence"].startswith("sequence 1 (T2, ")
 
         s.start_listener()
         before = {j["id"] for j in c.get(s.url + "/v1/jobs").json()["jobs"]}
         assert _c_store(datasets, dimse) == [0] * len(datasets)
         new = wait_until(lambda: {j["id"] for j in c.get(s.url + "/v1/jobs").json()["jobs"]} - before, 60,
                          "the job of the study sent by C-STORE")
-        assert len(new) == 1  # one job for the study, not one per series
-        final = wait_final(s.url, new.pop())
+        final = wait_final(s.url, next(iter(new)))
         assert final["state"] == "succeeded", s.logs()
+        assert len({j["id"] for j in c.get(s.url + "/v1/jobs").json()["jobs"]} - before) == 1  # not one per series
 
         # the batch client: `isl submit --sequences` groups CASE_0000, CASE_0001 into one job per case
         from service.client import submit_batch
