@@ -4,7 +4,11 @@ and with ISL on top. Prints JSON (and writes it, arm by arm, to --json so that a
 
     python benchmarks/learning_curve.py --dataset ../shared/data/hippocampus --holdout 48 --test 15 \\
         --sizes 3 5 10 20 --iterations 600 --reg-iterations 300 \\
-        --start headneck_ct=models/headneck_ct --json benchmarks/results/learning_curve_hippocampus.json
+        --start headneck_ct=models/headneck_ct --start two_stage=scratch/learning_curve/stage1_brats_flair \\
+        --json benchmarks/results/learning_curve_hippocampus.json
+
+A two-stage start is a bundle itself transferred (`isl train --init-from`) onto an intermediate dataset; the README
+gives the command that makes `stage1_brats_flair`. Each arm records its start's lineage.
 
 Every arm trains through `worker.training.train.train_bundle`, as `isl train` does, on the first N cases after the
 held-out split, with the same iterations whatever N and whatever the start (a fixed budget: what ten cases buy,
