@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -37,12 +36,11 @@ from service import metrics
 from service.intake import model_sequences
 from service.jobs import open_store
 from service.queue import Queue
-from service.records import InputFile, JobOptions, JobState, now
+from service.records import InputFile, JobOptions, JobState, is_uid, now
 from service.settings import Settings
 from service.storage import Storage
 
 log = logging.getLogger("isl.dimse")
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
@@ -277,6 +275,6 @@ def _uids(data: bytes, by_study: bool = False) -> tuple[str, str, str]:
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(names))
     values = tuple(str(ds.get(name, "")).strip() for name in names)
     for name, value in zip(names, values):
-        if (name != "StudyInstanceUID" or by_study) and (not UID.match(value) or len(value) > 64):
+        if (name != "StudyInstanceUID" or by_study) and not is_uid(value):
             raise ValueError(f"{name} {value!r} is not a UID")
     return values

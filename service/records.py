@@ -3,6 +3,7 @@ are spelled. The JSON they dump to (in Redis) keeps the field names of the untyp
 that those still read."""
 from __future__ import annotations
 
+import re
 import time
 from enum import StrEnum
 from typing import Any
@@ -43,6 +44,13 @@ class InputFile(_Record):
     path: str
     bytes: int = 0
     sha256: str = ""
+
+
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # a DICOM UID: digits and dots, at most 64 characters
+
+
+def is_uid(value: str) -> bool:
+    return len(value) <= 64 and re.match(UID_PATTERN, value) is not None
 
 
 class JobOptions(_Record):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
@@ -12,7 +11,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
 from service.intake import chosen_model, enqueue, model_sequences, room_for_upload, staging
 from service.jobs import JobStore
-from service.records import FINAL, RESULT_FORMATS, JobOptions, JobState, now
+from service.records import FINAL, RESULT_FORMATS, UID_PATTERN, JobOptions, JobState, is_uid, now
 from service.uploads import receive
 from service.views import JobList, JobView, Problem, job_view
 
@@ -26,7 +25,6 @@ METADATA = ("case metadata as a JSON object of short strings, e.g. {\"age_band\"
 SEQUENCE_SERIES = ("for a model of several sequences sent as one zip of a DICOM study: which series is which sequence, "
                    "as a JSON object, e.g. {\"FLAIR\": \"1.2.840.1\", \"T1c\": \"1.2.840.2\"}; without it, each "
                    "sequence takes the one series whose description names it")
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 SERIES = ("for DICOM uploads that hold several series: the Series Instance UID of the one to refine (without it "
           "such an upload is refused with the list of its series)")
 
@@ -40,7 +38,7 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
            model: Annotated[str | None, Form(description="model bundle name (GET /v1/models)")] = None,
            atlases: Annotated[int | None, Form(ge=1, le=64, description="K atlases per scan")] = None,
            priority: Annotated[int, Form(ge=0, le=9, description="0 (first) .. 9 (last)")] = 5,
-           series_uid: Annotated[str | None, Form(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$",
+           series_uid: Annotated[str | None, Form(max_length=64, pattern=UID_PATTERN,
                                                   description=SERIES)] = None,
            metadata: Annotated[str | None, Form(max_length=2000, description=METADATA)] = None,
            sequence_series: Annotated[str | None, Form(max_length=2000, description=SEQUENCE_SERIES)] = None,
@@ -71,7 +69,7 @@ def series_of_sequences(text: str | None) -> dict[str, str]:
         raise HTTPException(422, "sequence_series: not JSON; give an object such as "
                                  "{\"FLAIR\": \"1.2.840.1\"}") from None
     if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and len(v) <= 64 and UID.fullmatch(v) for k, v in value.items()):
+            isinstance(k, str) and isinstance(v, str) and is_uid(v) for k, v in value.items()):
         raise HTTPException(422, "sequence_series: give a JSON object of sequence name -> Series Instance UID (digits "
                                  "and dots, at most 64 characters)")
     return value
