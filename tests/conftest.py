@@ -77,10 +77,11 @@ def two_sequence_dataset(phantom_dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(phantom_dataset, tmp_path_factory) -> Path:
-    """A bundle trained for a few iterations on the phantoms: exercises every code path in seconds."""
-    from worker.demo import train_tiny_bundle
+    """A bundle trained for a few iterations on the phantoms, refining with ISL on a test's scale (every stage, fewer
+    atlases and steps: worker/demo.py QUICK_REFINEMENT): exercises every code path in seconds."""
+    from worker.demo import QUICK_REFINEMENT, train_tiny_bundle
 
-    return train_tiny_bundle(phantom_dataset, tmp_path_factory.mktemp("bundle") / "tiny")
+    return train_tiny_bundle(phantom_dataset, tmp_path_factory.mktemp("bundle") / "tiny", QUICK_REFINEMENT)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     import torch
     from kit import KEYS, client, wait_final
 
+    from worker.demo import QUICK_REFINEMENT, set_refinement
     from worker.localstack import LocalStack, free_port, wait_until
     from worker.training.train import BundleTrainConfig, train_bundle
 
@@ -25,6 +26,7 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     cfg.training.iterations, cfg.registration.iterations = 30, 20
     train_bundle(two_sequence_dataset, tmp_path / "models" / "twoseq", cfg, torch.device("cpu"),
                  progress=lambda m: None)
+    set_refinement(tmp_path / "models" / "twoseq", QUICK_REFINEMENT, two_sequence_dataset)  # 7 jobs: ISL, smaller
     t1, t2 = (two_sequence_dataset / "imagesTr" / f"phantom_000_000{c}.nii.gz" for c in (0, 1))
     dimse = free_port()
     env = {"ISL_DIMSE_PORT": str(dimse), "ISL_DIMSE_QUIET_S": "3", "ISL_DIMSE_CALLING_AETS": "alpha:STORESCU"}

@@ -37,11 +37,13 @@ def test_the_ensemble_averages_or_votes_and_fine_tunes_on_the_mean():
 def test_a_k_fold_ensemble_trains_as_one_bundle_and_refines(phantom_dataset, tmp_path, capsys):
     from segmentation.network import Ensemble
     from worker.cli import main
+    from worker.demo import QUICK_REFINEMENT, set_refinement
     from worker.method.bundle import ISLBundle
 
     fast = ["--iterations", "30", "--reg-iterations", "20", "--validation", "0", "--threads", "2", "--holdout", "2"]
     assert main(["train", "--dataset", str(phantom_dataset), "--out", str(tmp_path / "e"), "--folds", "3",
                  "--combine", "vote", *fast]) == 0
+    set_refinement(tmp_path / "e", QUICK_REFINEMENT, phantom_dataset)  # ISL on a test's scale
     bundle = ISLBundle.load(tmp_path / "e")
     plan = bundle.meta["ensemble"]
     assert isinstance(bundle.segmentation.network, Ensemble) and len(bundle.segmentation.network.members) == 3

@@ -60,10 +60,12 @@ def test_a_sequence_of_another_region_is_refused_with_how_little_it_covers(phant
 def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_cli(
         two_sequence_dataset, tmp_path, capsys):
     from worker.cli import main
+    from worker.demo import QUICK_REFINEMENT, set_refinement
 
     data = two_sequence_dataset
     assert main(["train", "--dataset", str(data), "--out", str(tmp_path / "m"), "--holdout", "2", "--iterations",
                  "30", "--reg-iterations", "20", "--validation", "0", "--threads", "2"]) == 0
+    set_refinement(tmp_path / "m", QUICK_REFINEMENT, data)  # ISL on a test's scale: refine and evaluate it 4 times
     t1, t2 = (data / "imagesTr" / f"phantom_000_000{c}.nii.gz" for c in (0, 1))
     assert main(["refine", str(t1), str(t2), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"),
                  "--atlas-dir", str(data), "--threads", "2"]) == 0
