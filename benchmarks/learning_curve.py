@@ -103,7 +103,8 @@ def markdown(result: dict) -> str:
                 ids = sorted(a["per_case"])
                 p = paired_p([a["per_case"][i]["baseline"] for i in ids], [b["per_case"][i]["baseline"] for i in ids])
                 gain = 100 * (a["mean_dice"]["baseline"] - b["mean_dice"]["baseline"])
-                row.append(f"{gain:+.2f} (p {p:.3f})" if p is not None else f"{gain:+.2f}")
+                shown = "<0.001" if p is not None and p < 0.001 else f"{p:.3f}" if p is not None else None
+                row.append(f"{gain:+.2f} (p {shown})" if shown else f"{gain:+.2f}")
             else:
                 row.append("")
         lines.append("| " + " | ".join(row) + " |")
@@ -140,8 +141,9 @@ def plot(result: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--holdout", type=int, required=True, help="the first N cases in sorted order: the test pool")
+    ap.add_argument("--dataset", help="the dataset folder (needed unless --markdown)")
+    ap.add_argument("--holdout", type=int, help="the first N cases in sorted order: the test pool (needed unless "
+                                                "--markdown)")
     ap.add_argument("--test", type=int, default=15, help="score on the first N held-out cases")
     ap.add_argument("--sizes", type=int, nargs="+", default=[3, 5, 10, 20])
     ap.add_argument("--iterations", type=int, default=600)
@@ -162,6 +164,8 @@ def main() -> None:
     if args.markdown:
         print(markdown(json.loads(Path(args.json).read_text())))
         return
+    if args.dataset is None or args.holdout is None:
+        ap.error("--dataset and --holdout are needed to run arms (only --markdown reads the JSON alone)")
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset)
     test_ids = sorted(c.case_id for c in ds.cases)[: args.holdout][: args.test]
