@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service import handlers, openapi
+from service import console, handlers, openapi
 from service.jobs import open_store
 from service.queue import Queue
 from service.routes import ROUTERS
@@ -30,5 +30,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     handlers.install(app, settings.max_upload_bytes)
+    console.install(app)
     app.openapi = lambda: openapi.schema_of(app)
     return app

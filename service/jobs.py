@@ -13,9 +13,11 @@ audit event; a write the database refuses (it is away for a moment) is kept in R
 sweep (`sync_records`), so that the history misses nothing. A job Redis no longer has is read from the database."""
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -54,6 +56,22 @@ class JobStore:
 
     def revoke(self, key_hash: str) -> None:
         self._r.sadd(f"{P}revoked", key_hash)
+
+    # -- console sign-in sessions: only a digest of the session id is stored, as for keys ---------------------
+    def open_session(self, tenant: str, key_hash: str, ttl_s: int) -> tuple[str, str]:
+        """A new console session of `tenant` signed in with the key of `key_hash`: (session id, CSRF token)."""
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        record = {"tenant": tenant, "key_hash": key_hash, "csrf": csrf, "created": time.time()}
+        self._r.set(f"{P}session:{_digest(sid)}", json.dumps(record), ex=ttl_s)
+        return sid, csrf
+
+    def session(self, sid: str) -> dict | None:
+        """The session record (tenant, key_hash, csrf, created) of a live session id, else None."""
+        raw = self._r.get(f"{P}session:{_digest(sid)}") if sid else None
+        return json.loads(raw) if raw else None
+
+    def close_session(self, sid: str) -> None:
+        self._r.delete(f"{P}session:{_digest(sid)}")
 
     # -- records ----------------------------------------------------------------------------------------
     def by_idempotency_key(self, tenant: str, key: str) -> Job | None:
@@ -443,6 +461,10 @@ class JobStore:
                 return job, stopped
             except redis.WatchError:
                 return None
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def open_store(settings) -> JobStore:

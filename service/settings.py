@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     dimse_quiet_s: float = Field(30.0, gt=0, description="a series received over DIMSE is complete, and becomes a "
                                                          "job, once no association delivering it is open and no "
                                                          "instance of it arrived for this long")
+    console_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a web console sign-in lasts this long "
+                                                                             "(a revoked key ends it at once)")
+    console_secure_cookie: bool = Field(False, description="mark the console's cookies Secure (set it when the "
+                                                           "console is served over HTTPS, behind a TLS proxy; they "
+                                                           "are Secure anyway on a request seen as https)")
 
     def database(self) -> str:
         """The database URL in use: ISL_DATABASE_URL, or the embedded SQLite file under the storage root."""

@@ -1,0 +1,215 @@
+"""The web console: server-rendered pages (Jinja2, no build step) for operators and radiologists, served by the API
+process, which still never imports torch.
+
+Sign-in takes a tenant's API key once and opens a session: a random id in an HttpOnly, SameSite=Strict cookie
+scoped to /console, of which Redis keeps only a digest (service/jobs.py), for ISL_CONSOLE_SESSION_HOURS. Every
+request re-checks the key behind the session, so revoking a key (or removing it from ISL_API_KEYS) signs its
+sessions out at once. Every form carries the session's CSRF token (sign-in, before any session, a token in a
+cookie of its own, the double-submit pattern); a post without it is refused with 403. A tenant sees its own jobs
+only, exactly as through the API: another tenant's job is a 404, as no job."""
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from service.deps import StoreDep
+from service.records import JobState
+from service.settings import hash_key
+from service.storage import JOB_ID
+from service.views import job_view
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+SESSION, SIGNIN = "isl_session", "isl_signin"
+PAGE = 50
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if t else ""
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return ""
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+templates.env.filters["when"] = _when
+templates.env.filters["duration"] = _duration
+
+
+class SignedOut(Exception):
+    """No live session: pages redirect to the sign-in page."""
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    tenant: str
+    csrf: str
+
+
+def _secure(request: Request) -> bool:
+    return request.app.state.settings.console_secure_cookie or request.url.scheme == "https"
+
+
+def _cookie(response: Response, request: Request, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/console", httponly=True, samesite="strict",
+                        secure=_secure(request))
+
+
+def get_session(request: Request, store: StoreDep) -> Session:
+    """The caller's live session, its key still valid; SignedOut otherwise."""
+    sid = request.cookies.get(SESSION, "")
+    record = store.session(sid)
+    if record is None:
+        raise SignedOut
+    digest = record["key_hash"]
+    if request.app.state.keys.get(digest) != record["tenant"] or store.revoked(digest):
+        store.close_session(sid)
+        raise SignedOut
+    return Session(sid, record["tenant"], record["csrf"])
+
+
+Signed = Annotated[Session, Depends(get_session)]
+
+
+def check_csrf(session: Session, token: str) -> None:
+    if not token or not hmac.compare_digest(token, session.csrf):
+        raise HTTPException(403, "this form was not sent from a console page of this session (its CSRF token is "
+                                 "missing or wrong): reload the page and send it again")
+
+
+def _page(request: Request, name: str, context: dict, status: int = 200) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def install(app) -> None:
+    """Include the console's routes and send a signed-out browser to the sign-in page."""
+    app.include_router(router)
+
+    @app.exception_handler(SignedOut)
+    async def _signed_out(request: Request, exc: SignedOut):
+        to = "/console/sign-in"
+        if request.method == "GET" and request.url.path not in ("/console", "/console/"):
+            to += "?" + urlencode({"next": request.url.path + (f"?{request.url.query}" if request.url.query else "")})
+        response = RedirectResponse(to, status_code=303)
+        response.delete_cookie(SESSION, path="/console")
+        return response
+
+
+def _sign_in_page(request: Request, error: str = "", status: int = 200, next_: str = "") -> HTMLResponse:
+    token = secrets.token_urlsafe(32)
+    response = _page(request, "sign_in.html", {"csrf": token, "error": error, "next": next_}, status)
+    _cookie(response, request, SIGNIN, token, 3600)
+    return response
+
+
+def _local(path: str) -> str:
+    """Where to go after signing in: a console path only (never another site)."""
+    return path if path.startswith("/console/") and not path.startswith("//") else "/console/jobs"
+
+
+@router.get("/sign-in", response_class=HTMLResponse)
+def sign_in_form(request: Request, next: str = "") -> HTMLResponse:
+    return _sign_in_page(request, next_=_local(next) if next else "")
+
+
+@router.post("/sign-in")
+def sign_in(request: Request, store: StoreDep, key: Annotated[str, Form(max_length=512)] = "",
+            csrf: Annotated[str, Form(max_length=100)] = "", next: Annotated[str, Form(max_length=2000)] = ""):
+    expected = request.cookies.get(SIGNIN, "")
+    if not csrf or not expected or not hmac.compare_digest(csrf, expected):
+        raise HTTPException(403, "the sign-in form was not sent from this console's sign-in page (its CSRF token is "
+                                 "missing or wrong): reload the page and sign in again")
+    digest = hash_key(key) if key else ""
+    tenant = request.app.state.keys.get(digest)
+    if tenant is None or store.revoked(digest):
+        return _sign_in_page(request, "That API key is not valid (unknown, or revoked). Ask your administrator for "
+                                      "your tenant's key.", 401, _local(next) if next else "")
+    settings = request.app.state.settings
+    ttl = int(settings.console_session_hours * 3600)
+    sid, _ = store.open_session(tenant, digest, ttl)
+    store.audit(tenant, f"key:{digest[:12]}", "console.sign_in")
+    response = RedirectResponse(_local(next), status_code=303)
+    _cookie(response, request, SESSION, sid, ttl)
+    response.delete_cookie(SIGNIN, path="/console")
+    return response
+
+
+@router.post("/sign-out")
+def sign_out(session: Signed, store: StoreDep, csrf: Annotated[str, Form(max_length=100)] = ""):
+    check_csrf(session, csrf)
+    store.close_session(session.id)
+    response = RedirectResponse("/console/sign-in", status_code=303)
+    response.delete_cookie(SESSION, path="/console")
+    return response
+
+
+@router.get("", include_in_schema=False)
+@router.get("/", include_in_schema=False)
+def home(session: Signed) -> RedirectResponse:
+    return RedirectResponse("/console/jobs", status_code=303)
+
+
+STATES = [s.value for s in JobState]
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs(request: Request, session: Signed, store: StoreDep,
+         state: Annotated[str, Query(max_length=20)] = "", page: Annotated[int, Query(ge=1, le=100000)] = 1):
+    if state and state not in STATES:
+        raise HTTPException(422, f"state {state!r} is none of {', '.join(STATES)}")
+    t0 = time.perf_counter()
+    rows, total, offset = [], 0, (page - 1) * PAGE
+    if state:  # a filter reads the tenant's jobs page by page until this page of matches is full
+        seen, start, chunk = 0, 0, 500
+        while len(rows) < PAGE:
+            batch, total_all = store.list(session.tenant, start, chunk)
+            for job in batch:
+                if job.state == state:
+                    if seen >= offset and len(rows) < PAGE:
+                        rows.append(job)
+                    seen += 1
+            start += chunk
+            if start >= total_all:
+                break
+        total = None
+    else:
+        rows, total = store.list(session.tenant, offset, PAGE)
+    views = [job_view(j, store) for j in rows]
+    response = _page(request, "jobs.html", {
+        "session": session, "jobs": views, "state": state, "states": STATES, "page": page, "total": total,
+        "more": (total is None and len(views) == PAGE) or (total is not None and offset + PAGE < total)})
+    response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
+    return response
+
+
+def _report(job_dir: Path) -> dict | None:
+    """The job's report.json, or None when it cannot be read (the page then says so)."""
+    try:
+        return json.loads((job_dir / "output" / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job(request: Request, job_id: str, session: Signed, store: StoreDep):
+    record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
+    if record is None or record.tenant != session.tenant:
+        return _page(request, "not_found.html", {"session": session, "what": f"job {job_id}"}, 404)
+    report = _report(request.app.state.storage.job_dir(record.id)) if record.state == JobState.SUCCEEDED and \
+        record.purged is None else None
+    return _page(request, "job.html", {"session": session, "job": job_view(record, store), "record": record,
+                                       "report": report})

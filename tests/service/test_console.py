@@ -1,0 +1,104 @@
+"""The web console's sign-in, sessions, CSRF and job pages, in process (FastAPI's TestClient) over a private
+redis-server."""
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from kit import KEYS
+
+from service.records import JobState
+from service.settings import Settings, hash_key
+
+
+@pytest.fixture
+def app(redis_url, tmp_path):
+    from service.app import create_app
+
+    keys = ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items())
+    return create_app(Settings(redis_url=redis_url, storage_root=tmp_path / "storage", models_dir=tmp_path,
+                               default_model="tiny", api_keys=keys))
+
+
+def csrf_of(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def signed_in(app, tenant: str = "alpha") -> TestClient:
+    c = TestClient(app, follow_redirects=False)
+    form = c.get("/console/sign-in")
+    r = c.post("/console/sign-in", data={"key": KEYS[tenant], "csrf": csrf_of(form.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/console/jobs", r.text
+    return c
+
+
+def test_sign_in_opens_a_strict_http_only_session_and_a_wrong_key_is_refused(app):
+    c = TestClient(app, follow_redirects=False)
+    assert c.get("/console/jobs").headers["location"] == "/console/sign-in?next=%2Fconsole%2Fjobs"
+    form = c.get("/console/sign-in")
+    assert form.status_code == 200 and 'type="password"' in form.text and '<label for="key">' in form.text
+    wrong = c.post("/console/sign-in", data={"key": "not-a-key", "csrf": csrf_of(form.text)})
+    assert wrong.status_code == 401 and "That API key is not valid" in wrong.text and "isl_session" not in c.cookies
+
+    form = c.get("/console/sign-in")
+    r = c.post("/console/sign-in", data={"key": KEYS["alpha"], "csrf": csrf_of(form.text)})
+    assert r.status_code == 303
+    cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith("isl_session="))
+    assert {"HttpOnly", "SameSite=strict", "Path=/console"} <= {p.strip() for p in cookie.split(";")}
+    sid = cookie.split(";")[0].split("=", 1)[1]
+    assert sid not in str(app.state.store._r.keys("*"))  # Redis holds a digest of the session id, not the id
+    page = c.get("/console/jobs")
+    assert page.status_code == 200 and "tenant <strong>alpha</strong>" in page.text
+    assert "server-timing" in page.headers
+
+
+def test_a_post_without_its_csrf_token_is_refused(app):
+    c = TestClient(app, follow_redirects=False)
+    c.get("/console/sign-in")  # the sign-in cookie is set, but the form field is left out: a cross-site post
+    r = c.post("/console/sign-in", data={"key": KEYS["alpha"]})
+    assert r.status_code == 403 and "CSRF" in r.json()["detail"]
+    c = signed_in(app)
+    assert c.post("/console/sign-out", data={}).status_code == 403
+    assert c.post("/console/sign-out", data={"csrf": "forged"}).status_code == 403
+    assert c.get("/console/jobs").status_code == 200  # still signed in
+    r = c.post("/console/sign-out", data={"csrf": csrf_of(c.get("/console/jobs").text)})
+    assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
+    assert c.get("/console/jobs").status_code == 303  # signed out
+
+
+def test_a_tenant_sees_its_own_jobs_only_and_a_revoked_key_ends_its_sessions(app):
+    store = app.state.store
+    mine, _ = store.create("alpha", [], {"model": "tiny"})
+    theirs, _ = store.create("beta", [], {"model": "tiny"})
+    store.update(mine.id, state=JobState.FAILED, error="the scan is not a 3D image")
+    c = signed_in(app)
+    page = c.get("/console/jobs").text
+    assert mine.id in page and theirs.id not in page and "the scan is not a 3D image" in page
+    assert c.get(f"/console/jobs/{mine.id}").status_code == 200
+    other = c.get(f"/console/jobs/{theirs.id}")
+    assert other.status_code == 404 and theirs.id in other.text and "for your tenant" in other.text
+    assert c.get("/console/jobs/not-a-job").status_code == 404
+    assert mine.id not in c.get("/console/jobs", params={"state": "succeeded"}).text
+    assert mine.id in c.get("/console/jobs", params={"state": "failed"}).text
+    assert c.get("/console/jobs", params={"state": "nonsense"}).status_code == 422
+
+    store.revoke(hash_key(KEYS["alpha"]))
+    assert c.get("/console/jobs").status_code == 303  # the key behind the session is revoked: signed out
+
+
+def test_the_job_list_renders_50_jobs_within_300_ms(app):
+    store = app.state.store
+    for i in range(60):
+        job, _ = store.create("alpha", [], {"model": "tiny"})
+        if i % 3 == 0:
+            store.update(job.id, state=JobState.SUCCEEDED, progress=1.0)
+    c = signed_in(app)
+    c.get("/console/jobs")  # templates compiled
+    best = min(_timed(c) for _ in range(5))
+    assert best < 0.3, best
+
+
+def _timed(c) -> float:
+    """The server's own time for the page (its Server-Timing header: reading the jobs and rendering), seconds."""
+    r = c.get("/console/jobs")
+    assert r.status_code == 200 and r.text.count('<tr id="job-') == 50
+    return float(re.fullmatch(r"render;dur=([0-9.]+)", r.headers["server-timing"]).group(1)) / 1000
