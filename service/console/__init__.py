@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from service.deps import StoreDep
+from service.deps import StoreDep, key_actor
 from service.records import JobState
 from service.settings import hash_key
 from service.storage import JOB_ID
@@ -58,6 +58,7 @@ class Session:
     id: str
     tenant: str
     csrf: str
+    key_hash: str
 
 
 def _secure(request: Request) -> bool:
@@ -79,7 +80,7 @@ def get_session(request: Request, store: StoreDep) -> Session:
     if request.app.state.keys.get(digest) != record["tenant"] or store.revoked(digest):
         store.close_session(sid)
         raise SignedOut
-    return Session(sid, record["tenant"], record["csrf"])
+    return Session(sid, record["tenant"], record["csrf"], digest)
 
 
 Signed = Annotated[Session, Depends(get_session)]
@@ -141,7 +142,7 @@ def sign_in(request: Request, store: StoreDep, key: Annotated[str, Form(max_leng
     settings = request.app.state.settings
     ttl = int(settings.console_session_hours * 3600)
     sid, _ = store.open_session(tenant, digest, ttl)
-    store.audit(tenant, f"key:{digest[:12]}", "console.sign_in")
+    store.audit(tenant, key_actor(digest), "sign_in", detail={"via": "console"})
     response = RedirectResponse(_local(next), status_code=303)
     _cookie(response, request, SESSION, sid, ttl)
     response.delete_cookie(SIGNIN, path="/console")
@@ -152,6 +153,7 @@ def sign_in(request: Request, store: StoreDep, key: Annotated[str, Form(max_leng
 def sign_out(session: Signed, store: StoreDep, csrf: Annotated[str, Form(max_length=100)] = ""):
     check_csrf(session, csrf)
     store.close_session(session.id)
+    store.audit(session.tenant, key_actor(session.key_hash), "sign_out", detail={"via": "console"})
     response = RedirectResponse("/console/sign-in", status_code=303)
     response.delete_cookie(SESSION, path="/console")
     return response

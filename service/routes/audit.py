@@ -11,14 +11,15 @@ from service.deps import StoreDep, Tenant
 from service.views import Problem
 
 router = APIRouter()
-ACTIONS = ("submit", "download", "cancel", "correct", "retrain", "promote", "purge")
+ACTIONS = ("submit", "download", "cancel", "correct", "retrain", "promote", "purge", "sign_in", "sign_out")
 
 
 class AuditEventView(BaseModel):
     at: float = Field(description="when (Unix seconds)")
     actor: str = Field(description="who: key:<first 12 hex digits of the API key's sha256>, dimse (the DICOM "
                                    "listener), retention (the retention policy) or rule (the promotion rule)")
-    action: str = Field(description="submit, download, cancel, correct, retrain, promote or purge")
+    action: str = Field(description="submit, download, cancel, correct, retrain, promote, purge, or a web console "
+                                    "sign_in or sign_out")
     job_id: str | None = Field(None, description="the job it concerns")
     detail: dict[str, Any] = Field(default_factory=dict, description="what else was recorded: model and size of a "
                                                                      "submission, format and checksum of a download")

@@ -63,6 +63,9 @@ def test_a_post_without_its_csrf_token_is_refused(app):
     r = c.post("/console/sign-out", data={"csrf": csrf_of(c.get("/console/jobs").text)})
     assert r.status_code == 303 and r.headers["location"] == "/console/sign-in"
     assert c.get("/console/jobs").status_code == 303  # signed out
+    api = TestClient(app, headers={"X-API-Key": KEYS["alpha"]})
+    trail = [e["action"] for e in api.get("/v1/audit", params={"limit": 100}).json()["events"]]
+    assert trail.count("sign_in") == 1 and trail.count("sign_out") == 1
 
 
 def test_a_tenant_sees_its_own_jobs_only_and_a_revoked_key_ends_its_sessions(app):
