@@ -1,8 +1,9 @@
 """The Python API behind `isl refine` and the Celery task: read a scan, refine it, write the masks and the
-report (volumes per label, QA, timings, checksums)."""
+report (volumes per label, QA, timings, checksums) and the preview images (slices with both masks outlined)."""
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from segmentation.sequences import read_sequences
 from worker.method.bundle import ISLBundle
 from worker.method.config import ISLConfig
 from worker.method.refiner import Refiner, pick_device
+
+log = logging.getLogger("isl.pipeline")
 
 
 def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | dict | None = None) -> Refiner:
@@ -81,6 +84,20 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
     return outputs
 
 
+def write_preview(source: Volume, baseline: np.ndarray, refined: np.ndarray, out: Path) -> dict:
+    """Slices with both masks as outlines (segmentation/preview.py), for the web console. A picture that cannot be
+    made does not fail the job: the report says why it is missing."""
+    from segmentation.preview import render_previews
+
+    try:
+        index = render_previews(source.array, baseline, refined, source.geometry, out)
+    except Exception as e:  # noqa: BLE001 - the mask is written and good; only its picture is missing
+        log.warning("preview images of %s not made", source.source, exc_info=True)
+        return {"written": False, "not_written_because": f"{type(e).__name__}: {e}"}
+    return {"written": True, "index": f"{out.name}/preview.json",
+            "slices": {plane: len(v) for plane, v in index["planes"].items()}}
+
+
 def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir: str | Path, *, atlas_dir=None,
                 cfg: ISLConfig | dict | None = None, series_uid: str | None = None, refiner: Refiner | None = None,
                 progress=None, extra_atlases=None, sequence_series: dict[str, str] | None = None) -> dict:
@@ -104,7 +121,11 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     t0 = time.perf_counter()
     outputs = write_outputs(refined, baseline, volumes[0], refiner, Path(out_dir))
     seconds["write"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preview = write_preview(volumes[0], baseline, refined, Path(out_dir) / "preview")
+    seconds["preview"] = time.perf_counter() - t0
     report = _report(inputs, outputs, refiner, volumes[0], refined, baseline, info["qa"], seconds, t_start)
+    report["preview"] = preview
     atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 

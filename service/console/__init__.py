@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service.deps import StoreDep, key_actor
@@ -198,10 +199,10 @@ def jobs(request: Request, session: Signed, store: StoreDep,
     return response
 
 
-def _report(job_dir: Path) -> dict | None:
-    """The job's report.json, or None when it cannot be read (the page then says so)."""
+def _read_json(path: Path) -> dict | None:
+    """A JSON file of the job's output, or None when it cannot be read (the page then says so)."""
     try:
-        return json.loads((job_dir / "output" / "report.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
@@ -211,7 +212,22 @@ def job(request: Request, job_id: str, session: Signed, store: StoreDep):
     record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
     if record is None or record.tenant != session.tenant:
         return _page(request, "not_found.html", {"session": session, "what": f"job {job_id}"}, 404)
-    report = _report(request.app.state.storage.job_dir(record.id)) if record.state == JobState.SUCCEEDED and \
-        record.purged is None else None
+    done = record.state == JobState.SUCCEEDED and record.purged is None
+    output = request.app.state.storage.job_dir(record.id) / "output"
+    report = _read_json(output / "report.json") if done else None
+    preview = _read_json(output / "preview" / "preview.json") if done else None
     return _page(request, "job.html", {"session": session, "job": job_view(record, store), "record": record,
-                                       "report": report})
+                                       "report": report, "preview": preview})
+
+
+PREVIEW_FILE = re.compile(r"(axial|coronal|sagittal)_\d{2}\.png")
+
+
+@router.get("/jobs/{job_id}/preview/{name}")
+def preview_image(request: Request, job_id: str, name: str, session: Signed, store: StoreDep) -> FileResponse:
+    """One preview slice of the caller's own finished job (404 for another tenant's, as for no job)."""
+    record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
+    path = request.app.state.storage.job_dir(job_id) / "output" / "preview" / name
+    if record is None or record.tenant != session.tenant or not PREVIEW_FILE.fullmatch(name) or not path.is_file():
+        raise HTTPException(404, f"no preview image {name} of job {job_id}")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})

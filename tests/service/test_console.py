@@ -105,3 +105,39 @@ def _timed(c) -> float:
     r = c.get("/console/jobs")
     assert r.status_code == 200 and r.text.count('<tr id="job-') == 50
     return float(re.fullmatch(r"render;dur=([0-9.]+)", r.headers["server-timing"]).group(1)) / 1000
+
+
+def test_a_finished_job_shows_its_slices_volumes_and_timings_to_its_tenant_only(app):
+    """The worker's outputs (here made by the same functions: the report and the preview slices) on the job page."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from segmentation.io import Geometry
+    from segmentation.preview import render_previews
+
+    store, storage = app.state.store, app.state.storage
+    job, _ = store.create("alpha", [], {"model": "tiny"})
+    output = storage.job_dir(job.id) / "output"
+    arr = np.random.default_rng(0).normal(100, 10, (16, 20, 24)).astype(np.float32)
+    mask = np.zeros(arr.shape, np.uint8)
+    mask[4:12, 5:15, 6:18] = 1
+    index = render_previews(arr, mask, mask, Geometry.of(sitk.GetImageFromArray(arr)), output / "preview")
+    (output / "report.json").write_text(json.dumps({"volumes_ml": {"organ": 0.96}, "baseline_volumes_ml":
+                                                    {"organ": 0.9}, "seconds": {"finetune": 2.5, "total": 4.0},
+                                                    "preview": {"written": True}}))
+    store.update(job.id, state=JobState.SUCCEEDED, progress=1.0)
+    c = signed_in(app)
+    page = c.get(f"/console/jobs/{job.id}").text
+    assert "<td>organ</td><td>0.90</td><td>0.96</td>" in page and "<td>finetune</td><td>2.5</td>" in page
+    first = index["planes"]["axial"][len(index["planes"]["axial"]) // 2]["file"]
+    assert f'src="/console/jobs/{job.id}/preview/{first}"' in page and 'type="range"' in page
+    image = c.get(f"/console/jobs/{job.id}/preview/{first}")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert c.get(f"/console/jobs/{job.id}/preview/..%2Freport.json").status_code == 404
+    assert c.get(f"/console/jobs/{job.id}/preview/axial_99.png").status_code == 404
+    beta = signed_in(app, "beta")
+    assert beta.get(f"/console/jobs/{job.id}").status_code == 404
+    assert beta.get(f"/console/jobs/{job.id}/preview/{first}").status_code == 404

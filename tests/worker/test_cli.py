@@ -40,9 +40,12 @@ def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
     voxels = np.count_nonzero(mask.array == 1)
     assert report["volumes_ml"]["head"] == pytest.approx(voxels / 1000.0, abs=1e-3)
     assert report["model_version"].startswith("tiny-")
-    for stage in ("read", "baseline", "registration", "finetune", "final", "write", "total"):
+    for stage in ("read", "baseline", "registration", "finetune", "final", "write", "preview", "total"):
         assert report["seconds"][stage] >= 0
     assert 0 <= report["qa"]["folding_fraction"] < 0.05
+    assert report["preview"]["written"] and set(report["preview"]["slices"]) == {"axial", "coronal", "sagittal"}
+    index = json.loads((tmp_path / "out" / report["preview"]["index"]).read_text())
+    assert all((tmp_path / "out" / "preview" / s["file"]).is_file() for v in index["planes"].values() for s in v)
 
 
 def test_dicom_exports_a_series_cannot_reference_are_skipped_with_the_reason_not_the_job(tiny_bundle,
