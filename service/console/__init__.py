@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from service.deps import StoreDep, key_actor
+from service.deps import StoreDep, key_actor, succeeded
 from service.records import JobState
 from service.settings import hash_key
 from service.storage import JOB_ID
@@ -220,14 +220,37 @@ def job(request: Request, job_id: str, session: Signed, store: StoreDep):
                                        "report": report, "preview": preview})
 
 
+def _owned(store, job_id: str, session: Session):
+    record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
+    if record is None or record.tenant != session.tenant:
+        raise HTTPException(404, f"no job {job_id}")
+    return record
+
+
+@router.get("/jobs/{job_id}/download/{kind}")
+def download(request: Request, job_id: str, kind: Literal["nifti", "dicom-seg", "rtstruct", "report"],
+             session: Signed, store: StoreDep):
+    """A result of the caller's own job, as the API serves it (checksum verified, an audit event by the key that
+    signed in), as a file to save."""
+    from service.routes import jobs as api
+
+    record = _owned(store, job_id, session)
+    storage, actor = request.app.state.storage, key_actor(session.key_hash)
+    if kind != "report":
+        return api.result(record, storage, store, actor, kind)
+    body = api.report(succeeded(record), storage, store, actor)
+    return Response(json.dumps(body, indent=2), media_type="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="report-{record.id}.json"'})
+
+
 PREVIEW_FILE = re.compile(r"(axial|coronal|sagittal)_\d{2}\.png")
 
 
 @router.get("/jobs/{job_id}/preview/{name}")
 def preview_image(request: Request, job_id: str, name: str, session: Signed, store: StoreDep) -> FileResponse:
     """One preview slice of the caller's own finished job (404 for another tenant's, as for no job)."""
-    record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
+    _owned(store, job_id, session)
     path = request.app.state.storage.job_dir(job_id) / "output" / "preview" / name
-    if record is None or record.tenant != session.tenant or not PREVIEW_FILE.fullmatch(name) or not path.is_file():
+    if not PREVIEW_FILE.fullmatch(name) or not path.is_file():
         raise HTTPException(404, f"no preview image {name} of job {job_id}")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})

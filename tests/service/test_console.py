@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from kit import KEYS
 
-from service.records import JobState
+from service.records import JobResult, JobState
 from service.settings import Settings, hash_key
 
 
@@ -107,7 +107,7 @@ def _timed(c) -> float:
     return float(re.fullmatch(r"render;dur=([0-9.]+)", r.headers["server-timing"]).group(1)) / 1000
 
 
-def test_a_finished_job_shows_its_slices_volumes_and_timings_to_its_tenant_only(app):
+def test_a_finished_job_shows_its_slices_volumes_timings_and_downloads_to_its_tenant_only(app):
     """The worker's outputs (here made by the same functions: the report and the preview slices) on the job page."""
     import json
 
@@ -127,7 +127,10 @@ def test_a_finished_job_shows_its_slices_volumes_and_timings_to_its_tenant_only(
     (output / "report.json").write_text(json.dumps({"volumes_ml": {"organ": 0.96}, "baseline_volumes_ml":
                                                     {"organ": 0.9}, "seconds": {"finetune": 2.5, "total": 4.0},
                                                     "preview": {"written": True}}))
-    store.update(job.id, state=JobState.SUCCEEDED, progress=1.0)
+    (output / "mask.nii.gz").write_bytes(b"\x1f\x8b the mask")
+    digest = storage.sha256(output / "mask.nii.gz")
+    store.update(job.id, state=JobState.SUCCEEDED, progress=1.0,
+                 result=JobResult(files={"mask": {"path": "mask.nii.gz", "sha256": digest}}))
     c = signed_in(app)
     page = c.get(f"/console/jobs/{job.id}").text
     assert "<td>organ</td><td>0.90</td><td>0.96</td>" in page and "<td>finetune</td><td>2.5</td>" in page
@@ -138,6 +141,18 @@ def test_a_finished_job_shows_its_slices_volumes_and_timings_to_its_tenant_only(
     assert image.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert c.get(f"/console/jobs/{job.id}/preview/..%2Freport.json").status_code == 404
     assert c.get(f"/console/jobs/{job.id}/preview/axial_99.png").status_code == 404
+    mask = c.get(f"/console/jobs/{job.id}/download/nifti")
+    assert mask.status_code == 200 and mask.content == b"\x1f\x8b the mask" and "DICOM SEG" not in page
+    assert mask.headers["digest"] == f"sha-256={digest}"
+    report = c.get(f"/console/jobs/{job.id}/download/report")
+    assert report.json()["volumes_ml"] == {"organ": 0.96} and "attachment" in report.headers["content-disposition"]
+    assert c.get(f"/console/jobs/{job.id}/download/dicom-seg").status_code == 404  # a NIfTI input has none
+    api = TestClient(app, headers={"X-API-Key": KEYS["alpha"]})
+    downloads = [e["detail"] for e in api.get("/v1/audit", params={"action": "download"}).json()["events"]]
+    assert [d["format"] for d in downloads] == ["nifti", "report"]
+    (output / "mask.nii.gz").write_bytes(b"tampered")
+    assert c.get(f"/console/jobs/{job.id}/download/nifti").status_code == 500  # not served, as by the API
     beta = signed_in(app, "beta")
+    assert beta.get(f"/console/jobs/{job.id}/download/nifti").status_code == 404
     assert beta.get(f"/console/jobs/{job.id}").status_code == 404
     assert beta.get(f"/console/jobs/{job.id}/preview/{first}").status_code == 404
