@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service.deps import StoreDep, key_actor, succeeded
+from service.intake import available_models
 from service.records import JobState
 from service.settings import hash_key
 from service.storage import JOB_ID
@@ -171,7 +172,8 @@ STATES = [s.value for s in JobState]
 
 @router.get("/jobs", response_class=HTMLResponse)
 def jobs(request: Request, session: Signed, store: StoreDep,
-         state: Annotated[str, Query(max_length=20)] = "", page: Annotated[int, Query(ge=1, le=100000)] = 1):
+         state: Annotated[str, Query(max_length=20)] = "", page: Annotated[int, Query(ge=1, le=100000)] = 1,
+         error: str = "", status: int = 200):
     if state and state not in STATES:
         raise HTTPException(422, f"state {state!r} is none of {', '.join(STATES)}")
     t0 = time.perf_counter()
@@ -194,7 +196,9 @@ def jobs(request: Request, session: Signed, store: StoreDep,
     views = [job_view(j, store) for j in rows]
     response = _page(request, "jobs.html", {
         "session": session, "jobs": views, "state": state, "states": STATES, "page": page, "total": total,
-        "more": (total is None and len(views) == PAGE) or (total is not None and offset + PAGE < total)})
+        "more": (total is None and len(views) == PAGE) or (total is not None and offset + PAGE < total),
+        "models": sorted(available_models(request.app.state.settings)),
+        "default_model": request.app.state.settings.default_model, "error": error}, status)
     response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
     return response
 
@@ -207,8 +211,46 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+@router.post("/jobs")
+def upload(request: Request, session: Signed, store: StoreDep,
+           files: Annotated[list[UploadFile], File()], csrf: Annotated[str, Form(max_length=100)] = "",
+           model: Annotated[str, Form(max_length=200)] = ""):
+    """A scan (or a DICOM series, or one file per sequence) uploaded from the browser, taken in exactly as by
+    POST /v1/jobs; then its job page (a refusal: the job list with the reason)."""
+    from service.routes import jobs as api
+
+    check_csrf(session, csrf)
+    app = request.app
+    try:
+        view = api.submit(session.tenant, key_actor(session.key_hash), Response(), app.state.settings, store,
+                          app.state.storage, app.state.queue, files, model or None)
+    except HTTPException as e:
+        return jobs(request, session, store, error=f"The upload was refused: {e.detail}", status=e.status_code)
+    return RedirectResponse(f"/console/jobs/{view.id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/correction")
+def correction(request: Request, job_id: str, session: Signed, store: StoreDep,
+               file: Annotated[UploadFile, File()], csrf: Annotated[str, Form(max_length=100)] = "",
+               note: Annotated[str, Form(max_length=2000)] = ""):
+    """A radiologist's corrected mask of the caller's finished job, taken in exactly as by
+    POST /v1/jobs/{id}/correction; then the job page, which lists it (or says why it was refused)."""
+    from service.routes import corrections as api
+
+    check_csrf(session, csrf)
+    record = _owned(store, job_id, session)
+    app = request.app
+    try:
+        api.correct(succeeded(record), key_actor(session.key_hash), Response(), app.state.settings, store,
+                    app.state.storage, file, note)
+    except HTTPException as e:
+        return job(request, job_id, session, store, error=f"The correction was refused: {e.detail}",
+                   status=e.status_code)
+    return RedirectResponse(f"/console/jobs/{job_id}?corrected=1", status_code=303)
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job(request: Request, job_id: str, session: Signed, store: StoreDep):
+def job(request: Request, job_id: str, session: Signed, store: StoreDep, error: str = "", status: int = 200):
     record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
     if record is None or record.tenant != session.tenant:
         return _page(request, "not_found.html", {"session": session, "what": f"job {job_id}"}, 404)
@@ -216,8 +258,21 @@ def job(request: Request, job_id: str, session: Signed, store: StoreDep):
     output = request.app.state.storage.job_dir(record.id) / "output"
     report = _read_json(output / "report.json") if done else None
     preview = _read_json(output / "preview" / "preview.json") if done else None
+    corrections = _corrections(store, record) if done else []
     return _page(request, "job.html", {"session": session, "job": job_view(record, store), "record": record,
-                                       "report": report, "preview": preview})
+                                       "report": report, "preview": preview, "corrections": corrections,
+                                       "error": error, "corrected": request.query_params.get("corrected") == "1"},
+                 status)
+
+
+def _corrections(store, record) -> list[dict]:
+    """The corrections of a job, oldest first ([] without a database, or while it is away: the page says none)."""
+    if store.records is None:
+        return []
+    try:
+        return store.records.corrections(record.tenant, job_id=record.id)
+    except Exception:  # noqa: BLE001 - the database away: the page still shows the job
+        return []
 
 
 def _owned(store, job_id: str, session: Session):

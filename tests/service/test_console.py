@@ -14,8 +14,11 @@ from service.settings import Settings, hash_key
 def app(redis_url, tmp_path):
     from service.app import create_app
 
+    models = tmp_path / "models"
+    (models / "tiny").mkdir(parents=True)
+    (models / "tiny" / "bundle.json").write_text('{"version": "1", "labels": {"1": "organ"}}')
     keys = ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items())
-    return create_app(Settings(redis_url=redis_url, storage_root=tmp_path / "storage", models_dir=tmp_path,
+    return create_app(Settings(redis_url=redis_url, storage_root=tmp_path / "storage", models_dir=models,
                                default_model="tiny", api_keys=keys))
 
 
@@ -142,7 +145,7 @@ def test_a_finished_job_shows_its_slices_volumes_timings_and_downloads_to_its_te
     assert c.get(f"/console/jobs/{job.id}/preview/..%2Freport.json").status_code == 404
     assert c.get(f"/console/jobs/{job.id}/preview/axial_99.png").status_code == 404
     mask = c.get(f"/console/jobs/{job.id}/download/nifti")
-    assert mask.status_code == 200 and mask.content == b"\x1f\x8b the mask" and "DICOM SEG" not in page
+    assert mask.status_code == 200 and mask.content == b"\x1f\x8b the mask" and "download/dicom-seg" not in page
     assert mask.headers["digest"] == f"sha-256={digest}"
     report = c.get(f"/console/jobs/{job.id}/download/report")
     assert report.json()["volumes_ml"] == {"organ": 0.96} and "attachment" in report.headers["content-disposition"]
@@ -156,3 +159,34 @@ def test_a_finished_job_shows_its_slices_volumes_timings_and_downloads_to_its_te
     assert beta.get(f"/console/jobs/{job.id}/download/nifti").status_code == 404
     assert beta.get(f"/console/jobs/{job.id}").status_code == 404
     assert beta.get(f"/console/jobs/{job.id}/preview/{first}").status_code == 404
+
+
+def test_an_upload_from_the_browser_is_queued_as_by_the_api_and_a_bad_one_is_shown_its_reason(app):
+    from test_api import scan_bytes
+
+    c = signed_in(app)
+    page = c.get("/console/jobs").text
+    assert '<option value="tiny" selected>tiny</option>' in page and 'enctype="multipart/form-data"' in page
+    files = {"files": ("scan.nii.gz", scan_bytes())}
+    assert c.post("/console/jobs", files=files, data={"model": "tiny"}).status_code == 403  # no CSRF token
+    r = c.post("/console/jobs", files=files, data={"model": "tiny", "csrf": csrf_of(page)})
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    job = app.state.store.get(job_id)
+    assert job.tenant == "alpha" and job.state == JobState.QUEUED and job.options.model == "tiny"
+    assert "queued" in c.get(r.headers["location"]).text
+
+    bad = c.post("/console/jobs", files={"files": ("notes.txt", b"not a scan")}, data={"csrf": csrf_of(page)})
+    assert bad.status_code == 422 and "The upload was refused:" in bad.text and 'role="alert"' in bad.text
+    unknown = c.post("/console/jobs", files=files, data={"model": "nope", "csrf": csrf_of(page)})
+    assert unknown.status_code == 422 and "unknown model &#39;nope&#39;" in unknown.text
+
+
+def test_a_correction_needs_the_csrf_token_and_a_finished_job(app):
+    c = signed_in(app)
+    job, _ = app.state.store.create("alpha", [], {"model": "tiny"})
+    token = csrf_of(c.get("/console/jobs").text)
+    mask = {"file": ("mask.nii.gz", b"\x1f\x8b")}
+    assert c.post(f"/console/jobs/{job.id}/correction", files=mask).status_code == 403
+    r = c.post(f"/console/jobs/{job.id}/correction", files=mask, data={"csrf": token})
+    assert r.status_code == 409 and "The correction was refused: job" in r.text and "is queued" in r.text
