@@ -9,6 +9,7 @@ cookie of its own, the double-submit pattern); a post without it is refused with
 only, exactly as through the API: another tenant's job is a 404, as no job."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -21,12 +22,12 @@ from typing import Annotated, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 
 from service.deps import StoreDep, key_actor, succeeded
 from service.intake import available_models
-from service.records import JobState
+from service.records import FINAL, JobState
 from service.settings import hash_key
 from service.storage import JOB_ID
 from service.views import job_view
@@ -296,6 +297,40 @@ def download(request: Request, job_id: str, kind: Literal["nifti", "dicom-seg", 
     body = api.report(succeeded(record), storage, store, actor)
     return Response(json.dumps(body, indent=2), media_type="application/json",
                     headers={"Content-Disposition": f'attachment; filename="report-{record.id}.json"'})
+
+
+@router.get("/events")
+async def events(request: Request, session: Signed, store: StoreDep,
+                 ids: Annotated[str, Query(max_length=PAGE * 33)] = ""):
+    """Server-sent events for the pages: one `job` event (a JobView) per change of any of the caller's jobs `ids`
+    (comma-separated), until all are final. One connection for a whole page: browsers allow few per host."""
+    wanted = [i for i in ids.split(",") if JOB_ID.match(i)][:PAGE]
+    owned = [i for i in wanted if (j := store.get_owned(i, session.tenant)) is not None and j.tenant == session.tenant]
+    return StreamingResponse(_stream(owned, store, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+async def _stream(job_ids: list[str], store, request: Request):
+    last: dict[str, str] = {}
+    idle, live = 0.0, list(job_ids)
+    while live and not await request.is_disconnected():
+        for job_id in list(live):
+            current = await asyncio.to_thread(store.get, job_id)
+            if current is None:
+                live.remove(job_id)
+                continue
+            payload = job_view(current, store).model_dump_json()
+            if payload != last.get(job_id):
+                last[job_id], idle = payload, 0.0
+                yield f"event: job\ndata: {payload}\n\n"
+            if current.state in FINAL:
+                live.remove(job_id)
+        if idle >= 15:
+            idle = 0.0
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.5)
+        idle += 0.5
+    yield "event: end\ndata: {}\n\n"
 
 
 PREVIEW_FILE = re.compile(r"(axial|coronal|sagittal)_\d{2}\.png")

@@ -51,6 +51,7 @@ def test_sign_in_opens_a_strict_http_only_session_and_a_wrong_key_is_refused(app
     assert sid not in str(app.state.store._r.keys("*"))  # Redis holds a digest of the session id, not the id
     page = c.get("/console/jobs")
     assert page.status_code == 200 and "tenant <strong>alpha</strong>" in page.text
+    assert "<title>Jobs · ISL refinement service</title>" in page.text
     assert "server-timing" in page.headers
 
 
@@ -190,3 +191,19 @@ def test_a_correction_needs_the_csrf_token_and_a_finished_job(app):
     assert c.post(f"/console/jobs/{job.id}/correction", files=mask).status_code == 403
     r = c.post(f"/console/jobs/{job.id}/correction", files=mask, data={"csrf": token})
     assert r.status_code == 409 and "The correction was refused: job" in r.text and "is queued" in r.text
+
+
+def test_the_pages_follow_their_jobs_by_server_sent_events_of_the_callers_jobs_only(app):
+    store = app.state.store
+    mine, _ = store.create("alpha", [], {"model": "tiny"})
+    theirs, _ = store.create("beta", [], {"model": "tiny"})
+    store.update(mine.id, state=JobState.SUCCEEDED, progress=1.0)
+    store.update(theirs.id, state=JobState.SUCCEEDED, progress=1.0)
+    c = signed_in(app)
+    with c.stream("GET", "/console/events", params={"ids": f"{mine.id},{theirs.id},junk"}) as r:
+        body = "".join(r.iter_text())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert body.count("event: job") == 1 and mine.id in body and theirs.id not in body and body.endswith(
+        "event: end\ndata: {}\n\n")
+    assert 'data-job="' + mine.id + '" data-final="yes"' in c.get("/console/jobs").text
+
