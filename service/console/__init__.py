@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -344,3 +344,61 @@ def preview_image(request: Request, job_id: str, name: str, session: Signed, sto
     if not PREVIEW_FILE.fullmatch(name) or not path.is_file():
         raise HTTPException(404, f"no preview image {name} of job {job_id}")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+
+# -- models: versions, lineage, which is live, validation figures, agreement with the corrections; promotion -------
+def _bundle_meta(settings, name: str) -> dict:
+    """The base bundle's bundle.json (its card's figures and lineage); {} when it cannot be read."""
+    return _read_json(Path(settings.models_dir) / name / "bundle.json") or {}
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(request: Request, session: Signed, store: StoreDep):
+    from service.routes import models as api
+
+    listed = api.models(session.tenant, request.app.state.settings, store)
+    return _page(request, "models.html", {"session": session, **listed})
+
+
+@router.get("/models/{name}", response_class=HTMLResponse)
+def model_page(request: Request, name: str, session: Signed, store: StoreDep, error: str = "", status: int = 200,
+               done: str = ""):
+    from service.routes import models as api
+
+    settings = request.app.state.settings
+    if name not in available_models(settings):
+        return _page(request, "not_found.html", {"session": session, "what": f"model {name}"}, 404)
+    meta = _bundle_meta(settings, name)
+    try:
+        versions = api.versions(name, session.tenant, settings, store)
+        agreement = api.model_agreement(name, session.tenant, settings, store)
+    except HTTPException as e:  # no database: the page shows the bundle alone and says why
+        versions, agreement, error = None, None, error or e.detail
+    return _page(request, "model.html", {
+        "session": session, "name": name, "meta": meta, "versions": versions, "agreement": agreement,
+        "lineage": (meta.get("transfer") or {}).get("lineage", []), "refinement": meta.get("refinement") or {},
+        "error": error, "done": done}, status)
+
+
+@router.get("/models/{name}/bland-altman.png")
+def bland_altman(request: Request, name: str, session: Signed, store: StoreDep):
+    from service.routes import models as api
+
+    return api.model_agreement(name, session.tenant, request.app.state.settings, store, format="png")
+
+
+@router.post("/models/{name}/promote")
+def promote(request: Request, name: str, session: Signed, store: StoreDep,
+            version: Annotated[str, Form(max_length=128)], csrf: Annotated[str, Form(max_length=100)] = "",
+            force: Annotated[bool, Form()] = False, reason: Annotated[str, Form(max_length=2000)] = ""):
+    """Make a version live for the caller's tenant, by the API's own rule (a version the rule did not pass needs
+    force and a reason); then the model page, saying what happened."""
+    from service.routes import models as api
+
+    check_csrf(session, csrf)
+    try:
+        api.promote(name, api.Promotion(version=version, force=force, reason=reason), session.tenant,
+                    key_actor(session.key_hash), request.app.state.settings, store)
+    except HTTPException as e:
+        return model_page(request, name, session, store, error=f"Not promoted: {e.detail}", status=e.status_code)
+    return RedirectResponse(f"/console/models/{name}?done=" + quote(f"version {version} is live"), status_code=303)

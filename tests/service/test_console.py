@@ -207,3 +207,22 @@ def test_the_pages_follow_their_jobs_by_server_sent_events_of_the_callers_jobs_o
         "event: end\ndata: {}\n\n")
     assert 'data-job="' + mine.id + '" data-final="yes"' in c.get("/console/jobs").text
 
+
+
+def test_the_models_pages_show_versions_and_agreement_and_promote_by_the_apis_rule(app):
+    c = signed_in(app)
+    listing = c.get("/console/models")
+    assert listing.status_code == 200 and '<a href="/console/models/tiny">tiny</a> (default)' in listing.text
+    page = c.get("/console/models/tiny")
+    assert page.status_code == 200 and "trained from scratch" in page.text and "No correction of this model yet" in (
+        page.text)
+    assert 'value="1" checked' in page.text  # the base bundle is live
+    assert c.get("/console/models/nope").status_code == 404
+    token = csrf_of(page.text)
+    assert c.post("/console/models/tiny/promote", data={"version": "1"}).status_code == 403
+    refused = c.post("/console/models/tiny/promote", data={"version": "9", "csrf": token})
+    assert refused.status_code == 404 and "Not promoted: no version &#39;9&#39; of model &#39;tiny&#39;" in refused.text
+    done = c.post("/console/models/tiny/promote", data={"version": "1", "csrf": token})
+    assert done.status_code == 303 and "version%201%20is%20live" in done.headers["location"]
+    assert "Done: version 1 is live." in c.get(done.headers["location"]).text
+    assert c.get("/console/models/tiny/bland-altman.png").status_code == 404  # no corrections yet

@@ -105,6 +105,14 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     assert "checked in the browser" in browser.page_source
     browser.get(base + "/console/jobs")
     _shot(browser, "jobs")
+    # the model's agreement report now counts this correction, with its Bland-Altman plot
+    browser.find_element(By.LINK_TEXT, "Models").click()
+    browser.find_element(By.LINK_TEXT, "tiny").click()
+    rows = browser.find_elements(By.XPATH, "//h2[starts-with(., 'Agreement')]/following-sibling::table[1]//tbody/tr")
+    assert rows and rows[-1].find_elements(By.TAG_NAME, "td")[1].text == "1"
+    plot = browser.find_element(By.CSS_SELECTOR, "img[alt^='Bland-Altman']")
+    assert _wait(lambda: browser.execute_script("return arguments[0].naturalWidth", plot), 20, "the Bland-Altman plot")
+    _shot(browser, "model")
 
     # a post without the session's CSRF token (as another site's page would send it) is refused
     status = browser.execute_script(
