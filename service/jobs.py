@@ -261,9 +261,33 @@ class JobStore:
         """Deliveries of this job refused because another worker held its lease."""
         return int(self._r.get(f"{P}duplicates:{job_id}") or 0)
 
-    def beat(self, worker: str, ttl_s: int) -> None:
-        """A worker process is alive; its heartbeat lapses after `ttl_s` without another."""
+    def beat(self, worker: str, ttl_s: int, info: dict | None = None) -> None:
+        """A worker process is alive; its heartbeat lapses after `ttl_s` without another. `info` (its device,
+        queues...) lapses with it."""
         self._r.set(f"{P}worker:{worker}", time.time(), ex=ttl_s)
+        if info is not None:
+            self._r.set(f"{P}workerinfo:{worker}", json.dumps(info), ex=ttl_s)
+
+    def worker_info(self, worker: str) -> dict:
+        """What a live worker said of itself in its heartbeat ({} when nothing)."""
+        raw = self._r.get(f"{P}workerinfo:{worker}")
+        return json.loads(raw) if raw else {}
+
+    def running_jobs(self) -> list[str]:
+        """The ids of the jobs workers run now, the longest running first."""
+        return list(self._r.zrange(f"{P}running", 0, -1))
+
+    def ended_since(self, since: float) -> list[Job]:
+        """Jobs Redis holds that ended (succeeded, failed or cancelled) at or after `since`, newest first: what the
+        operations page counts (a scan of the live job records, which the retention policy keeps bounded)."""
+        out = []
+        for key in self._r.scan_iter(f"{P}job:*", count=500):
+            raw = self._r.get(key)
+            if raw:
+                job = Job.model_validate_json(raw)
+                if job.finished is not None and job.finished >= since:
+                    out.append(job)
+        return sorted(out, key=lambda j: j.finished, reverse=True)
 
     def workers(self) -> dict[str, float]:
         """Live worker processes: name -> time of the last heartbeat (Unix seconds)."""

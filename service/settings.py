@@ -66,6 +66,8 @@ class Settings(BaseSettings):
                                                          "instance of it arrived for this long")
     console_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a web console sign-in lasts this long "
                                                                              "(a revoked key ends it at once)")
+    console_operators: str = Field("", description="tenants (comma-separated) who see the console's operations page: "
+                                                   "every worker, queue and failure, of all tenants")
     console_secure_cookie: bool = Field(False, description="mark the console's cookies Secure (set it when the "
                                                            "console is served over HTTPS, behind a TLS proxy; they "
                                                            "are Secure anyway on a request seen as https)")

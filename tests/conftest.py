@@ -110,7 +110,8 @@ def stack(tiny_bundle, phantom_dataset, tmp_path_factory):
         pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
     from worker.localstack import LocalStack
 
-    with LocalStack(tmp_path_factory.mktemp("stack"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEYS) as s:
+    with LocalStack(tmp_path_factory.mktemp("stack"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset, KEYS,
+                    extra_env={"ISL_CONSOLE_OPERATORS": "alpha"}) as s:
         try:
             yield s
         finally:

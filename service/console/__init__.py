@@ -402,3 +402,37 @@ def promote(request: Request, name: str, session: Signed, store: StoreDep,
     except HTTPException as e:
         return model_page(request, name, session, store, error=f"Not promoted: {e.detail}", status=e.status_code)
     return RedirectResponse(f"/console/models/{name}?done=" + quote(f"version {version} is live"), status_code=303)
+
+
+# -- operations: workers, queues, throughput and failures of every tenant, for the operator tenants ---------------
+def _operators(settings) -> set[str]:
+    return {t.strip() for t in settings.console_operators.split(",") if t.strip()}
+
+
+@router.get("/operations", response_class=HTMLResponse)
+def operations(request: Request, session: Signed, store: StoreDep):
+    settings = request.app.state.settings
+    if session.tenant not in _operators(settings):
+        return _page(request, "forbidden.html", {"session": session, "what": "the operations page",
+                                                 "why": "it shows every tenant's workers, queues and failures; "
+                                                        "operator tenants are listed in ISL_CONSOLE_OPERATORS"}, 403)
+    t0, now = time.perf_counter(), time.time()
+    running = {}  # lease holder (a worker process) -> the jobs it runs
+    for job_id in store.running_jobs():
+        if (j := store.get(job_id)) is not None:
+            running.setdefault(store.lease_holder(job_id), []).append(j)
+    workers = []
+    for name, beat in sorted(store.workers().items()):
+        info = store.worker_info(name)
+        workers.append({"name": name, "node": info.get("node", ""), "device": info.get("device", ""),
+                        "age": now - beat, "jobs": running.pop(info.get("holder"), [])})
+    ended = store.ended_since(now - 3600)
+    recent = [j for j in ended if j.finished >= now - 600]
+    response = _page(request, "operations.html", {
+        "session": session, "workers": workers, "orphans": [j for jobs in running.values() for j in jobs],
+        "queued": store.queue_depth(), "running": store.running_count(),
+        "ended_10": len(recent), "ended_60": len(ended),
+        "succeeded_60": sum(j.state == JobState.SUCCEEDED for j in ended),
+        "failures": [j for j in ended if j.state == JobState.FAILED][:20], "events": store.events()})
+    response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
+    return response

@@ -226,3 +226,27 @@ def test_the_models_pages_show_versions_and_agreement_and_promote_by_the_apis_ru
     assert done.status_code == 303 and "version%201%20is%20live" in done.headers["location"]
     assert "Done: version 1 is live." in c.get(done.headers["location"]).text
     assert c.get("/console/models/tiny/bland-altman.png").status_code == 404  # no corrections yet
+
+
+def test_operations_show_workers_queues_and_failures_of_every_tenant_to_operators_only(app):
+    import time as clock
+
+    app.state.settings.console_operators = "alpha"
+    store = app.state.store
+    store.beat("gpu-node-3-812", 60, {"device": "cuda:0 (NVIDIA H200)", "node": "gpu-node-3",
+                                      "holder": "gpu-node-3:812"})
+    busy, _ = store.create("alpha", [], {"model": "tiny"})
+    assert store.deliver(busy.id, 3, "gpu-node-3:812", 60)[1] == "run"  # as a worker takes it
+    store.update(busy.id, stage="finetune", progress=0.5)
+    failed, _ = store.create("beta", [], {"model": "tiny"})
+    store.update(failed.id, state=JobState.FAILED, error="the scan has 2 dimensions; a 3D image is needed",
+                 finished=clock.time())
+    store.create("gamma", [], {"model": "tiny"})
+    page = signed_in(app).get("/console/operations")
+    assert page.status_code == 200
+    assert "<td>gpu-node-3-812</td><td>gpu-node-3</td><td>cuda:0 (NVIDIA H200)</td>" in page.text
+    assert f"{busy.id[:12]} (alpha, finetune, 50%)" in page.text
+    assert "<td>beta</td>" in page.text and "a 3D image is needed" in page.text
+    assert float(page.headers["server-timing"].split("=")[1]) < 300
+    refused = signed_in(app, "beta").get("/console/operations")
+    assert refused.status_code == 403 and "ISL_CONSOLE_OPERATORS" in refused.text

@@ -113,6 +113,11 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     plot = browser.find_element(By.CSS_SELECTOR, "img[alt^='Bland-Altman']")
     assert _wait(lambda: browser.execute_script("return arguments[0].naturalWidth", plot), 20, "the Bland-Altman plot")
     _shot(browser, "model")
+    # the operations page: the stack's worker, alive, on its device
+    browser.find_element(By.LINK_TEXT, "Operations").click()
+    worker = browser.find_element(By.XPATH, "//h2[.='Workers']/following-sibling::table[1]//tbody/tr[1]")
+    assert worker.find_elements(By.TAG_NAME, "td")[2].text.startswith("cpu (")
+    _shot(browser, "operations")
 
     # a post without the session's CSRF token (as another site's page would send it) is refused
     status = browser.execute_script(

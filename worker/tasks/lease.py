@@ -43,14 +43,27 @@ def holder_alive(holder: str) -> bool:
     return True
 
 
+def _device_name() -> str:
+    """The device this worker runs on, as an operator reads it: cpu, or cuda:0 and the GPU's name."""
+    import torch
+
+    from worker.method.refiner import pick_device
+
+    device = pick_device(settings.device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 def heartbeat(store: JobStore, name: str) -> None:
     """Every few seconds: this process is alive (metrics, wait estimates), jobs of dead workers go back to the
     queue, and what the database refused before is written; every ISL_RETENTION_SWEEP_S, one worker deletes the
     files of jobs past the retention age."""
     queue, storage = Queue(settings), Storage(settings.storage_root)
+    info = {"device": _device_name(), "node": socket.gethostname(), "holder": holder()}  # holder: its jobs' leases
     while True:
         try:
-            store.beat(name, max(30, 3 * settings.lease_s))
+            store.beat(name, max(30, 3 * settings.lease_s), info)
             for job_id in store.requeue_orphans(queue.send, unsent_after_s=max(10, 2 * settings.lease_s)):
                 log.warning("job %s: requeued (its worker stopped, or it was never sent)", job_id)
         except Exception:  # Redis away for a moment: the next beat retries
