@@ -173,8 +173,13 @@ STATES = [s.value for s in JobState]
 
 @router.get("/jobs", response_class=HTMLResponse)
 def jobs(request: Request, session: Signed, store: StoreDep,
-         state: Annotated[str, Query(max_length=20)] = "", page: Annotated[int, Query(ge=1, le=100000)] = 1,
-         error: str = "", status: int = 200):
+         state: Annotated[str, Query(max_length=20)] = "", page: Annotated[int, Query(ge=1, le=100000)] = 1):
+    return _jobs_page(request, session, store, state, page)
+
+
+def _jobs_page(request: Request, session: Session, store, state: str = "", page: int = 1, error: str = "",
+               status: int = 200) -> HTMLResponse:
+    """The job list; `error` (a refused upload's reason) shown above it, with the refusal's status."""
     if state and state not in STATES:
         raise HTTPException(422, f"state {state!r} is none of {', '.join(STATES)}")
     t0 = time.perf_counter()
@@ -226,7 +231,7 @@ def upload(request: Request, session: Signed, store: StoreDep,
         view = api.submit(session.tenant, key_actor(session.key_hash), Response(), app.state.settings, store,
                           app.state.storage, app.state.queue, files, model or None)
     except HTTPException as e:
-        return jobs(request, session, store, error=f"The upload was refused: {e.detail}", status=e.status_code)
+        return _jobs_page(request, session, store, error=f"The upload was refused: {e.detail}", status=e.status_code)
     return RedirectResponse(f"/console/jobs/{view.id}", status_code=303)
 
 
@@ -245,13 +250,20 @@ def correction(request: Request, job_id: str, session: Signed, store: StoreDep,
         api.correct(succeeded(record), key_actor(session.key_hash), Response(), app.state.settings, store,
                     app.state.storage, file, note)
     except HTTPException as e:
-        return job(request, job_id, session, store, error=f"The correction was refused: {e.detail}",
-                   status=e.status_code)
-    return RedirectResponse(f"/console/jobs/{job_id}?corrected=1", status_code=303)
+        return _job_page(request, job_id, session, store, error=f"The correction was refused: {e.detail}",
+                         status=e.status_code)
+    return RedirectResponse(f"/console/jobs/{job_id}?corrected=true", status_code=303)
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job(request: Request, job_id: str, session: Signed, store: StoreDep, error: str = "", status: int = 200):
+def job(request: Request, job_id: str, session: Signed, store: StoreDep,
+        corrected: Annotated[bool, Query()] = False):
+    return _job_page(request, job_id, session, store, corrected=corrected)
+
+
+def _job_page(request: Request, job_id: str, session: Session, store, error: str = "", status: int = 200,
+              corrected: bool = False) -> HTMLResponse:
+    """A job's page; `error` (a refused correction's reason) shown at its top, with the refusal's status."""
     record = store.get_owned(job_id, session.tenant) if JOB_ID.match(job_id) else None
     if record is None or record.tenant != session.tenant:
         return _page(request, "not_found.html", {"session": session, "what": f"job {job_id}"}, 404)
@@ -262,7 +274,7 @@ def job(request: Request, job_id: str, session: Signed, store: StoreDep, error: 
     corrections = _corrections(store, record) if done else []
     return _page(request, "job.html", {"session": session, "job": job_view(record, store), "record": record,
                                        "report": report, "preview": preview, "corrections": corrections,
-                                       "error": error, "corrected": request.query_params.get("corrected") == "1"},
+                                       "error": error, "corrected": corrected},
                  status)
 
 
@@ -361,8 +373,14 @@ def models_page(request: Request, session: Signed, store: StoreDep):
 
 
 @router.get("/models/{name}", response_class=HTMLResponse)
-def model_page(request: Request, name: str, session: Signed, store: StoreDep, error: str = "", status: int = 200,
-               done: str = ""):
+def model_page(request: Request, name: str, session: Signed, store: StoreDep,
+               promoted: Annotated[bool, Query()] = False):
+    return _model_page(request, name, session, store, promoted=promoted)
+
+
+def _model_page(request: Request, name: str, session: Session, store, error: str = "", status: int = 200,
+                promoted: bool = False) -> HTMLResponse:
+    """A model's page; `error` (a refused promotion's reason) at its top; `promoted`: say which version is live."""
     from service.routes import models as api
 
     settings = request.app.state.settings
@@ -377,7 +395,7 @@ def model_page(request: Request, name: str, session: Signed, store: StoreDep, er
     return _page(request, "model.html", {
         "session": session, "name": name, "meta": meta, "versions": versions, "agreement": agreement,
         "lineage": (meta.get("transfer") or {}).get("lineage", []), "refinement": meta.get("refinement") or {},
-        "error": error, "done": done}, status)
+        "error": error, "promoted": promoted}, status)
 
 
 @router.get("/models/{name}/bland-altman.png")
@@ -400,8 +418,8 @@ def promote(request: Request, name: str, session: Signed, store: StoreDep,
         api.promote(name, api.Promotion(version=version, force=force, reason=reason), session.tenant,
                     key_actor(session.key_hash), request.app.state.settings, store)
     except HTTPException as e:
-        return model_page(request, name, session, store, error=f"Not promoted: {e.detail}", status=e.status_code)
-    return RedirectResponse(f"/console/models/{name}?done=" + quote(f"version {version} is live"), status_code=303)
+        return _model_page(request, name, session, store, error=f"Not promoted: {e.detail}", status=e.status_code)
+    return RedirectResponse(f"/console/models/{quote(name)}?promoted=true", status_code=303)
 
 
 # -- operations: workers, queues, throughput and failures of every tenant, for the operator tenants ---------------

@@ -87,6 +87,8 @@ def test_a_tenant_sees_its_own_jobs_only_and_a_revoked_key_ends_its_sessions(app
     assert mine.id not in c.get("/console/jobs", params={"state": "succeeded"}).text
     assert mine.id in c.get("/console/jobs", params={"state": "failed"}).text
     assert c.get("/console/jobs", params={"state": "nonsense"}).status_code == 422
+    forged = c.get("/console/jobs", params={"error": "call 555-0100 to unlock", "status": "500"})
+    assert forged.status_code == 200 and "555-0100" not in forged.text  # no message or status from the URL
 
     store.revoke(hash_key(KEYS["alpha"]))
     assert c.get("/console/jobs").status_code == 303  # the key behind the session is revoked: signed out
@@ -223,8 +225,8 @@ def test_the_models_pages_show_versions_and_agreement_and_promote_by_the_apis_ru
     refused = c.post("/console/models/tiny/promote", data={"version": "9", "csrf": token})
     assert refused.status_code == 404 and "Not promoted: no version &#39;9&#39; of model &#39;tiny&#39;" in refused.text
     done = c.post("/console/models/tiny/promote", data={"version": "1", "csrf": token})
-    assert done.status_code == 303 and "version%201%20is%20live" in done.headers["location"]
-    assert "Done: version 1 is live." in c.get(done.headers["location"]).text
+    assert done.status_code == 303 and done.headers["location"] == "/console/models/tiny?promoted=true"
+    assert "Version 1 is live for your tenant." in c.get(done.headers["location"]).text
     assert c.get("/console/models/tiny/bland-altman.png").status_code == 404  # no corrections yet
 
 
