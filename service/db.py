@@ -307,6 +307,13 @@ class Records:
                              .order_by(TrainingRow.created.desc(), TrainingRow.id)).all()
             return [_plain(r) for r in rows]
 
+    def active_trainings(self) -> list[dict]:
+        """Every tenant's retrainings that are queued or running, oldest first (the operations page)."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(TrainingRow).where(TrainingRow.state.in_(("queued", "running")))
+                             .order_by(TrainingRow.created, TrainingRow.id)).all()
+            return [_plain(r) for r in rows]
+
     def claim_training(self, training_id: str, worker: str, stale_before: float, now: float) -> dict | None:
         """Start a queued retraining, or take over a running one whose worker has not beaten since `stale_before`
         (it died); the row as claimed, or None when it is running elsewhere or has ended (a redelivered copy)."""

@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
 from service.deps import StoreDep, key_actor, succeeded
@@ -32,7 +33,25 @@ from service.settings import hash_key
 from service.storage import JOB_ID
 from service.views import job_view
 
-router = APIRouter(prefix="/console", include_in_schema=False)
+
+class _Timed(APIRoute):
+    """Every console response says the server's time for it (session, records and rendering) in its Server-Timing
+    header, `render;dur=<ms>`: what the 300 ms budget of a page is measured on (for the event stream, until it
+    starts)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def timed(request: Request) -> Response:
+            t0 = time.perf_counter()
+            response = await handler(request)
+            response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
+            return response
+
+        return timed
+
+
+router = APIRouter(prefix="/console", include_in_schema=False, route_class=_Timed)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 SESSION, SIGNIN = "isl_session", "isl_signin"
 PAGE = 50
@@ -182,7 +201,6 @@ def _jobs_page(request: Request, session: Session, store, state: str = "", page:
     """The job list; `error` (a refused upload's reason) shown above it, with the refusal's status."""
     if state and state not in STATES:
         raise HTTPException(422, f"state {state!r} is none of {', '.join(STATES)}")
-    t0 = time.perf_counter()
     rows, total, offset = [], 0, (page - 1) * PAGE
     if state:  # a filter reads the tenant's jobs page by page until this page of matches is full
         seen, start, chunk = 0, 0, 500
@@ -205,7 +223,6 @@ def _jobs_page(request: Request, session: Session, store, state: str = "", page:
         "more": (total is None and len(views) == PAGE) or (total is not None and offset + PAGE < total),
         "models": sorted(available_models(request.app.state.settings)),
         "default_model": request.app.state.settings.default_model, "error": error}, status)
-    response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
     return response
 
 
@@ -372,6 +389,23 @@ def models_page(request: Request, session: Signed, store: StoreDep):
     return _page(request, "models.html", {"session": session, **listed})
 
 
+def _chart(points: list, width: int = 360, height: int = 160, pad: int = 36) -> dict | None:
+    """A loss curve ([iteration, loss] pairs from the bundle) as an SVG polyline in a width x height box: the
+    points string and the axes' end values, for the models page (drawn by the browser, no plotting library)."""
+    if not points or len(points) < 2:
+        return None
+    xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    x0, x1, y0, y1 = 0.0, max(xs), min(ys), max(ys)
+    span_y = (y1 - y0) or 1.0
+
+    def at(x, y):
+        return (f"{pad + (x - x0) / ((x1 - x0) or 1.0) * (width - pad - 8):.1f},"
+                f"{8 + (y1 - y) / span_y * (height - pad - 8):.1f}")
+
+    return {"points": " ".join(at(x, y) for x, y in zip(xs, ys)), "width": width, "height": height, "pad": pad,
+            "iterations": int(x1), "first": ys[0], "last": ys[-1], "low": y0, "high": y1}
+
+
 @router.get("/models/{name}", response_class=HTMLResponse)
 def model_page(request: Request, name: str, session: Signed, store: StoreDep,
                promoted: Annotated[bool, Query()] = False):
@@ -395,7 +429,10 @@ def _model_page(request: Request, name: str, session: Session, store, error: str
     return _page(request, "model.html", {
         "session": session, "name": name, "meta": meta, "versions": versions, "agreement": agreement,
         "lineage": (meta.get("transfer") or {}).get("lineage", []), "refinement": meta.get("refinement") or {},
-        "error": error, "promoted": promoted}, status)
+        "error": error, "promoted": promoted,
+        "curves": {part: _chart(points)
+                   for part, points in ((meta.get("training") or {}).get("curves") or {}).items()}},
+        status)
 
 
 @router.get("/models/{name}/bland-altman.png")
@@ -434,7 +471,7 @@ def operations(request: Request, session: Signed, store: StoreDep):
         return _page(request, "forbidden.html", {"session": session, "what": "the operations page",
                                                  "why": "it shows every tenant's workers, queues and failures; "
                                                         "operator tenants are listed in ISL_CONSOLE_OPERATORS"}, 403)
-    t0, now = time.perf_counter(), time.time()
+    now = time.time()
     running = {}  # lease holder (a worker process) -> the jobs it runs
     for job_id in store.running_jobs():
         if (j := store.get(job_id)) is not None:
@@ -444,13 +481,17 @@ def operations(request: Request, session: Signed, store: StoreDep):
         info = store.worker_info(name)
         workers.append({"name": name, "node": info.get("node", ""), "device": info.get("device", ""),
                         "age": now - beat, "jobs": running.pop(info.get("holder"), [])})
+    try:
+        trainings = store.records.active_trainings() if store.records is not None else None
+    except Exception:  # noqa: BLE001 - the database is away: the page says so instead of failing
+        trainings = None
     ended = store.ended_since(now - 3600)
     recent = [j for j in ended if j.finished >= now - 600]
     response = _page(request, "operations.html", {
         "session": session, "workers": workers, "orphans": [j for jobs in running.values() for j in jobs],
-        "queued": store.queue_depth(), "running": store.running_count(),
+        "queued": store.queue_depth(), "running": store.running_count(), "trainings": trainings,
+        "queue": settings.queue, "train_queue": settings.train_queue,
         "ended_10": len(recent), "ended_60": len(ended),
         "succeeded_60": sum(j.state == JobState.SUCCEEDED for j in ended),
         "failures": [j for j in ended if j.state == JobState.FAILED][:20], "events": store.events()})
-    response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
     return response

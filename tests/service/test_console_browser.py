@@ -26,7 +26,7 @@ def browser(tmp_path):
     options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
                                               "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.implicitly_wait(0)
+    driver.implicitly_wait(5)  # a click that loads a page may return before the page is there
     try:
         yield driver
     finally:
@@ -69,7 +69,8 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
 
     base = stack.url
     _sign_in(browser, base, "a wrong key")
-    assert "That API key is not valid" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    alert = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "[role=alert]"), 20, "the refusal")[0]
+    assert "That API key is not valid" in alert.text
     _shot(browser, "sign-in")
     _sign_in(browser, base, KEYS["alpha"])
     _wait(lambda: browser.current_url.endswith("/console/jobs"), 20, "the job list")

@@ -111,3 +111,17 @@ def test_a_model_of_too_few_cases_returns_the_network_and_its_retraining_is_judg
     record = child.meta["refinement"]
     assert record["validation_cases"] and set(record["validation_cases"]) <= set(held)  # configured on them
     assert record["decision"]["method"] in ("isl", "baseline", "tta_flip") and record["decision"]["reason"]
+
+
+def test_a_bundle_keeps_its_loss_curves_for_the_console(tiny_bundle):
+    import json
+
+    from worker.training.train import curve_points
+
+    training = json.loads((tiny_bundle / "bundle.json").read_text())["training"]
+    seg, reg = training["curves"]["segmentation"], training["curves"]["registration"]
+    assert [len(seg), seg[-1][0]] == [30, 30] and [len(reg), reg[-1][0]] == [20, 20]  # one point per iteration here
+    assert all(isinstance(loss, float) for _, loss in seg + reg)
+    long = curve_points(list(range(1000)), points=50)  # windows of 20 iterations, each its mean
+    assert len(long) == 50 and long[0] == [20, 9.5] and long[-1] == [1000, 989.5]
+    assert curve_points([]) == [] and curve_points([2.0]) == [[1, 2.0]]

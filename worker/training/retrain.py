@@ -41,7 +41,13 @@ from segmentation.metrics import dice
 from segmentation.train import train_network
 from service.records import RetrainOptions as RetrainConfig
 from worker.method.bundle import ISLBundle
-from worker.training.train import _train_registrar, configure_bundle, unconfigured_record, validation_count
+from worker.training.train import (
+    _train_registrar,
+    configure_bundle,
+    curve_points,
+    unconfigured_record,
+    validation_count,
+)
 
 
 class Correction(BaseModel):
@@ -217,6 +223,7 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
         "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                      "segmentation_final_loss": float(np.mean(curve[-100:])),
                      "registration_final_loss": float(np.mean(reg_curve[-100:])), "warm_start": cfg.warm_start,
+                     "curves": {"segmentation": curve_points(curve), "registration": curve_points(reg_curve)},
                      "device": str(device), "torch": torch.__version__},
     }
     seg.network.cpu()

@@ -162,19 +162,20 @@ def ensemble_plan(cfg: BundleTrainConfig, train_ids: list[str], channels: list[s
 def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
                         out_dir: Path, device: torch.device, progress, resume: bool,
                         source: ISLBundle | None = None, plan: dict | None = None,
-                        train_ids: list[str] | None = None) -> tuple[SegmentationModel, list[float]]:
+                        train_ids: list[str] | None = None) -> tuple[SegmentationModel, list[float], list[float]]:
     """The initial network, from seeded random weights or, transferred, from `source`'s where they fit; for an
     ensemble (`plan`), each member on its own cases or sequence, with its own seed. Kept as
-    `segmentation.partial.pt` until the bundle is written (`--resume` reuses it)."""
+    `segmentation.partial.pt` until the bundle is written (`--resume` reuses it). Returns the model, the last 100
+    losses of each member and the loss curve (the members' mean per iteration; empty when resumed)."""
     partial = out_dir / "segmentation.partial.pt"
     if resume and partial.is_file():
         progress(f"resuming: segmentation network from {partial}")
-        return SegmentationModel.load(partial, device), []
+        return SegmentationModel.load(partial, device), [], []
     torch.manual_seed(cfg.training.seed)  # the initial weights too: torch's own seed differs in every process
     seg = SegmentationModel.create(cfg.network, pre, ds.labels)
     members = list(seg.network.members) if plan else [seg.network]
     index = {c: i for i, c in enumerate(train_ids or [])}
-    tail = []
+    tail, curves = [], []
     for k, net in enumerate(members):
         cases = [index[c] for c in plan["member_cases"][k]] if plan else list(range(len(images)))
         channel = slice(k, k + 1) if plan and plan["kind"] == "per_sequence" else slice(None)
@@ -189,8 +190,9 @@ def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: 
                                                         f"{cfg.training.iterations}: loss {loss:.4f}"),
                               annotated=known[cases], mirror_axes=pre.mirror_axes, frozen=frozen)
         tail += curve[-100:]
+        curves.append(curve)
     seg.save(partial)
-    return seg, tail
+    return seg, tail, np.mean([c[:min(map(len, curves))] for c in curves], axis=0).tolist()
 
 
 def _train_registrar(images, labels, known: np.ndarray, pre: Preprocessing, cfg: BundleTrainConfig,
@@ -209,6 +211,16 @@ def _train_registrar(images, labels, known: np.ndarray, pre: Preprocessing, cfg:
                                                          f"loss {loss:.4f}"),
                                known=torch.from_numpy(known[:, 1:]))
     return reg, curve
+
+
+def curve_points(curve, points: int = 60) -> list[list[float]]:
+    """A training loss curve kept in the bundle (the console draws it): the per-iteration losses averaged over at
+    most `points` equal windows, as [last iteration of the window, mean loss] pairs."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if curve.size == 0:
+        return []
+    edges = np.unique(np.linspace(0, curve.size, min(points, curve.size) + 1).round().astype(int))
+    return [[int(b), round(float(curve[a:b].mean()), 5)] for a, b in zip(edges[:-1], edges[1:])]
 
 
 def atlas_pool(train_ids: list[str], cfg: BundleTrainConfig) -> list[str]:
@@ -243,8 +255,8 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_seg = time.perf_counter()
-    seg, curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device, progress, resume,
-                                     source, plan, train_ids)
+    seg, curve, full_curve = _train_segmentation(ds, pre, images, label_arrays, known, cfg, out_dir, device,
+                                                 progress, resume, source, plan, train_ids)
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
     start = None
@@ -257,6 +269,7 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     training = {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                 "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
                 "registration_final_loss": float(np.mean(reg_curve[-100:])),
+                "curves": {"segmentation": curve_points(full_curve), "registration": curve_points(reg_curve)},
                 "total_seconds": round(time.perf_counter() - t0, 1), "device": str(device), "torch": torch.__version__}
     meta = _meta(ds, cfg, out_dir, held, val_ids, train_ids, atlas_pool(train_ids, cfg),
                  [r.message() for _, _, r in loaded if r.remapped], training)
