@@ -322,3 +322,22 @@ def test_the_console_adds_no_torch_import_to_the_api(redis_url, tmp_path):
     r = subprocess.run([sys.executable, "-c", PAGES_WITHOUT_TORCH, redis_url, str(tmp_path)], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_consoles_text_colours_reach_a_contrast_of_7_to_1():
+    """WCAG's enhanced contrast (AAA, 7:1) for every text colour of the stylesheet on its background."""
+    from pathlib import Path
+
+    css = (Path(__file__).resolve().parents[2] / "service/console/templates/base.html").read_text()
+    colours = {name: h if len(h) == 7 else "#" + "".join(2 * c for c in h[1:])
+               for name, h in re.findall(r"--(\w+): (#[0-9a-f]{6}|#[0-9a-f]{3})\b", css)}
+
+    def luminance(hex_: str) -> float:
+        c = [int(hex_[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        c = [v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    bg = luminance(colours["bg"])
+    for name in ("fg", "muted", "accent", "bad", "ok"):
+        ratio = (max(bg, luminance(colours[name])) + 0.05) / (min(bg, luminance(colours[name])) + 0.05)
+        assert ratio >= 7, (name, round(ratio, 2))

@@ -54,6 +54,22 @@ def _shot(browser, name: str) -> None:
         browser.save_screenshot(str(Path(folder) / f"{name}.png"))
 
 
+UNLABELLED = """return Array.from(document.querySelectorAll('input:not([type=hidden]), select, textarea, progress'))
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.outerHTML)"""
+
+
+FIRST_STOP = """const first = document.querySelector('a[href], button, input:not([type=hidden]), select, textarea');
+  first.focus(); return [first.textContent, first.getBoundingClientRect().left]"""
+
+
+def _accessible(browser) -> None:
+    """Every control of the page has a label, and the keyboard's first stop is the skip link to the content, shown
+    when it has the focus."""
+    assert browser.execute_script(UNLABELLED) == [], browser.current_url
+    text, left = browser.execute_script(FIRST_STOP)
+    assert text == "Skip to the content" and left >= 0, (text, left)
+
+
 def _sign_in(browser, base, key):
     from selenium.webdriver.common.by import By
 
@@ -72,6 +88,7 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     alert = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "[role=alert]"), 20, "the refusal")[0]
     assert "That API key is not valid" in alert.text
     _shot(browser, "sign-in")
+    _accessible(browser)
     _sign_in(browser, base, KEYS["alpha"])
     _wait(lambda: browser.current_url.endswith("/console/jobs"), 20, "the job list")
     assert "tenant alpha" in browser.find_element(By.CLASS_NAME, "who").text
@@ -85,6 +102,7 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "img#img-axial"), 300, "the finished job's slices")
     assert "succeeded" in browser.find_element(By.CSS_SELECTOR, "[data-field=state]").text
     _shot(browser, "job")
+    _accessible(browser)
 
     image = browser.find_element(By.ID, "img-axial")
     first = image.get_attribute("src")
@@ -103,9 +121,12 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     browser.find_element(By.ID, "note").send_keys("checked in the browser")
     browser.find_element(By.XPATH, "//button[text()='Send the correction']").click()
     _wait(lambda: "Your correction was kept." in browser.page_source, 120, "the kept correction")
-    assert "checked in the browser" in browser.page_source
+    row = browser.find_element(By.XPATH, "//h2[.='Corrections']/following-sibling::table[1]//tbody/tr[1]")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[2] == "0" and "1.000" in cells[3] and cells[4] == "checked in the browser", cells  # its own mask
     browser.get(base + "/console/jobs")
     _shot(browser, "jobs")
+    _accessible(browser)
     # the model's agreement report now counts this correction, with its Bland-Altman plot
     browser.find_element(By.LINK_TEXT, "Models").click()
     browser.find_element(By.LINK_TEXT, "tiny").click()
@@ -114,11 +135,13 @@ def test_a_radiologist_signs_in_uploads_a_real_scan_watches_it_and_corrects_its_
     plot = browser.find_element(By.CSS_SELECTOR, "img[alt^='Bland-Altman']")
     assert _wait(lambda: browser.execute_script("return arguments[0].naturalWidth", plot), 20, "the Bland-Altman plot")
     _shot(browser, "model")
+    _accessible(browser)
     # the operations page: the stack's worker, alive, on its device
     browser.find_element(By.LINK_TEXT, "Operations").click()
     worker = browser.find_element(By.XPATH, "//h2[.='Workers']/following-sibling::table[1]//tbody/tr[1]")
     assert worker.find_elements(By.TAG_NAME, "td")[2].text.startswith("cpu (")
     _shot(browser, "operations")
+    _accessible(browser)
 
     # a post without the session's CSRF token (as another site's page would send it) is refused
     status = browser.execute_script(
