@@ -381,6 +381,16 @@ def _bundle_meta(settings, name: str) -> dict:
     return _read_json(Path(settings.models_dir) / name / "bundle.json") or {}
 
 
+def _live_meta(settings, store, tenant: str, name: str) -> dict | None:
+    """The bundle.json of the retrained version of `name` live for this tenant; None for the base bundle (or when
+    the database cannot say)."""
+    try:
+        live = store.records.live_version(tenant, name) if store.records is not None else None
+    except Exception:  # noqa: BLE001 - the database is away: the page says so elsewhere
+        return None
+    return None if live is None else _read_json(Path(settings.storage_root) / live["folder"] / "bundle.json")
+
+
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: Signed, store: StoreDep):
     from service.routes import models as api
@@ -426,12 +436,14 @@ def _model_page(request: Request, name: str, session: Session, store, error: str
         agreement = api.model_agreement(name, session.tenant, settings, store)
     except HTTPException as e:  # no database: the page shows the bundle alone and says why
         versions, agreement, error = None, None, error or e.detail
+    trained = _live_meta(settings, store, session.tenant, name) or meta  # the curves of what the tenant runs
     return _page(request, "model.html", {
         "session": session, "name": name, "meta": meta, "versions": versions, "agreement": agreement,
+        "trained": trained,
         "lineage": (meta.get("transfer") or {}).get("lineage", []), "refinement": meta.get("refinement") or {},
         "error": error, "promoted": promoted,
         "curves": {part: _chart(points)
-                   for part, points in ((meta.get("training") or {}).get("curves") or {}).items()}},
+                   for part, points in ((trained.get("training") or {}).get("curves") or {}).items()}},
         status)
 
 

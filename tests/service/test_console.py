@@ -257,6 +257,28 @@ def test_the_model_page_draws_the_bundles_training_curves(app, tmp_path):
     assert "Segmentation network's training loss: 0.9000 at the start, 0.2000 after 30 iterations" in page
     points = re.search(r'<polyline points="([^"]+)"', page).group(1).split()
     assert len(points) == 3 and float(points[0].split(",")[1]) < float(points[-1].split(",")[1])  # falls: y grows
+    assert "Training curves of version 1</h2>" in page
+
+    # a retrained version live for this tenant: the page draws the curves of what the tenant's jobs run on
+    import time as clock
+
+    records, root = app.state.store.records, app.state.settings.storage_root
+    folder = root / "models" / "alpha" / "tiny-r1"
+    folder.mkdir(parents=True)
+    (folder / "bundle.json").write_text(json.dumps({"version": "tiny-r1", "training": {
+        "curves": {"segmentation": [[50, 0.4], [100, 0.1]]}}}))
+    now = clock.time()
+    records.add_training({"id": "t1", "tenant": "alpha", "model": "tiny", "actor": "alpha", "created": now,
+                          "parent_version": "1", "options": {}}, {"tenant": "alpha", "actor": "alpha",
+                                                                  "action": "retrain", "detail": {}})
+    assert records.claim_training("t1", "w", now - 60, now)
+    assert records.finish_training("t1", "w", state="succeeded", finished=now, outcome={"promoted": True},
+                                   version={"id": "t1", "tenant": "alpha", "model": "tiny", "version": "tiny-r1",
+                                            "parent": "1", "folder": "models/alpha/tiny-r1", "created": now})
+    page = signed_in(app).get("/console/models/tiny").text
+    assert "Training curves of version tiny-r1 (retrained, live for you)</h2>" in page and page.count("<polyline") == 1
+    assert "0.4000 at the start, 0.1000 after 100 iterations" in page
+    assert "Training curves of version 1</h2>" in signed_in(app, "beta").get("/console/models/tiny").text
 
 
 def test_operations_show_workers_queues_and_failures_of_every_tenant_to_operators_only(app):
