@@ -128,3 +128,83 @@ def test_the_config_validates_on_assignment_too():
     with pytest.raises(ValidationError, match="no_such_knob"):
         ISLConfig(no_such_knob=1)
     assert cfg.atlases == 14 and cfg.registration.steps == 30
+
+
+@pytest.mark.parametrize("which", ["decoder", "norm"])
+def test_finetuning_moves_only_the_parameters_it_is_told_to(which):
+    """`finetune_params`: with the encoder frozen, a step leaves the contracting path exactly as it was and moves
+    the expanding path; with `norm`, only the normalisation layers' affine parameters move. A cosine schedule ends
+    at a learning rate of zero."""
+    import torch
+
+    from segmentation.network import NetworkConfig, build_network
+    from segmentation.transfer import encoder_parameters
+    from worker.method.finetune import tuned_parameters
+
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(channels=(4, 8, 16), strides=(2, 2)), 1, 3)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    moved = {id(p) for p in tuned_parameters(net, which)}
+    encoder = {id(p) for p in encoder_parameters(net)}
+    if which == "decoder":
+        assert moved and not moved & encoder and len(moved) + len(encoder) == len(before)
+    else:
+        assert moved and all(p.dim() == 1 for p in net.parameters() if id(p) in moved)
+    opt = torch.optim.SGD([p for p in net.parameters() if id(p) in moved], lr=0.5)
+    net(torch.randn(2, 1, 16, 16, 16)).square().mean().backward()
+    opt.step()
+    for name, p in net.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == (id(p) in moved and p.grad is not None and bool(p.grad.abs().sum() > 0)), name
+
+
+def test_a_cosine_schedule_anneals_the_finetuning_rate_to_zero(tiny_bundle, phantom_dataset):
+    import torch
+
+    from segmentation.dataset import load_case, load_dataset
+    from worker.method.config import ISLConfig
+    from worker.method.finetune import FineTuning
+    from worker.method.mask import initial_mask
+    from worker.pipeline import load_refiner
+
+    cfg = ISLConfig(device="cpu", atlases=2, finetune_steps=4, min_steps=4, finetune_schedule="cosine",
+                    finetune_params="decoder")
+    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg)
+    ds = load_dataset(phantom_dataset)
+    vols, _, _ = load_case(ds, ds.case("phantom_001"))
+    start = initial_mask(refiner.net, refiner.pre.images(vols)[0], refiner.pre, True, torch.device("cpu"))
+    tuning = FineTuning(refiner.net, start, cfg, np.random.default_rng(0), torch.device("cpu"))
+    rates = []
+    for _ in range(4):
+        tuning.opt.step()
+        tuning.sched.step()
+        rates.append(tuning.opt.param_groups[0]["lr"])
+    assert rates[0] < cfg.finetune_lr and rates[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(p.requires_grad for p in refiner.net.parameters())  # the bundle's own network is untouched
+    res = refiner.refine(refiner.pre.images(vols)[0])
+    assert res.qa["finetune_steps"] == 4
+
+
+def test_weight_space_blending_lands_between_the_network_and_its_tuned_copy():
+    """`finetune_interpolation` (WiSE-FT): alpha 1 is the tuned copy itself, alpha 0 the network's weights, and
+    alpha 0.25 the point a quarter of the way from the network to the tuned copy; neither input is changed."""
+    import copy
+
+    import torch
+
+    from segmentation.network import NetworkConfig, build_network
+    from worker.method.finetune import blended
+
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(channels=(4, 8), strides=(2,)), 1, 2)
+    tuned = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(1.0)
+    assert blended(net, tuned, 1.0) is tuned
+    zero, quarter = blended(net, tuned, 0.0), blended(net, tuned, 0.25)
+    for (name, p), q0, q25, t in zip(net.named_parameters(), zero.parameters(), quarter.parameters(),
+                                     tuned.parameters()):
+        assert torch.allclose(q0, p), name
+        assert torch.allclose(q25, p + 0.25), name
+        assert torch.allclose(t, p + 1.0), name

@@ -28,7 +28,16 @@ class ISLConfig(BaseModel):
     finetune_steps: int = Field(40, ge=0, description="upper bound on fine-tuning steps")
     min_steps: int = Field(15, ge=0, description="fine-tuning steps before the stopping rule may stop")
     finetune_lr: float = Field(3e-4, gt=0)
+    finetune_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the fine-tuning learning rate: held, or annealed to zero over finetune_steps (a "
+                                "converged network is moved least at the end, where the last steps land)")
+    finetune_params: Literal["all", "decoder", "norm"] = Field(
+        "all", description="what fine-tuning moves: every weight, the expanding path only (the encoder frozen), or "
+                           "the normalisation layers' affine parameters only")
     finetune_batch: int = Field(2, ge=1)
+    finetune_interpolation: float = Field(
+        1.0, ge=0, le=1, description="the tuned copy's weights blended with the network's: a x tuned + (1 - a) x "
+                                     "network (weight-space ensembling, as WiSE-FT); 1: the tuned copy as it is")
     augment_strength: float = Field(0.5, ge=0, description="scales the training augmentation's probabilities")
     scan_weight: float = Field(0.0, ge=0, description="weight of the scan itself in fine-tuning, on its confident "
                                                       "pseudo-label (0: off)")

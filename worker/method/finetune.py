@@ -13,6 +13,7 @@ import torch
 from segmentation.augment import augmentation
 from segmentation.infer import predict_probs
 from segmentation.losses import marginal_dice_ce
+from segmentation.transfer import encoder_parameters
 from worker.method.align import Aligned, Aligner, fuse
 from worker.method.config import ISLConfig
 from worker.method.mask import EMAMask, Start
@@ -34,7 +35,14 @@ class FineTuning:
     def __init__(self, net, start: Start, cfg: ISLConfig, rng: np.random.Generator, device: torch.device):
         self.cfg, self.start, self.rng, self.device = cfg, start, rng, device
         self.network = copy.deepcopy(net).to(device)
-        self.opt = torch.optim.Adam(self.network.parameters(), lr=cfg.finetune_lr)
+        params = tuned_parameters(self.network, cfg.finetune_params)
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(cfg.finetune_steps, 1))
+                      if cfg.finetune_schedule == "cosine" else None)
         self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength,
                                       mirror_axes=start.mirror_axes)
         self.transform.set_random_state(seed=cfg.seed)
@@ -80,9 +88,33 @@ class FineTuning:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
 
     def predict(self) -> np.ndarray:
         return predict_probs(self.network, self.start.image, self.start.mask.shape[1:])[0].cpu().numpy()
+
+
+def blended(net: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """`alpha` x the tuned copy's weights + (1 - alpha) x the network's, as a new copy (`tuned` itself at 1)."""
+    if alpha >= 1.0:
+        return tuned
+    out, theirs = copy.deepcopy(tuned), dict(net.named_parameters())
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.lerp_(theirs[name].to(p.device), 1.0 - alpha)
+    return out
+
+
+def tuned_parameters(net: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The parameters per-case fine-tuning moves (`ISLConfig.finetune_params`)."""
+    if which == "all":
+        return list(net.parameters())
+    if which == "decoder":
+        frozen = {id(p) for p in encoder_parameters(net)}
+        return [p for p in net.parameters() if id(p) not in frozen]
+    norms = (torch.nn.InstanceNorm3d, torch.nn.BatchNorm3d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return [p for m in net.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)]
 
 
 def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConfig, rng: np.random.Generator,
@@ -105,14 +137,14 @@ def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConf
             report("finetune", 0.3 + 0.55 * steps / max(cfg.finetune_steps, 1))
             stop = steps % cfg.predict_every == 0 and ema.update(tuning.predict()) and steps >= cfg.min_steps
         if snapshot is not None:
-            snapshot(steps, tuning.network, aligned)
+            snapshot(steps, blended(net, tuning.network, cfg.finetune_interpolation), aligned)
         if stop:
             break
         if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
             with timer.stage("reregistration"):
                 aligned = aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps, cfg.registration)
                 fused = _fused(aligned, start, cfg)
-    return Tuned(tuning.network, ema, steps, aligned, fused)
+    return Tuned(blended(net, tuning.network, cfg.finetune_interpolation), ema, steps, aligned, fused)
 
 
 def _fused(aligned: Aligned, start: Start, cfg: ISLConfig) -> np.ndarray | None:
