@@ -57,11 +57,12 @@ def _answers(url: str) -> bool:
 
 class LocalStack:
     """`with LocalStack(folder, models_dir, model, atlas_dir, keys={"t": "key"}, workers=1) as stack:` gives
-    stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit."""
+    stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit. Workers run on the CPU
+    (ISL_DEVICE=cpu) unless `device` is given: then each is started as `isl worker --device DEVICE`."""
 
     def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
                  workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None,
-                 appendonly: bool = False, queues: str | None = None):
+                 appendonly: bool = False, queues: str | None = None, device: str | None = None):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.folder, self.procs, self.named, self.appendonly = Path(folder), [], {}, appendonly
@@ -75,7 +76,7 @@ class LocalStack:
         if atlas_dir is not None:
             self.env["ISL_ATLAS_DIR"] = str(atlas_dir)
         self.env.update(extra_env or {})
-        self.n_workers, self.queues = workers, queues
+        self.n_workers, self.queues, self.device = workers, queues, device
 
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:
         """Each process leads its own process group, so that `kill` reaches a worker's pool children too."""
@@ -91,7 +92,8 @@ class LocalStack:
         store = self.store()
         before = set(store.workers())
         proc = self._run(name, [sys.executable, "-m", "worker.cli", "worker", "--name", f"{name}@localstack",
-                                *(["--queues", self.queues] if self.queues else [])])
+                                *(["--queues", self.queues] if self.queues else []),
+                                *(["--device", self.device] if self.device else [])])
         if wait:
             wait_until(lambda: set(store.workers()) - before, 60, f"worker {name}'s heartbeat")
         return proc
