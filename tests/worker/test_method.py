@@ -155,7 +155,12 @@ def test_finetuning_moves_only_the_parameters_it_is_told_to(which):
     opt.step()
     for name, p in net.named_parameters():
         changed = not torch.equal(p, before[name])
-        assert changed == (id(p) in moved and p.grad is not None and bool(p.grad.abs().sum() > 0)), name
+        if id(p) not in moved:
+            assert not changed, name
+        elif p.grad is not None and bool(p.grad.abs().max() > 1e-4):
+            # a bias just before an instance norm has a gradient near 1e-9 and may not move in float32
+            assert changed, name
+    assert any(not torch.equal(p, before[n]) for n, p in net.named_parameters())
 
 
 def test_a_cosine_schedule_anneals_the_finetuning_rate_to_zero(tiny_bundle, phantom_dataset):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from segmentation.adapt import norm_parameters
 from segmentation.augment import augmentation
 from segmentation.infer import predict_probs
 from segmentation.losses import marginal_dice_ce
@@ -113,8 +114,7 @@ def tuned_parameters(net: torch.nn.Module, which: str) -> list[torch.nn.Paramete
     if which == "decoder":
         frozen = {id(p) for p in encoder_parameters(net)}
         return [p for p in net.parameters() if id(p) not in frozen]
-    norms = (torch.nn.InstanceNorm3d, torch.nn.BatchNorm3d, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    return [p for m in net.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)]
+    return norm_parameters(net)
 
 
 def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConfig, rng: np.random.Generator,
