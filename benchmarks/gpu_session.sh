@@ -6,10 +6,12 @@
 #   2. ISL's seconds per stage and per case on the GPU: `isl evaluate --device cuda` on the first test cases, with
 #      the peak GPU memory;
 #   3. `isl train --device cuda` of the head-and-neck bundle on the training and validation cases of
-#      models/headneck_ct (the same split: see gpu_pack.sh), with what time is left.
+#      models/headneck_ct (the same split: see gpu_pack.sh), its configuration given CONFIGURE_MIN minutes;
+#   4. `isl evaluate --device cuda` of that GPU-trained bundle on the same first test cases, when 60 s are left.
 # Every step has its own limit so that the whole ends inside DEADLINE seconds. Results go to $OUT:
 # nvidia_smi.txt, worker_job_gpu.json, evaluate_gpu.json, evaluate_gpu_memory.json, train_gpu.json (the trained
-# bundle's metadata, when training ended), logs.tar.gz (every log, the evaluation figure, the bundle's card).
+# bundle's metadata, when training ended), evaluate_gpu_trained.json, logs.tar.gz (every log, the evaluation figure,
+# the bundle's card).
 #
 #     OUT=/tmp/out DEADLINE=540 bash benchmarks/gpu_session.sh
 # A dry run on a CPU machine with the project's own environment (nothing unpacked):
@@ -23,7 +25,8 @@ DEVICE=${DEVICE:-cuda}
 EVAL_CASES=${EVAL_CASES:-5}
 JOB_CASES=${JOB_CASES:-2}
 STEP_S=${STEP_S:-200}
-STEPS=${STEPS:-123}  # which of the steps to run
+STEPS=${STEPS:-1234}  # which of the steps to run
+CONFIGURE_MIN=${CONFIGURE_MIN:-1}
 T0=$(date +%s)
 W=/tmp/isl_gpu
 mkdir -p "$W" "$OUT"
@@ -35,7 +38,8 @@ nproc >> "$OUT/nvidia_smi.txt"
 if [ -z "${DATA:-}" ]; then
     say "unpacking"
     mkdir -p /tmp/site /tmp/data
-    tar xJf gpu_data/site.tar.xz -C /tmp/site & tar xJf gpu_data/redis.tar.xz -C /tmp &
+    tar xJf gpu_data/site.tar.xz -C /tmp/site &
+    [ -f gpu_data/redis.tar.xz ] && tar xJf gpu_data/redis.tar.xz -C /tmp &
     tar xJf gpu_data/headneck_ct.tar.xz -C /tmp/data; wait
     for whl in gpu_data/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/site; done
     find /tmp/data/headneck_ct -name '*.nii' -print0 | xargs -0 -P "$(nproc)" -n 4 gzip -1
@@ -45,7 +49,7 @@ fi
 export PYTHONUNBUFFERED=1
 $PY -c "import torch, monai, voxelmorph, SimpleITK, fastapi, celery; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', 'monai', monai.__version__)" 2>&1 | tee -a "$OUT/nvidia_smi.txt"
-redis-server --version | tee -a "$OUT/nvidia_smi.txt"
+redis-server --version 2>&1 | tee -a "$OUT/nvidia_smi.txt"
 $PY -c "import service.app, worker.tasks, worker.cli" || say "the service does not import: see above"
 
 if [[ $STEPS == *1* ]]; then
@@ -79,10 +83,16 @@ fi
 
 if [[ $STEPS == *3* ]]; then
 say "3. isl train --device $DEVICE ($(( $(left) - 30 )) s left for it)"
-timeout $(( $(left) - 30 )) $PY -m worker.cli train --device "$DEVICE" --dataset "$DATA" --out "$W/headneck_ct_gpu" \
-    --holdout 5 --configure-minutes 1 2>&1 | while IFS= read -r line; do say "$line"; done > "$W/train.log"
+timeout $(( $(left) - 30 )) $PY -m worker.cli -v train --device "$DEVICE" --dataset "$DATA" --out "$W/headneck_ct_gpu" \
+    --holdout 5 --configure-minutes "$CONFIGURE_MIN" 2>&1 | while IFS= read -r line; do say "$line"; done > "$W/train.log"
 say "train rc=${PIPESTATUS[0]}"; tail -n 12 "$W/train.log"
 cp "$W/headneck_ct_gpu/bundle.json" "$OUT/train_gpu.json" 2>/dev/null
+fi
+if [[ $STEPS == *4* ]] && [ -f "$W/headneck_ct_gpu/bundle.json" ] && [ "$(left)" -gt 60 ]; then
+say "4. isl evaluate --device $DEVICE of the GPU-trained bundle on $EVAL_CASES test cases"
+timeout $(( $(left) - 15 )) $PY -m worker.cli evaluate --device "$DEVICE" --dataset "$DATA" \
+    --model "$W/headneck_ct_gpu" --json "$OUT/evaluate_gpu_trained.json" --cases "$EVAL_CASES" > "$W/evaluate_trained.log" 2>&1
+say "evaluate (GPU-trained) rc=$?"; tail -n 8 "$W/evaluate_trained.log"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$W" --exclude='*.pt' . 2>/dev/null
 say "done"; ls -la "$OUT"

@@ -48,6 +48,10 @@ def training_progress(folder: Path) -> dict | None:
         out[net] = {"iterations_reached": i1, "of": total,
                     "seconds_per_iteration": round(per_it, 4) if per_it else None,
                     "seconds_for_all_iterations_at_that_rate": round(per_it * total, 1) if per_it else None}
+    loader = re.search(r"trained (\d+) iterations in (\d+) s, (\d+) s of it waiting for batches \((\d+) threads", text)
+    if loader and "segmentation" in out:
+        its, total, waited, threads = map(int, loader.groups())
+        out["segmentation"] |= {"seconds": total, "seconds_waiting_for_batches": waited, "loader_threads": threads}
     return out
 
 
@@ -93,6 +97,21 @@ def summarise(folder: Path, cpu_evaluation: Path) -> dict:
                                "validation_cases": len(bundle.get("validation_cases", [])),
                                "configuration": (bundle.get("refinement") or {}).get("decision")}
                               if bundle else "did not finish within the session")
+    trained = _load(folder / "evaluate_gpu_trained.json")
+    if trained:
+        cpu = {r["case"]: r for r in (_load(cpu_evaluation) or {"cases": []})["cases"]}
+        methods = ("baseline", "isl", "tta_flip", "fusion_only", "network_only")
+        out["gpu_trained_bundle_on_test_cases"] = {
+            "command": trained.get("command"), "config_used": trained["summary"].get("config_used"),
+            "per_case": [{"case": r["case"], "mean_dice_gpu_trained": {m: _mean_dice(r, m) for m in methods},
+                          "mean_dice_committed_cpu_bundle": ({m: _mean_dice(cpu[r["case"]], m) for m in methods}
+                                                             if r["case"] in cpu else None)}
+                         for r in trained["cases"]]}
+        for key, pick in (("mean_dice_gpu_trained", lambda r: r["mean_dice_gpu_trained"]),
+                          ("mean_dice_committed_cpu_bundle", lambda r: r["mean_dice_committed_cpu_bundle"])):
+            rows = [pick(r) for r in out["gpu_trained_bundle_on_test_cases"]["per_case"] if pick(r)]
+            out["gpu_trained_bundle_on_test_cases"][key] = {m: round(statistics.mean(r[m] for r in rows), 4)
+                                                           for m in methods} if rows else None
     out["training_progress_on_gpu"] = training_progress(folder)
     return out
 
