@@ -47,7 +47,7 @@ if [ -z "${DATA:-}" ]; then
     DATA=/tmp/data/headneck_ct
 fi
 export PYTHONUNBUFFERED=1
-$PY -c "import torch, monai, voxelmorph, SimpleITK, fastapi, celery; print('torch', torch.__version__, \
+$PY -c "import torch, monai, voxelmorph, SimpleITK; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU', 'monai', monai.__version__)" 2>&1 | tee -a "$OUT/nvidia_smi.txt"
 redis-server --version 2>&1 | tee -a "$OUT/nvidia_smi.txt"
 $PY -c "import service.app, worker.tasks, worker.cli" || say "the service does not import: see above"

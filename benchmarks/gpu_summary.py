@@ -48,10 +48,12 @@ def training_progress(folder: Path) -> dict | None:
         out[net] = {"iterations_reached": i1, "of": total,
                     "seconds_per_iteration": round(per_it, 4) if per_it else None,
                     "seconds_for_all_iterations_at_that_rate": round(per_it * total, 1) if per_it else None}
-    loader = re.search(r"trained (\d+) iterations in (\d+) s, (\d+) s of it waiting for batches \((\d+) threads", text)
+    loader = re.search(r"trained (\d+) iterations in (\d+) s, (\d+) s of it waiting for batches "
+                       r"\((\d+ (?:threads|worker processes))", text)
     if loader and "segmentation" in out:
-        its, total, waited, threads = map(int, loader.groups())
-        out["segmentation"] |= {"seconds": total, "seconds_waiting_for_batches": waited, "loader_threads": threads}
+        its, total, waited, who = loader.groups()
+        out["segmentation"] |= {"seconds": int(total), "seconds_waiting_for_batches": int(waited),
+                                "batches_prepared_by": who}
     return out
 
 
@@ -92,7 +94,8 @@ def summarise(folder: Path, cpu_evaluation: Path) -> dict:
         if memory:
             out["isl_on_gpu"]["memory"] = memory
     bundle = _load(folder / "train_gpu.json")
-    out["training_on_gpu"] = ({"command": bundle.get("command"), "training": bundle.get("training"),
+    out["training_on_gpu"] = ({"command": bundle.get("command"),
+                               "training": {k: v for k, v in bundle.get("training", {}).items() if k != "curves"},
                                "train_cases": len(bundle.get("train_cases", [])),
                                "validation_cases": len(bundle.get("validation_cases", [])),
                                "configuration": (bundle.get("refinement") or {}).get("decision")}

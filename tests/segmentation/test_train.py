@@ -1,4 +1,5 @@
-"""Training batches prepared by threads: the same batches, and so the same training, whatever their number."""
+"""Training batches prepared by data-loader worker processes: the same batches, and so the same training, whatever
+their number."""
 import numpy as np
 import pytest
 import torch
@@ -11,40 +12,38 @@ def _data():
     return images, labels
 
 
-def _batches(threads, iterations=6, seed=0):
+def _batches(workers, iterations=6, seed=0):
     from segmentation.augment import augmentation
-    from segmentation.train import _Batches
+    from segmentation.train import IterationBatches, batch_loader
 
     images, labels = _data()
-    batches = _Batches(images, labels, augmentation((16, 16, 16)), np.random.default_rng(seed), 2, seed, threads)
-    try:
-        return [batches.next() for _ in range(iterations)]
-    finally:
-        batches.close()
+    batches = IterationBatches(images, labels, augmentation((16, 16, 16)), np.random.default_rng(seed), 2,
+                               iterations, seed)
+    return list(batch_loader(batches, workers))
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_threads_prepare_exactly_the_batches_of_the_training_loop(threads):
-    serial, threaded = _batches(0), _batches(threads)
-    for (x0, y0, p0), (x1, y1, p1) in zip(serial, threaded):
-        assert np.array_equal(p0, p1)
-        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_prepare_exactly_the_batches_of_the_training_loop(workers):
+    serial, parallel = _batches(0), _batches(workers)
+    assert len(serial) == len(parallel) == 6
+    for (x0, y0, p0), (x1, y1, p1) in zip(serial, parallel):
+        assert torch.equal(p0, p1) and torch.equal(x0, x1) and torch.equal(y0, y1)
     # the augmentation is random: the iterations differ, and another seed gives other batches
     assert not torch.equal(serial[0][0], serial[1][0])
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(serial, _batches(0, seed=1)))
 
 
-def test_training_with_loader_threads_gives_the_same_network():
+def test_training_with_loader_workers_gives_the_same_network():
     from segmentation.network import NetworkConfig, build_network
     from segmentation.train import TrainConfig, train_network
 
     images, labels = _data()
     nets, curves = [], []
-    for threads in (0, 2):
+    for workers in (0, 2):
         torch.manual_seed(0)
         net = build_network(NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=1), 1, 3)
         curves.append(train_network(net, images, labels, (16, 16, 16), TrainConfig(iterations=4),
-                                    torch.device("cpu"), threads=threads))
+                                    torch.device("cpu"), workers=workers))
         nets.append(net)
     assert curves[0] == curves[1]
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
