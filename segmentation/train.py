@@ -3,6 +3,7 @@ one-cycle schedule)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -68,9 +69,12 @@ def batch_loader(batches: IterationBatches, workers: int) -> torch.utils.data.Da
 
 
 def loader_workers(device: torch.device) -> int:
-    """Processes that prepare batches: none on the CPU (the cores train the network); on a GPU, where augmentation
-    on the CPU is the slow part, all cores but one (at most 8)."""
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if torch.device(device).type == "cuda" else 0
+    """Processes that prepare batches: on a GPU, where augmentation on the CPU is the slow part, all cores but one
+    (at most 8); none on the CPU (the cores train the network), and none in a daemonic process, which may not start
+    children (a Celery prefork worker's child, where retraining runs)."""
+    if torch.device(device).type != "cuda" or multiprocessing.current_process().daemon:
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
 
 
 def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch_size, cfg: TrainConfig,

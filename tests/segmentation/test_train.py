@@ -47,3 +47,19 @@ def test_training_with_loader_workers_gives_the_same_network():
         nets.append(net)
     assert curves[0] == curves[1]
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+def _workers_here(device):
+    from segmentation.train import loader_workers
+    return loader_workers(device)
+
+
+def test_no_loader_workers_on_the_cpu_nor_in_a_celery_child():
+    """A Celery prefork child (where retraining runs) is daemonic and may not start processes: there the batches are
+    made in the training loop, as on the CPU. Only the device's type is read: no GPU is needed."""
+    from billiard.pool import Pool
+
+    assert _workers_here("cpu") == 0
+    assert _workers_here("cuda") >= 1
+    with Pool(1) as pool:
+        assert pool.map(_workers_here, ["cuda"]) == [0]
