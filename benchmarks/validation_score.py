@@ -8,7 +8,7 @@ parts (the starting mask, the fusion alone, the tuned network alone) beside the 
 
 --defaults starts every config from the ISLConfig defaults (the hand-set settings); without it, from the bundle's
 configured settings. Each --config (repeatable, JSON) is one variant: fields overridden on top. --cases N scores
-the first N validation cases only."""
+the first N validation cases only; --device cuda runs them on a GPU."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +29,7 @@ PARTS = {"start": None, "fusion_only": "atlas", "network_only": "network"}
 
 
 def score_variant(args, over: dict, ids: list[str]) -> dict:
-    over = over | {"device": "cpu"}
+    over = over | {"device": args.device}
     refiner = load_refiner(args.model, args.dataset, ISLConfig(**over) if args.defaults else over)
     ds, names = load_dataset(args.dataset), refiner.bundle.segmentation.labels
     rows, t = {}, time.perf_counter()
@@ -61,11 +61,19 @@ def main() -> None:
     ap.add_argument("--defaults", action="store_true", help="start from the ISLConfig defaults, not the bundle's")
     ap.add_argument("--cases", type=int, default=0, help="the first N validation cases only (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--progress", default=None, help="a file that gets each variant's result as one JSON line when "
+                                                     "it ends (what a run stopped by a time limit still keeps)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     meta = json.loads(open(f"{args.model}/bundle.json").read())
     ids = meta["refinement"]["validation_cases"][: args.cases or None]
-    variants = [score_variant(args, json.loads(c), ids) for c in args.config or ["{}"]]
+    variants = []
+    for c in args.config or ["{}"]:
+        variants.append(score_variant(args, json.loads(c), ids))
+        if args.progress:
+            with open(args.progress, "a") as f:
+                f.write(json.dumps(variants[-1]) + "\n")
     print(json.dumps({"command": "python benchmarks/validation_score.py " + shlex.join(sys.argv[1:]),
                       "model": meta["version"], "validation_cases": ids, "from_defaults": args.defaults,
                       "variants": variants}, indent=1))
