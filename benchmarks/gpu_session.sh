@@ -25,7 +25,7 @@ DEVICE=${DEVICE:-cuda}
 EVAL_CASES=${EVAL_CASES:-5}
 JOB_CASES=${JOB_CASES:-2}
 STEP_S=${STEP_S:-200}
-STEPS=${STEPS:-1234}  # which of the steps to run
+STEPS=${STEPS:-1234}  # which of the steps to run (34 with a PROFILE=engine pack: it has no service for 1 and 2)
 CONFIGURE_MIN=${CONFIGURE_MIN:-1}
 T0=$(date +%s)
 W=/tmp/isl_gpu

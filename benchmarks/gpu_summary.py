@@ -48,12 +48,13 @@ def training_progress(folder: Path) -> dict | None:
         out[net] = {"iterations_reached": i1, "of": total,
                     "seconds_per_iteration": round(per_it, 4) if per_it else None,
                     "seconds_for_all_iterations_at_that_rate": round(per_it * total, 1) if per_it else None}
-    loader = re.search(r"trained (\d+) iterations in (\d+) s, (\d+) s of it waiting for batches "
-                       r"\((\d+ (?:threads|worker processes))", text)
-    if loader and "segmentation" in out:
-        its, total, waited, who = loader.groups()
-        out["segmentation"] |= {"seconds": int(total), "seconds_waiting_for_batches": int(waited),
-                                "batches_prepared_by": who}
+    # one line per network trained (an ensemble trains several): their seconds add up
+    loaders = re.findall(r"trained \d+ iterations in (\d+) s, (\d+) s of it waiting for batches "
+                         r"\((\d+ (?:threads|worker processes))", text)
+    if loaders and "segmentation" in out:
+        out["segmentation"] |= {"seconds": sum(int(t) for t, _, _ in loaders),
+                                "seconds_waiting_for_batches": sum(int(w) for _, w, _ in loaders),
+                                "batches_prepared_by": loaders[0][2], "networks": len(loaders)}
     return out
 
 

@@ -46,25 +46,27 @@ class IterationBatches(torch.utils.data.Dataset):
         return len(self.picks)
 
     def __getitem__(self, iteration: int):
-        xs, ys = [], []
-        for slot, case in enumerate(self.picks[iteration]):
-            self.transform.set_random_state(seed=_sample_seed(self.seed, iteration, slot))
-            sample = self.transform({"image": self.images[case], "label": self.labels[case][None]})
-            sample = sample[0] if isinstance(sample, list) else sample
-            xs.append(torch.as_tensor(sample["image"]))
-            ys.append(torch.as_tensor(sample["label"]))
+        # one torch thread, in the loop as in a worker: some CPU ops round differently with many threads (16 threads
+        # change the last bit of most patches: measured), and the workers share the cores
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            xs, ys = [], []
+            for slot, case in enumerate(self.picks[iteration]):
+                self.transform.set_random_state(seed=_sample_seed(self.seed, iteration, slot))
+                sample = self.transform({"image": self.images[case], "label": self.labels[case][None]})
+                sample = sample[0] if isinstance(sample, list) else sample
+                xs.append(torch.as_tensor(sample["image"]))
+                ys.append(torch.as_tensor(sample["label"]))
+        finally:
+            torch.set_num_threads(threads)
         return torch.stack(xs).float(), torch.stack(ys).long(), torch.as_tensor(self.picks[iteration])
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # the workers share the cores: each with a team of all of them would oversubscribe
 
 
 def batch_loader(batches: IterationBatches, workers: int) -> torch.utils.data.DataLoader:
     """The batches in iteration order; with `workers` processes preparing 2 batches each ahead of the training
     loop (0: made in the loop)."""
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                       worker_init_fn=_one_thread if workers else None,
                                        prefetch_factor=2 if workers else None)
 
 
@@ -74,7 +76,7 @@ def loader_workers(device: torch.device) -> int:
     children (a Celery prefork worker's child, where retraining runs)."""
     if torch.device(device).type != "cuda" or multiprocessing.current_process().daemon:
         return 0
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
+    return min(8, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch_size, cfg: TrainConfig,
@@ -105,27 +107,30 @@ def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch
     loader = iter(batch_loader(IterationBatches(images, labels, transform, rng, cfg.batch_size, cfg.iterations,
                                                 cfg.seed), workers))
     losses, t0, waited = [], time.perf_counter(), 0.0
-    for it in range(cfg.iterations):
-        if it == held_steps:
-            for p in held:
-                p.requires_grad_(True)
-        t = time.perf_counter()
-        x, y, picked = next(loader)
-        waited += time.perf_counter() - t
-        logits = net(x.to(device))
-        present = known[picked] if known is not None else torch.ones(len(picked), logits.shape[1], dtype=torch.bool)
-        loss = marginal_dice_ce(logits, y.to(device), present.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and (it + 1) % 100 == 0:
-            progress(it + 1, float(np.mean(losses[-100:])))
-    del loader  # ends the workers
-    for p in held:
-        p.requires_grad_(True)
+    try:
+        for it in range(cfg.iterations):
+            if it == held_steps:
+                for p in held:
+                    p.requires_grad_(True)
+            t = time.perf_counter()
+            x, y, picked = next(loader)
+            waited += time.perf_counter() - t
+            logits = net(x.to(device))
+            present = (known[picked] if known is not None
+                       else torch.ones(len(picked), logits.shape[1], dtype=torch.bool))
+            loss = marginal_dice_ce(logits, y.to(device), present.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress and (it + 1) % 100 == 0:
+                progress(it + 1, float(np.mean(losses[-100:])))
+    finally:
+        del loader  # ends the workers, also when training stops on an error
+        for p in held:
+            p.requires_grad_(True)
+        set_determinism(None)
     log.info("trained %d iterations in %.0f s, %.0f s of it waiting for batches (%d worker processes preparing "
              "them)", cfg.iterations, time.perf_counter() - t0, waited, workers)
-    set_determinism(None)
     return losses

@@ -63,3 +63,26 @@ def test_no_loader_workers_on_the_cpu_nor_in_a_celery_child():
     assert _workers_here("cuda") >= 1
     with Pool(1) as pool:
         assert pool.map(_workers_here, ["cuda"]) == [0]
+
+
+def test_batches_do_not_depend_on_the_torch_thread_count():
+    """With 16 torch threads some CPU ops of the augmentation round differently from 1 thread (the last bit of most
+    patches of this size): the batches are made with one thread wherever they are made, and come out the same."""
+    from segmentation.augment import augmentation
+    from segmentation.train import IterationBatches, batch_loader
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 100, 110, 110), dtype=np.float32) for _ in range(2)]
+    labels = [(im[0] > 0.7).astype(np.int64) for im in images]
+    before = torch.get_num_threads()
+    made = []
+    try:
+        for threads in (1, 16):
+            torch.set_num_threads(threads)
+            batches = IterationBatches(images, labels, augmentation((128, 56, 48), mirror_axes=()),
+                                       np.random.default_rng(0), 2, 4, 0)
+            made.append(list(batch_loader(batches, 0)))
+            assert torch.get_num_threads() == threads  # given back to the training loop
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(*made))
