@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def main() -> None:
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                for k, v in vars(args).items() if k != "json" and v is not None),
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "cpu_cores": __import__("os").cpu_count(), "cases": len(images),
+           "torch": torch.__version__, "cpu_cores": os.cpu_count(), "cases": len(images),
            "patch_size": list(pre.patch_size), "batch_size": TrainConfig().batch_size,
            "seconds_loading_cases": round(load_s, 1), "runs": runs,
            "speedup_over_first": {str(r["workers"]): round(base / r["seconds"], 2) for r in runs}}
