@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -81,9 +83,7 @@ def main() -> None:
                      "seconds_waiting_for_batches": waited.seconds, "final_loss": round(losses[-1], 5)})
         print(json.dumps(runs[-1]), flush=True)
     base = runs[0]["seconds"]
-    out = {"command": "python benchmarks/train_loader.py " + " ".join(
-               f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in vars(args).items() if k != "json" and v is not None),
+    out = {"command": "python benchmarks/train_loader.py " + shlex.join(sys.argv[1:]),
            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cpu_cores": os.cpu_count(), "cases": len(images),
            "patch_size": list(pre.patch_size), "batch_size": TrainConfig().batch_size,
