@@ -5,14 +5,18 @@ only wires: settings, stores, routers (service/routes/, one per resource, over s
 (service/handlers.py) and the OpenAPI schema (service/openapi.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
 
 from service import console, handlers, openapi
+from service.auth import Keys
 from service.jobs import open_store
 from service.queue import Queue
 from service.routes import ROUTERS
 from service.settings import Settings
 from service.storage import Storage
+from service.uploads import spool_under
 
 DESCRIPTION = ("Upload a 3D scan; a GPU worker refines its segmentation by inference-specific learning; fetch the "
                "mask (NIfTI or DICOM SEG) and a report with volumes per label.")
@@ -24,12 +28,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description=DESCRIPTION)
     app.state.settings = settings
     app.state.keys = settings.tenants_by_key_hash()  # refuses to start without keys unless in development mode
-    app.state.store = open_store(settings)
+    app.state.store = open_store(settings, patient=False)
+    app.state.auth = Keys(app.state.keys, app.state.store, settings)
     app.state.storage = Storage(settings.storage_root)
-    app.state.queue = Queue(settings)
+    spool_under(Path(settings.storage_root) / "spool")
+    app.state.queue = Queue(settings, patient=False)
     for router in ROUTERS:
         app.include_router(router)
-    handlers.install(app, settings.max_upload_bytes)
+    handlers.install(app, settings)
     console.install(app)
     app.openapi = lambda: openapi.schema_of(app)
     return app

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -61,7 +62,36 @@ class JobRow(Base):
     record: Mapped[dict] = mapped_column(JSON)
     rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # the record's revision (service.records)
     purged: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created"), Index("ix_jobs_finished", "finished"))
+    __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created"), Index("ix_jobs_finished", "finished"),
+                      Index("ix_jobs_state", "state"))
+
+
+class RevokedKey(Base):
+    """A revoked API key (its sha256): refused from then on, whatever Redis remembers."""
+
+    __tablename__ = "revoked_keys"
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revoked: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKey(Base):
+    """The job a tenant's Idempotency-Key made: the primary key makes check-and-create one atomic insert."""
+
+    __tablename__ = "idempotency_keys"
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BatchRow(Base):
+    """A batch: its tenant and its jobs, in upload order."""
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    jobs: Mapped[list] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEvent(Base):
@@ -178,7 +208,9 @@ class Records:
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            # a database host that does not answer is given up after 3 s (the API answers 503, not a hang)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=5,
+                                        connect_args={"connect_timeout": 3})
 
     def close(self) -> None:
         self.engine.dispose()
@@ -243,6 +275,78 @@ class Records:
                                                  where=JobRow.rev < insert.excluded.rev)
         with self._session(session) as s:
             s.execute(statement)
+
+    def create_job(self, job: Job, idempotency_key: str | None = None) -> Job | None:
+        """Record an accepted job, with its idempotency key when given, in one transaction; returns None, or the job
+        this tenant already made with that key (then nothing is written): the database decides, atomically."""
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with Session(self.engine) as s, s.begin():
+                self.save_job(job, session=s)
+                if idempotency_key:
+                    s.flush()
+                    s.add(IdempotencyKey(tenant=job.tenant, key=idempotency_key, job_id=job.id,
+                                         created=utc(job.created)))
+        except IntegrityError:
+            if idempotency_key and (existing := self.by_idempotency_key(job.tenant, idempotency_key)):
+                return existing
+            raise
+        return None
+
+    def by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        with Session(self.engine) as s:
+            job_id = s.scalar(select(IdempotencyKey.job_id).where(IdempotencyKey.tenant == tenant,
+                                                                  IdempotencyKey.key == key))
+        return None if job_id is None else self.job(job_id)
+
+    def abandon(self, job_id: str, reason: str, at: float) -> None:
+        """A recorded job that never reached the queue: failed with `reason`, its idempotency key freed (a retry
+        with that key makes a new job)."""
+        if self.end(job_id, "failed", reason, at):
+            with Session(self.engine) as s, s.begin():
+                s.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))
+
+    def end(self, job_id: str, state: str, error: str, at: float) -> Job | None:
+        """End a job that only the database holds (Redis lost it) in `state`; the job as ended, or None when it had
+        ended already (or is unknown)."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(JobRow, job_id)
+            if row is None or row.state in [str(x) for x in FINAL]:
+                return None
+            job = _job(row).with_fields(state=state, error=error, finished=at)
+            row.state, row.error, row.finished, row.rev = state, error, utc(at), job.rev
+            row.record = job.model_dump(mode="json")
+            return job
+
+    def unfinished(self) -> list[Job]:
+        """Every job accepted and not ended (queued or running), oldest first: what the queue must hold."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(JobRow).where(JobRow.state.not_in([str(x) for x in FINAL]))
+                             .order_by(JobRow.created)).all()
+            return [_job(r) for r in rows]
+
+    # -- revoked keys and batches ---------------------------------------------------------------------------
+    def revoke(self, key_hash: str, at: float) -> None:
+        statement = (sqlite_insert if self.sqlite else pg_insert)(RevokedKey).values(key_hash=key_hash,
+                                                                                     revoked=utc(at))
+        with Session(self.engine) as s, s.begin():
+            s.execute(statement.on_conflict_do_nothing(index_elements=[RevokedKey.key_hash]))
+
+    def revoked(self) -> set[str]:
+        """The sha256 of every revoked key."""
+        with Session(self.engine) as s:
+            return set(s.scalars(select(RevokedKey.key_hash)).all())
+
+    def save_batch(self, batch_id: str, tenant: str, jobs: list[str], created: float) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.add(BatchRow(id=batch_id, tenant=tenant, jobs=jobs, created=utc(created)))
+
+    def batch(self, batch_id: str) -> dict | None:
+        with Session(self.engine) as s:
+            row = s.get(BatchRow, batch_id)
+            return None if row is None else {"id": row.id, "tenant": row.tenant, "jobs": list(row.jobs),
+                                             "created": epoch(row.created)}
 
     def job(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job's last recorded state (only when it is `tenant`'s, when given: one query either way)."""

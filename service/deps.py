@@ -9,15 +9,15 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
+from service.auth import Refused, key_in
 from service.jobs import JobStore
 from service.queue import Queue
 from service.records import Batch, Job, JobState
-from service.settings import Settings, hash_key
+from service.settings import Settings
 from service.storage import JOB_ID, Storage
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False,
                        description="your tenant's API key (or `Authorization: Bearer <key>`)")
-UNAUTHORIZED = "a valid API key is required (X-API-Key header or Authorization: Bearer)"
 
 
 def get_settings(request: Request) -> Settings:
@@ -42,23 +42,20 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 
 
-def get_tenant(request: Request, store: StoreDep, key: Annotated[str | None, Depends(API_KEY)]) -> str:
-    """The tenant of the caller's key (X-API-Key or Authorization: Bearer); 401 for none, a wrong or a revoked one."""
-    if key is None:
-        auth = request.headers.get("authorization", "")
-        key = auth[7:] if auth.lower().startswith("bearer ") else None
-    digest = hash_key(key) if key else ""
-    name = request.app.state.keys.get(digest)
-    if name is None or store.revoked(digest):
-        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": 'Bearer realm="isl"'})
-    request.state.actor = key_actor(digest)
-    return name
+def get_tenant(request: Request, key: Annotated[str | None, Depends(API_KEY)]) -> str:
+    """The tenant of the caller's key (X-API-Key or Authorization: Bearer); 401 for none, a wrong or a revoked one;
+    429 after too many failures from the caller's address (service/auth.py)."""
+    try:
+        caller = request.app.state.auth.check(key_in(request.headers), client_address(request))
+    except Refused as exc:
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
+    request.state.actor, request.state.key_hash = caller.actor, caller.digest
+    return caller.tenant
 
 
-def key_actor(digest: str) -> str:
-    """How the audit trail names a caller: its key id, the first 12 hex digits of the key's sha256 (enough to tell
-    a tenant's keys apart; the key itself is never stored)."""
-    return f"key:{digest[:12]}"
+def client_address(request: Request) -> str:
+    """The caller's address (behind a proxy, what uvicorn's --forwarded-allow-ips let it read)."""
+    return request.client.host if request.client else "unknown"
 
 
 Tenant = Annotated[str, Depends(get_tenant)]

@@ -1,6 +1,6 @@
 """How the API answers errors: every error body is a Problem (`{"detail": one sentence}`), 422 included; a full
-disk is 507 with nothing kept; 405 lists every method of the path; an upload declaring more than the limit is
-refused with 413 before its body is read."""
+disk is 507 with nothing kept; Redis or the database away is 503 with Retry-After; 405 lists every method of the
+path."""
 from __future__ import annotations
 
 import errno
@@ -26,11 +26,29 @@ async def storage_error(request: Request, exc: OSError) -> JSONResponse:
     return JSONResponse({"detail": "internal storage error; nothing was kept"}, 500)
 
 
-async def database_error(request: Request, exc: Exception) -> JSONResponse:
-    """The database unreachable while a route needs it: 503 (try again), not a 500."""
-    log.error("database unreachable: %s", exc)
-    return JSONResponse({"detail": "the service's database is unreachable; try again shortly"}, 503,
-                        headers={"Retry-After": "5"})
+RETRY_AFTER_S = 5
+
+
+def unavailable(exc: Exception) -> tuple[int, str, dict[str, str]] | None:
+    """A backing service that is away, as the client's 503 with Retry-After (status, detail, headers); None for any
+    other error."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, redis.RedisError):
+        what = "the job queue (Redis)"
+    elif isinstance(exc, OperationalError):
+        what = "the service's database"
+    else:
+        return None
+    return 503, f"{what} is unreachable; try again shortly", {"Retry-After": str(RETRY_AFTER_S)}
+
+
+async def backing_service_error(request: Request, exc: Exception) -> JSONResponse:
+    """Redis or the database unreachable while a route needs it: 503 with Retry-After (try again), not a 500."""
+    status, detail, headers = unavailable(exc)
+    log.error("%s %s: %s (%s)", request.method, request.url.path, detail, exc)
+    return JSONResponse({"detail": detail}, status, headers=headers)
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -41,6 +59,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, OSError):  # the body could not be spooled (a full disk is 507, as any other write)
+        return await storage_error(request, exc.__cause__)
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # Allow: every method of every route on this path, not just the first route's
         allowed = set()
@@ -52,19 +72,17 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
 
-def install(app: FastAPI, max_upload_bytes: int) -> None:
-    """The error handlers, and the middleware that refuses a POST declaring a body over the upload limit."""
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length and length.isdigit() and int(length) > max_upload_bytes + (1 << 20):
-            return JSONResponse({"detail": f"upload of {length} bytes exceeds the limit of {max_upload_bytes}"}, 413)
-        return await call_next(request)
-
+def install(app: FastAPI, settings) -> None:
+    """The error handlers, and the door every request passes first (service/guard.py: credentials before any body,
+    bodies counted and timed)."""
+    import redis
     from sqlalchemy.exc import OperationalError
 
+    from service.guard import Guard
+
+    app.add_middleware(Guard, settings=settings)
     app.add_exception_handler(OSError, storage_error)
-    app.add_exception_handler(OperationalError, database_error)
+    app.add_exception_handler(OperationalError, backing_service_error)
+    app.add_exception_handler(redis.RedisError, backing_service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

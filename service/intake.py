@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from service import metrics
 from service.jobs import JobStore
 from service.queue import Queue
-from service.records import InputFile, Job, JobOptions, JobState, now
+from service.records import InputFile, Job, JobOptions
 from service.settings import Settings
 from service.storage import Storage
 
@@ -89,6 +89,7 @@ def enqueue(store: JobStore, storage: Storage, queue: Queue, who: str, staged: P
             store.mark_sent(job.id)
         except Exception as exc:  # noqa: BLE001 - the broker is unreachable: say so, keep no orphan queued job
             log.exception("queueing job %s failed", job.id)
-            store.update(job.id, state=JobState.FAILED, finished=now(), error=f"could not be queued: {exc}")
-            raise HTTPException(503, "the job queue is unreachable; the upload was not queued, submit again") from None
+            store.abandon(job.id, f"could not be queued: {exc}")
+            raise HTTPException(503, "the job queue is unreachable; the upload was not queued, submit again",
+                                headers={"Retry-After": "5"}) from None
     return job

@@ -23,26 +23,42 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from service.records import FINAL, Attempt, Batch, InputFile, Job, JobOptions, JobState, now
+from service.redisconn import connect
 
 log = logging.getLogger("isl.jobs")
 P = "isl:"
 # a change of any of these fields is a change of the job's history (stage and progress are live state only)
 HISTORY = frozenset({"state", "result", "error", "push", "finished", "started", "cancel_requested", "purged"})
 IDEMPOTENCY_S = 7 * 86400
+KOMBU_SEP = "\x06\x16"  # kombu's separator of a queue's name and its priority
+AWAY, AWAY_S = object(), 5.0  # a Redis that did not answer is not asked again for AWAY_S (see JobStore._try)
 Sender = Callable[[str, int], None]
 
 
 class JobStore:
-    def __init__(self, url: str, records=None):
+    def __init__(self, url: str, records=None, patient: bool = True):
         self.records = records  # service.db.Records, or None: Redis only
-        # A restarting Redis (seconds) is waited for, not turned into failed jobs or 5xx: ~30 s of retries.
-        self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
-                                       retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20),
-                                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        # patient (workers): a restarting Redis is waited for (~30 s of retries), not turned into failed jobs;
+        # impatient (the API): given up after ~3 s, so that a request is answered (503, or from the database)
+        self._r = connect(url, patient=patient)
+        self._fallback = records is not None and not patient  # the API reads the database while Redis is away
+        self._away_until = 0.0
+
+    def _try(self, read):
+        """`read()` against Redis; AWAY instead when Redis fails now or failed within the last AWAY_S seconds and
+        the database can answer (the API's reads), so that a page of 50 jobs does not wait 50 times."""
+        if self._fallback and time.monotonic() < self._away_until:
+            return AWAY
+        try:
+            return read()
+        except redis.RedisError:
+            if not self._fallback:
+                raise
+            log.warning("Redis is unreachable; reading the database for %.0f s", AWAY_S)
+            self._away_until = time.monotonic() + AWAY_S
+            return AWAY
 
     def ping(self) -> bool:
         try:
@@ -51,11 +67,46 @@ class JobStore:
             return False
 
     # -- keys revoked at runtime (sha256 of the key); removing a key from ISL_API_KEYS revokes it at restart --
+    # The database holds every revocation; Redis a copy that every API process reads, reloaded from the database
+    # whenever its marker is missing (a Redis that lost its data, or a new one).
     def revoked(self, key_hash: str) -> bool:
-        return bool(self._r.sismember(f"{P}revoked", key_hash))
+        def read():
+            if self.records is not None and not self._r.exists(f"{P}revoked:loaded"):
+                self._load_revocations()
+            return bool(self._r.sismember(f"{P}revoked", key_hash))
+
+        answer = self._try(read)
+        return key_hash in self.records.revoked() if answer is AWAY else answer  # Redis away: the database
+
+    def _load_revocations(self) -> None:
+        pipe = self._r.pipeline()
+        for digest in self.records.revoked():
+            pipe.sadd(f"{P}revoked", digest)
+        pipe.set(f"{P}revoked:loaded", "1")
+        pipe.execute()
 
     def revoke(self, key_hash: str) -> None:
+        """Refused from now on by every API process: written to the database first (it outlives Redis), then
+        to Redis (which every request reads)."""
+        if self.records is not None:
+            self.records.revoke(key_hash, time.time())
         self._r.sadd(f"{P}revoked", key_hash)
+
+    # -- failed credentials per client address and per tenant (service/auth.py) -------------------------------
+    def auth_failures(self, who: str) -> tuple[int, int]:
+        """(failures of `who` in its current window, seconds left of that window)."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(f"{P}authfail:{who}")
+        pipe.ttl(f"{P}authfail:{who}")
+        n, ttl = pipe.execute()
+        return int(n or 0), max(0, int(ttl))
+
+    def count_auth_failure(self, who: str, window_s: int) -> int:
+        """One more failure of `who`; its window starts at its first failure."""
+        pipe = self._r.pipeline()
+        pipe.incr(f"{P}authfail:{who}")
+        pipe.expire(f"{P}authfail:{who}", window_s, nx=True)
+        return int(pipe.execute()[0])
 
     # -- console sign-in sessions: only a digest of the session id is stored, as for keys ---------------------
     def open_session(self, tenant: str, key_hash: str, ttl_s: int) -> tuple[str, str]:
@@ -75,29 +126,56 @@ class JobStore:
 
     # -- records ----------------------------------------------------------------------------------------
     def by_idempotency_key(self, tenant: str, key: str) -> Job | None:
-        """The job this tenant created with `key`, if any (keys live 7 days)."""
-        job_id = self._r.get(f"{P}idem:{tenant}:{key}")
-        return self.get(job_id) if job_id else None
+        """The job this tenant created with `key`, if any (kept 7 days in Redis, for ever in the database)."""
+        job_id = self._try(lambda: self._r.get(f"{P}idem:{tenant}:{key}"))
+        if job_id and job_id is not AWAY:
+            return self.get(job_id)
+        return self.records.by_idempotency_key(tenant, key) if self.records is not None else None
+
+    # The job record, its indexes and its idempotency key in one step: a second request with the same key finds
+    # the first one's job, never a key without a job. Returns the id of the job that already holds the key, or ''.
+    _CREATE = """
+        if KEYS[1] ~= '' then
+          local existing = redis.call('get', KEYS[1])
+          if existing and redis.call('exists', ARGV[5] .. existing) == 1 and ARGV[6] == '0' then return existing end
+          redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[4])
+        end
+        redis.call('set', KEYS[2], ARGV[2])
+        redis.call('zadd', KEYS[3], ARGV[3], ARGV[1])
+        redis.call('zadd', KEYS[4], ARGV[3], ARGV[1])
+        redis.call('zadd', KEYS[5], ARGV[3], ARGV[1])
+        return ''"""
 
     def create(self, tenant: str, inputs: list[InputFile | dict], options: JobOptions | dict,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """A new queued job, or (existing job, False) when this tenant already used `idempotency_key`."""
+        """A new queued job, or (existing job, False) when this tenant already used `idempotency_key`. With a
+        database, the job is recorded there first (an accepted job is one the database knows; it decides the
+        idempotency key atomically), then in Redis; Redis failing after that ends the recorded job as not queued."""
         job = Job(id=uuid.uuid4().hex, tenant=tenant, created=now(), inputs=inputs, options=options)
-        if idempotency_key:
-            idem = f"{P}idem:{tenant}:{idempotency_key}"
-            if not self._r.set(idem, job.id, nx=True, ex=IDEMPOTENCY_S):
-                existing = self.get(self._r.get(idem) or "")
-                if existing:
-                    return existing, False
-                self._r.set(idem, job.id, ex=IDEMPOTENCY_S)
-        pipe = self._r.pipeline()
-        pipe.set(f"{P}job:{job.id}", job.model_dump_json())
-        pipe.zadd(f"{P}tenant:{tenant}", {job.id: job.created})
-        pipe.zadd(f"{P}queued", {job.id: job.created})
-        pipe.zadd(f"{P}unsent", {job.id: job.created})  # until its message is on the queue (mark_sent)
-        pipe.execute()
-        self.keep(job)
+        if self.records is not None and (existing := self.records.create_job(job, idempotency_key)):
+            return existing, False
+        keys = [f"{P}idem:{tenant}:{idempotency_key}" if idempotency_key else "", f"{P}job:{job.id}",
+                f"{P}tenant:{tenant}", f"{P}queued", f"{P}unsent"]  # unsent: until its message is on the queue
+        try:
+            existing = self._r.eval(self._CREATE, len(keys), *keys, job.id, job.model_dump_json(), job.created,
+                                    IDEMPOTENCY_S, f"{P}job:", "1" if self.records is not None else "0")
+        except redis.RedisError:
+            if self.records is not None:
+                self.records.abandon(job.id, "could not be queued: Redis was unreachable", now())
+            raise
+        if existing:
+            return self.get(existing), False
         return job, True
+
+    def abandon(self, job_id: str, reason: str) -> None:
+        """A recorded job that could not be put on the queue ends failed with `reason`, in Redis when it can and in
+        the database in any case (its idempotency key freed, so that a retry makes a new job)."""
+        try:
+            self.update(job_id, state=JobState.FAILED, finished=now(), error=reason)
+        except (redis.RedisError, KeyError):
+            pass
+        if self.records is not None:
+            self.records.abandon(job_id, reason, now())
 
     def mark_sent(self, job_id: str) -> None:
         """The job's message is on the broker's queue: `requeue_orphans` no longer needs to send it."""
@@ -105,17 +183,23 @@ class JobStore:
 
     def create_batch(self, tenant: str, job_ids: list[str]) -> Batch:
         batch = Batch(id=uuid.uuid4().hex, tenant=tenant, jobs=job_ids, created=now())
+        if self.records is not None:
+            self.records.save_batch(batch.id, tenant, job_ids, batch.created)
         self._r.set(f"{P}batch:{batch.id}", batch.model_dump_json())
         return batch
 
     def get_batch(self, batch_id: str) -> Batch | None:
-        raw = self._r.get(f"{P}batch:{batch_id}")
-        return Batch.model_validate_json(raw) if raw else None
+        raw = self._try(lambda: self._r.get(f"{P}batch:{batch_id}"))
+        if raw and raw is not AWAY:
+            return Batch.model_validate_json(raw)
+        row = self.records.batch(batch_id) if self.records is not None else None
+        return None if row is None else Batch.model_validate(row)
 
     def get(self, job_id: str) -> Job | None:
-        """The job as Redis holds it, else as the database last recorded it (a Redis that lost its data)."""
-        raw = self._r.get(f"{P}job:{job_id}")
-        if raw:
+        """The job as Redis holds it, else as the database last recorded it (a Redis that lost its data, or, for
+        the API, one that does not answer)."""
+        raw = self._try(lambda: self._r.get(f"{P}job:{job_id}"))
+        if raw and raw is not AWAY:
             return Job.model_validate_json(raw)
         return self.records.job(job_id) if self.records is not None else None
 
@@ -126,7 +210,8 @@ class JobStore:
         pipe = self._r.pipeline(transaction=False)
         pipe.zscore(f"{P}tenant:{tenant}", job_id)
         pipe.get(f"{P}job:{job_id}")
-        mine, raw = pipe.execute()
+        answer = self._try(pipe.execute)
+        mine, raw = (None, None) if answer is AWAY else answer  # Redis away: the database answers
         if mine is not None and raw:
             return Job.model_validate_json(raw)
         return self.records.job(job_id, tenant=tenant) if self.records is not None else None
@@ -216,6 +301,12 @@ class JobStore:
                     return job
                 except redis.WatchError:
                     continue
+
+    def place(self, job_id: str) -> tuple[int | None, float | None]:
+        """(queue position, estimated wait) of a queued job; (None, None) when Redis cannot say (it is away, or
+        lost the job: the workers' sweep sends it again)."""
+        answer = self._try(lambda: (self.position(job_id), self.estimate_wait(job_id)))
+        return (None, None) if answer is AWAY else answer
 
     def position(self, job_id: str) -> int | None:
         """0-based place among queued jobs (oldest first), None when not queued."""
@@ -455,6 +546,61 @@ class JobStore:
                 self.count("worker_stopped")
         return sent
 
+    def resend_lost_messages(self, queue: str, send: Sender, older_than_s: float = 60) -> list[str]:
+        """Queued jobs, queued more than `older_than_s` ago, of which the broker holds no message, neither waiting in
+        the queue (any priority) nor delivered and unacknowledged: a Redis failover or restart lost it between the
+        broker's two steps (a message taken off the queue, then recorded as delivered). Sent again; should the
+        message be in flight at this very instant, the copy is refused by the lease. Returns the ids sent."""
+        waiting = self._r.zrangebyscore(f"{P}queued", "-inf", time.time() - older_than_s)
+        if not waiting:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for name in [queue] + [f"{queue}{KOMBU_SEP}{p}" for p in (3, 6, 9)]:  # kombu's priority queues
+            pipe.lrange(name, 0, -1)
+        pipe.hvals("unacked")  # kombu's delivered, unacknowledged messages
+        held = "\n".join(m for found in pipe.execute() for m in found)  # each names its job id (Celery's argsrepr)
+        sent = []
+        for job_id in waiting:
+            if job_id in held or (job := self.get(job_id)) is None or job.state != JobState.QUEUED:
+                continue
+            send(job_id, job.options.priority)
+            sent.append(job_id)
+            self.count("resent_lost_message")
+        return sent
+
+    _RESTORE = ("if redis.call('set', KEYS[1], ARGV[1], 'NX') then redis.call('zadd', KEYS[2], ARGV[2], ARGV[3]); "
+                "redis.call('zadd', KEYS[3], ARGV[2], ARGV[3]); return 1 else return 0 end")
+
+    def restore_lost(self, send: Sender, has_input: Callable[[str], bool], older_than_s: float = 60) -> list[str]:
+        """Jobs the database knows as accepted and not ended, accepted more than `older_than_s` ago, that Redis no
+        longer holds (it came back empty, or a failover lost its last writes): put back as queued and sent again,
+        each once (the record is restored with SET NX: one sweeper wins); one whose input is gone ends failed,
+        saying so. Returns the ids sent."""
+        if self.records is None:
+            return []
+        lost = [j for j in self.records.unfinished() if j.created < time.time() - older_than_s]
+        pipe = self._r.pipeline(transaction=False)
+        for job in lost:
+            pipe.exists(f"{P}job:{job.id}")
+        sent = []
+        for job, held in zip(lost, pipe.execute() if lost else []):
+            if held:
+                continue
+            if not has_input(job.id):
+                self.records.abandon(job.id, "the queue lost this job and its input is no longer on disk; submit "
+                                             "it again", now())
+                self.count("lost_without_input")
+                continue
+            job = job.with_fields(state=JobState.QUEUED, stage="requeued: the queue lost it", progress=0.0,
+                                  worker="", holder="")
+            keys = [f"{P}job:{job.id}", f"{P}tenant:{job.tenant}", f"{P}queued"]
+            if self._r.eval(self._RESTORE, len(keys), *keys, job.model_dump_json(), job.created, job.id):
+                self.keep(job)
+                send(job.id, job.options.priority)
+                sent.append(job.id)
+                self.count("restored_after_redis_loss")
+        return sent
+
     def _requeue_if_orphan(self, job_id: str) -> tuple[Job, bool] | None:
         """A running job without a lease goes back to queued: (job, whether its last run ended without a
         word); None when it is not an orphan (or no longer running: then it leaves the running set)."""
@@ -491,11 +637,11 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def open_store(settings) -> JobStore:
+def open_store(settings, patient: bool = True) -> JobStore:
     """The job store of a deployment (`Settings`): its Redis and its database, whose schema is first brought up
-    to date (every process may do so at start; they take turns)."""
+    to date (every process may do so at start; they take turns). `patient`: see JobStore."""
     from service.db import Records
 
     records = Records(settings.database())
     records.upgrade()
-    return JobStore(settings.redis_url, records)
+    return JobStore(settings.redis_url, records, patient)

@@ -28,14 +28,27 @@ def hash_key(key: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ISL_")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for job records and the Celery broker")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for job records and the Celery broker: "
+                                                                  "redis://HOST:PORT/DB, or its sentinels: sentinel://"
+                                                                  "HOST1:PORT1,HOST2:PORT2,HOST3:PORT3/MASTER_NAME/DB")
     storage_root: Path = Field(Path("isl-storage"), description="shared folder for inputs and results (all hosts)")
     models_dir: Path = Field(Path("models"), description="folder of model bundles, one subfolder each")
     default_model: str = Field("hippocampus_few", description="bundle used when a job names none")
     api_keys: str = Field("", description="tenant:sha256(key) pairs, comma-separated; keys are stored hashed only")
     dev_mode: bool = Field(False, description="allow starting without keys (then the key 'isl-dev-key' is tenant "
                                               "'dev')")
-    max_upload_bytes: int = Field(1 << 30, description="larger uploads are refused with 413")
+    max_upload_bytes: int = Field(1 << 30, description="larger uploads are refused with 413, counted as the body "
+                                                         "arrives (chunked or not)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="the body limit of every request that is not an "
+                                                                 "upload (forms, JSON)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole request head "
+                                                            "within this long is closed (408)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request whose body stalls for this long between two "
+                                                          "chunks is answered 408 and closed")
+    auth_failures: int = Field(20, ge=1, description="failed sign-ins and bad keys a client address (or a tenant) "
+                                                     "may make per ISL_AUTH_WINDOW_S; past it: 429")
+    auth_window_s: int = Field(300, ge=1, description="the window of ISL_AUTH_FAILURES, and how long a locked-out "
+                                                      "client waits")
     queue: str = Field("isl", description="Celery queue the GPU workers consume")
     train_queue: str = Field("train", description="Celery queue of retraining jobs (`isl worker --queues` names the "
                                                   "queues a worker consumes)")
@@ -77,6 +90,14 @@ class Settings(BaseSettings):
         from service.db import default_url
 
         return self.database_url or default_url(self.storage_root)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        from service.redisconn import check_url
+
+        check_url(v)  # a malformed URL stops the process at start, naming the problem
+        return v
 
     @field_validator("dimse_ae_title")
     @classmethod

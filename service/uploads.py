@@ -3,9 +3,12 @@ Content-Type), streamed into a staging folder under a size limit, then read in t
 (service/validate.py)."""
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 from fastapi import HTTPException, UploadFile
+from starlette import formparsers
 
 from service.records import InputFile
 from service.storage import Storage, TooLarge
@@ -25,6 +28,16 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 132 and head[128:132] == DICM:
         return "dicom"
     return None
+
+
+def spool_under(folder: Path) -> Path:
+    """Starlette spools each part of a multipart upload that outgrows 1 MiB to a temporary file, by default in the
+    system's temporary folder, outside the storage root whose free space ISL_MIN_FREE_MB watches; here, under
+    `folder` (a setting of Starlette's parser for the whole process: an API process has one storage root). The files
+    are unlinked as they are made, so a process that dies leaves none behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    formparsers.SpooledTemporaryFile = functools.partial(tempfile.SpooledTemporaryFile, dir=str(folder))
+    return folder
 
 
 def receive(files: list[UploadFile], staging: Path, limit: int, series_uid: str | None = None,

@@ -65,14 +65,13 @@ def job_view(job: Job, store: JobStore) -> JobView:
     links = {"self": base, "events": f"{base}/events"}
     if job.state == JobState.SUCCEEDED and job.purged is None:
         links.update(result=f"{base}/result", report=f"{base}/report")
-    queued = job.state == JobState.QUEUED
+    position, wait = store.place(job.id) if job.state == JobState.QUEUED else (None, None)
     return JobView(id=job.id, state=job.state, stage=job.stage, progress=job.progress, error=job.error,
                    model=job.options.model, worker=job.worker, push=job.push, created=job.created,
                    received_by=job.received_by,
                    input_files=len(job.inputs),
                    started=job.started, finished=job.finished, purged=job.purged,
-                   queue_position=store.position(job.id) if queued else None,
-                   estimated_wait_s=store.estimate_wait(job.id) if queued else None, links=links)
+                   queue_position=position, estimated_wait_s=wait, links=links)
 
 
 def batch_view(batch: Batch, store: JobStore) -> BatchView:

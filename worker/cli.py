@@ -129,10 +129,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    from service.server import run
 
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level="info" if args.verbose else "warning")
+    run(args.host, args.port, workers=args.workers, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -254,16 +253,16 @@ def cmd_promote(args) -> int:
 
 
 def cmd_revoke_key(args) -> int:
-    """Revokes a tenant key at once on every API process sharing this Redis (the key itself is read from
-    stdin so that it stays out of shell history, or given as its sha256)."""
-    from service.jobs import JobStore
+    """Revokes a tenant key at once on every API process sharing this Redis and database, for good (the key itself
+    is read from stdin so that it stays out of shell history, or given as its sha256)."""
+    from service.jobs import open_store
     from service.settings import Settings, hash_key
 
     digest = args.sha256 or hash_key(sys.stdin.readline().strip())
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         print("isl revoke-key: error: --sha256 takes the 64 hex digits of the key's sha256", file=sys.stderr)
         return 2
-    JobStore(Settings().redis_url).revoke(digest)
+    open_store(Settings()).revoke(digest)  # the database first (it outlives Redis), then Redis
     print(json.dumps({"revoked": digest}))
     return 0
 

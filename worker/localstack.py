@@ -58,25 +58,27 @@ def _answers(url: str) -> bool:
 class LocalStack:
     """`with LocalStack(folder, models_dir, model, atlas_dir, keys={"t": "key"}, workers=1) as stack:` gives
     stack.url (the API) and stack.env (the ISL_* settings); everything stops on exit. Workers run on the CPU
-    (ISL_DEVICE=cpu) unless `device` is given: then each is started as `isl worker --device DEVICE`."""
+    (ISL_DEVICE=cpu) unless `device` is given: then each is started as `isl worker --device DEVICE`. With
+    `redis_url` (any ISL_REDIS_URL, sentinels included), the stack uses that Redis and starts none."""
 
     def __init__(self, folder: Path, models_dir: Path, model: str, atlas_dir: Path | None, keys: dict[str, str],
                  workers: int = 1, threads_per_worker: int = 1, extra_env: dict[str, str] | None = None,
-                 appendonly: bool = False, queues: str | None = None, device: str | None = None):
-        if shutil.which("redis-server") is None:
+                 appendonly: bool = False, queues: str | None = None, device: str | None = None,
+                 redis_url: str | None = None):
+        if redis_url is None and shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.folder, self.procs, self.named, self.appendonly = Path(folder), [], {}, appendonly
         self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_worker),
-                        ISL_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
+                        ISL_REDIS_URL=redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
                         ISL_STORAGE_ROOT=str(self.folder / "storage"), ISL_MODELS_DIR=str(models_dir),
                         ISL_DEFAULT_MODEL=model, ISL_DEVICE="cpu",
                         ISL_API_KEYS=",".join(f"{t}:{hash_key(k)}" for t, k in keys.items()))
         if atlas_dir is not None:
             self.env["ISL_ATLAS_DIR"] = str(atlas_dir)
         self.env.update(extra_env or {})
-        self.n_workers, self.queues, self.device = workers, queues, device
+        self.n_workers, self.queues, self.device, self.external_redis = workers, queues, device, bool(redis_url)
 
     def _run(self, name: str, args: list[str]) -> subprocess.Popen:
         """Each process leads its own process group, so that `kill` reaches a worker's pool children too."""
@@ -137,7 +139,8 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.start_redis()
+        if not self.external_redis:
+            self.start_redis()
         self.start_api()
         for i in range(self.n_workers):
             self.start_worker(f"w{i + 1}")

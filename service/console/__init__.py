@@ -26,10 +26,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
-from service.deps import StoreDep, key_actor, succeeded
+from service.auth import Refused, key_actor
+from service.deps import StoreDep, client_address, succeeded
 from service.intake import available_models
 from service.records import FINAL, JobState
-from service.settings import hash_key
 from service.storage import JOB_ID
 from service.views import job_view
 
@@ -44,11 +44,23 @@ class _Timed(APIRoute):
 
         async def timed(request: Request) -> Response:
             t0 = time.perf_counter()
+            request.state.csp_nonce = secrets.token_urlsafe(16)
             response = await handler(request)
             response.headers["Server-Timing"] = f"render;dur={(time.perf_counter() - t0) * 1000:.1f}"
+            response.headers.update(security_headers(request.state.csp_nonce))
             return response
 
         return timed
+
+
+def security_headers(nonce: str) -> dict[str, str]:
+    """What every console response carries: scripts and styles of this response only (its nonce), nothing from
+    elsewhere, never framed (clickjacking), types as declared, no referrer leaving the site; pages of patients are
+    not kept by the browser or a proxy (a page's back button after sign-out asks the server again)."""
+    csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self'; "
+           "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 router = APIRouter(prefix="/console", include_in_schema=False, route_class=_Timed)
@@ -92,17 +104,24 @@ def _cookie(response: Response, request: Request, name: str, value: str, max_age
                         secure=_secure(request))
 
 
-def get_session(request: Request, store: StoreDep) -> Session:
-    """The caller's live session, its key still valid; SignedOut otherwise."""
-    sid = request.cookies.get(SESSION, "")
+def live_session(app, store, sid: str) -> Session | None:
+    """The live session of id `sid`, its key still valid; None otherwise (a session of a revoked key is closed)."""
     record = store.session(sid)
     if record is None:
-        raise SignedOut
+        return None
     digest = record["key_hash"]
-    if request.app.state.keys.get(digest) != record["tenant"] or store.revoked(digest):
+    if app.state.keys.get(digest) != record["tenant"] or store.revoked(digest):
         store.close_session(sid)
-        raise SignedOut
+        return None
     return Session(sid, record["tenant"], record["csrf"], digest)
+
+
+def get_session(request: Request, store: StoreDep) -> Session:
+    """The caller's live session, its key still valid; SignedOut otherwise."""
+    session = live_session(request.app, store, request.cookies.get(SESSION, ""))
+    if session is None:
+        raise SignedOut
+    return session
 
 
 Signed = Annotated[Session, Depends(get_session)]
@@ -156,11 +175,15 @@ def sign_in(request: Request, store: StoreDep, key: Annotated[str, Form(max_leng
     if not csrf or not expected or not hmac.compare_digest(csrf, expected):
         raise HTTPException(403, "the sign-in form was not sent from this console's sign-in page (its CSRF token is "
                                  "missing or wrong): reload the page and sign in again")
-    digest = hash_key(key) if key else ""
-    tenant = request.app.state.keys.get(digest)
-    if tenant is None or store.revoked(digest):
-        return _sign_in_page(request, "That API key is not valid (unknown, or revoked). Ask your administrator for "
-                                      "your tenant's key.", 401, _local(next) if next else "")
+    try:
+        caller = request.app.state.auth.check(key or None, client_address(request), via="console")
+    except Refused as exc:
+        why = exc.detail if exc.status == 429 else ("That API key is not valid (unknown, or revoked). Ask your "
+                                                    "administrator for your tenant's key.")
+        page = _sign_in_page(request, why, exc.status, _local(next) if next else "")
+        page.headers.update({k: v for k, v in exc.headers.items() if k == "Retry-After"})
+        return page
+    tenant, digest = caller.tenant, caller.digest
     settings = request.app.state.settings
     ttl = int(settings.console_session_hours * 3600)
     sid, _ = store.open_session(tenant, digest, ttl)
@@ -335,14 +358,17 @@ async def events(request: Request, session: Signed, store: StoreDep,
     (comma-separated), until all are final. One connection for a whole page: browsers allow few per host."""
     wanted = [i for i in ids.split(",") if JOB_ID.match(i)][:PAGE]
     owned = [i for i in wanted if (j := store.get_owned(i, session.tenant)) is not None and j.tenant == session.tenant]
-    return StreamingResponse(_stream(owned, store, request), media_type="text/event-stream",
+    return StreamingResponse(_stream(owned, store, request, session.id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store"})
 
 
-async def _stream(job_ids: list[str], store, request: Request):
+async def _stream(job_ids: list[str], store, request: Request, sid: str):
+    """Until every job is final, the browser leaves, or the session ends (signed out, its key revoked)."""
     last: dict[str, str] = {}
     idle, live = 0.0, list(job_ids)
     while live and not await request.is_disconnected():
+        if await asyncio.to_thread(live_session, request.app, store, sid) is None:
+            break
         for job_id in list(live):
             current = await asyncio.to_thread(store.get, job_id)
             if current is None:
@@ -372,7 +398,7 @@ def preview_image(request: Request, job_id: str, name: str, session: Signed, sto
     path = request.app.state.storage.job_dir(job_id) / "output" / "preview" / name
     if not PREVIEW_FILE.fullmatch(name) or not path.is_file():
         raise HTTPException(404, f"no preview image {name} of job {job_id}")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})  # a patient's image
 
 
 # -- models: versions, lineage, which is live, validation figures, agreement with the corrections; promotion -------

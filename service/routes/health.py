@@ -2,6 +2,9 @@
 (Prometheus) and /openapi.json."""
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -18,16 +21,31 @@ def openapi(who: Tenant, request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
-@router.get("/healthz", summary="The process is up")
-def healthz() -> dict:
+@router.get("/healthz", summary="The process is up (asks no backing service and no thread)")
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis, the database and storage are reachable", responses={503: {"model": Problem}})
-def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
-    checks = {"redis": store.ping(), "database": store.records is None or store.records.ping(),
-              "storage": storage.reachable()}
-    return JSONResponse({"ready": all(checks.values()), **checks}, 200 if all(checks.values()) else 503)
+PROBE = ThreadPoolExecutor(3, thread_name_prefix="readyz")  # not the routes' pool, which a slow backend can fill
+PROBE_S = 3.0
+
+
+@router.get("/readyz", summary="Redis, the database and storage are reachable (each asked for at most 3 s)",
+            responses={503: {"model": Problem}})
+async def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
+    probes = {"redis": store.ping, "database": (lambda: True) if store.records is None else store.records.ping,
+              "storage": storage.reachable}
+    answers = await asyncio.gather(*(_probe(check) for check in probes.values()))
+    checks = dict(zip(probes, answers))
+    down = [name for name, ok in checks.items() if not ok]
+    return JSONResponse({"ready": not down, **checks, "down": down}, 503 if down else 200)
+
+
+async def _probe(check) -> bool:
+    try:
+        return bool(await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(PROBE, check), PROBE_S))
+    except Exception:  # noqa: BLE001 - a probe that fails or takes too long: that service is down
+        return False
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,

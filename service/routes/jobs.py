@@ -113,9 +113,13 @@ async def events(job: OwnedJob, store: StoreDep, request: Request) -> StreamingR
 
 
 async def _stream(job_id: str, store: JobStore, request: Request):
-    """One `job` event per change of the job's view, a keep-alive comment every 15 s, until a final state."""
-    last, idle = None, 0.0
+    """One `job` event per change of the job's view, a keep-alive comment every 15 s, until a final state, or until
+    the key that opened the stream is revoked (then an `end` event says so)."""
+    last, idle, digest = None, 0.0, request.state.key_hash
     while not await request.is_disconnected():
+        if await asyncio.to_thread(store.revoked, digest):
+            yield 'event: end\ndata: {"detail": "the API key of this stream was revoked"}\n\n'
+            return
         current = await asyncio.to_thread(store.get, job_id)
         payload = job_view(current, store).model_dump_json()
         if payload != last:
@@ -140,9 +144,11 @@ def cancel(job: OwnedJob, store: StoreDep, actor: Actor) -> JobView:
             job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
         elif job.state == JobState.RUNNING:
             job = store.update(job.id, cancel_requested=True)
-    except KeyError:  # only the database knows it: Redis lost the live job, which no worker will now run
-        raise HTTPException(409, f"job {job.id} is known only from its history (the queue lost it); it will not "
-                                 "run, submit it again") from None
+    except KeyError:  # only the database knows it (Redis lost it): cancelled there, so the sweep never sends it
+        ended = store.records.end(job.id, str(JobState.CANCELLED), "", now()) if store.records is not None else None
+        if ended is None:
+            raise HTTPException(409, f"job {job.id} has ended or is known only from its history") from None
+        job = ended
     return job_view(job, store)
 
 

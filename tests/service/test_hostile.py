@@ -59,10 +59,12 @@ def test_hostile_files_get_a_reason_and_the_service_keeps_serving(stack, corpus,
     assert wait_final(stack.url, submit(stack.url, scan(phantom_dataset)).json()["id"])["state"] == "succeeded"
     # nothing written outside the jobs' folders, nothing left in staging, no archive member escaped
     storage = Path(stack.env["ISL_STORAGE_ROOT"])
-    # besides job folders and staging: the embedded database and the corrections the correction tests sent
-    assert {p.name for p in storage.iterdir()} <= {"jobs", "staging", "corrections", "isl.db", "isl.db-wal",
+    # besides job folders, staging and the upload spool: the embedded database and the corrections the correction
+    # tests sent; staging and the spool empty
+    assert {p.name for p in storage.iterdir()} <= {"jobs", "staging", "spool", "corrections", "isl.db", "isl.db-wal",
                                                   "isl.db-shm", "isl.db.migrate.lock"}
-    assert not any((storage / "staging").iterdir()) if (storage / "staging").exists() else True
+    for folder in ("staging", "spool"):
+        assert not any((storage / folder).iterdir()) if (storage / folder).exists() else True
     for job_dir in (storage / "jobs").iterdir():
         assert {p.name for p in job_dir.iterdir()} <= {"input", "output"}, list(job_dir.iterdir())
     for root in (stack.folder.parent, storage, Path("/tmp")):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from kit import KEYS, PostgresServer, client, private_postgres, scan, submit, wait_final
 from sqlalchemy import text
 
@@ -21,7 +22,7 @@ from service.settings import hash_key
 from service.storage import Storage
 from worker.localstack import LocalStack, wait_until
 
-HEAD = "0004"
+HEAD = "0005"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,8 +84,6 @@ def _job(store: JobStore, tenant="alpha"):
 
 
 def test_job_history_follows_each_change_of_state_and_outlives_redis(redis_url, tmp_path):
-    import redis
-
     records = Records(f"sqlite:///{tmp_path / 'isl.db'}")
     records.upgrade()
     store = JobStore(redis_url, records)
@@ -107,15 +106,70 @@ def test_job_history_follows_each_change_of_state_and_outlives_redis(redis_url, 
     assert store.list("beta", 0, 10) == ([], 0)
 
 
+@pytest.mark.parametrize("with_database", [True, False])
+def test_one_idempotency_key_makes_one_job_however_many_threads_race(redis_url, tmp_path, monkeypatch,
+                                                                     with_database):
+    """Check-and-create is one step: the database's primary key decides (with a database), else one Redis script;
+    16 threads at once, each slowed by 20 ms before it creates and, with a database, inside its transaction between
+    the job's row and the key's, make one job, and every thread is handed it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = Records(f"sqlite:///{tmp_path / 'isl.db'}") if with_database else None
+    if records is not None:
+        records.upgrade()
+        save = records.save_job
+        monkeypatch.setattr(records, "save_job", lambda job, session=None: (time.sleep(0.02), save(job, session)))
+    store = JobStore(redis_url, records)
+    create = store.create
+
+    def slowly(*a, **kw):
+        time.sleep(0.02)
+        return create(*a, **kw)
+
+    with ThreadPoolExecutor(16) as pool:
+        made = list(pool.map(lambda _: slowly("alpha", [], JobOptions(model="m"), "scan-7"), range(16)))
+    assert len({job.id for job, _ in made}) == 1 and sum(created for _, created in made) == 1
+    assert store.queue_depth() == 1
+    if records is not None:
+        assert len(records.unfinished()) == 1
+        redis.Redis.from_url(redis_url).flushall()  # Redis forgets the key; the database does not
+        assert store.create("alpha", [], JobOptions(model="m"), "scan-7")[0].id == made[0][0].id
+
+
+def test_revocations_and_unfinished_jobs_outlive_redis(redis_url, tmp_path):
+    """A revoked key stays revoked when Redis comes back empty; a queued job Redis lost is restored and sent once
+    (a second sweep sends nothing); one whose input is gone ends failed with the reason."""
+    records = Records(f"sqlite:///{tmp_path / 'isl.db'}")
+    records.upgrade()
+    store = JobStore(redis_url, records)
+    store.revoke("ab" * 32)
+    kept, gone = _job(store), _job(store)
+    redis.Redis.from_url(redis_url).flushall()
+    assert store.revoked("ab" * 32) and not store.revoked("cd" * 32)
+    assert store.get(kept.id).state == JobState.QUEUED and store.position(kept.id) is None  # the database's view
+    sent = []
+    assert store.restore_lost(lambda i, p: sent.append(i), lambda i: i == kept.id, older_than_s=60) == []  # too new
+    assert store.restore_lost(lambda i, p: sent.append(i), lambda i: i == kept.id, older_than_s=0) == [kept.id]
+    assert store.restore_lost(lambda i, p: sent.append(i), lambda i: i == kept.id, older_than_s=0) == []
+    assert sent == [kept.id] and store.position(kept.id) == 0
+    assert store.get(kept.id).stage == "requeued: the queue lost it"
+    assert store.get(gone.id).state == JobState.FAILED and "no longer on disk" in store.get(gone.id).error
+
+
 def test_records_wait_in_redis_while_the_database_is_away(redis_url):
+    from sqlalchemy.exc import OperationalError
+
     with private_postgres() as pg:
         assert isinstance(pg, PostgresServer)
         records = Records(pg.url)
         records.upgrade()
         store = JobStore(redis_url, records)
+        job = _job(store)
         pg.stop()
-        job = _job(store)  # the job is accepted all the same
-        store.audit("alpha", "key:abc", "submit", job.id)
+        with pytest.raises(OperationalError):  # no job is accepted that the database does not know (the API: 503)
+            _job(store)
+        assert store.queue_depth() == 1
+        store.audit("alpha", "key:abc", "submit", job.id)  # what happens to an accepted job waits in Redis
         store.update(job.id, state=JobState.CANCELLED, finished=time.time())
         assert store.pending_records() == 2  # one job history (written once, as it now is), one event
         assert store.events()["history_deferred"] >= 1 and store.events()["audit_deferred"] == 1
@@ -361,3 +415,27 @@ def test_a_retraining_runs_once_and_a_silent_workers_one_is_taken_over(database)
     assert records.live_version("alpha", "m") is None
     assert [v["status"] for v in records.versions("alpha", "m")] == ["retired"]
     records.close()
+
+
+def test_a_queued_job_whose_message_the_broker_lost_is_sent_again(redis_url):
+    """A queued job of which the broker holds no message (a failover lost it between kombu's pop and its record of
+    the delivery) is found by the sweep and sent again; one whose message waits, or is delivered, is not."""
+    from service.queue import Queue
+    from service.settings import Settings
+
+    store, queue = JobStore(redis_url), Queue(Settings(redis_url=redis_url, queue="q"))
+    kept, lost = _job(store), _job(store)
+    queue.send(kept.id, 0)
+    queue.send(lost.id, 5)  # kombu's queue of priorities 3-5: "q\x06\x163"
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert (r.llen("q"), r.llen("q\x06\x163")) == (1, 1)
+    sent = []
+    assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=0) == [] and sent == []
+    r.delete("q\x06\x163")  # the broker loses that message
+    assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=60) == []  # too recent
+    assert store.resend_lost_messages("q", queue.send, older_than_s=0) == [lost.id]
+    assert r.llen("q\x06\x163") == 1
+    assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=0) == []
+    message = r.rpop("q")  # delivered: kombu keeps it in its hash of unacknowledged messages
+    r.hset("unacked", "tag-1", json.dumps([json.loads(message), "", "q"]))
+    assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=0) == [] and sent == []

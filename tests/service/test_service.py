@@ -30,7 +30,8 @@ def test_credentials_are_required(service):
         r = httpx.get(base + "/v1/jobs", headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), r.text
     assert httpx.get(base + "/v1/jobs", headers={"Authorization": f"Bearer {KEYS['beta']}"}).status_code == 200
-    assert httpx.get(base + "/readyz").json() == {"ready": True, "redis": True, "database": True, "storage": True}
+    assert httpx.get(base + "/readyz").json() == {"ready": True, "redis": True, "database": True, "storage": True,
+                                                  "down": []}
 
 
 def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset, tmp_path):

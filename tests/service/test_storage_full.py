@@ -87,7 +87,7 @@ def test_a_full_storage_refuses_uploads_with_507_and_keeps_nothing(stack, small_
     # below the upload headroom the service is still ready: Redis answers and the storage takes a small write
     ready = httpx.get(stack.url + "/readyz")
     assert ready.status_code == 200 and ready.json() == {"ready": True, "redis": True, "database": True,
-                                                         "storage": True}, ready.text
+                                                         "storage": True, "down": []}, ready.text
     filler.unlink()
     # above the headroom, but the upload itself does not fit: the device refuses mid-write
     filler = fill(small_disk, leave=3 << 20)

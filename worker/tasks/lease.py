@@ -66,6 +66,13 @@ def heartbeat(store: JobStore, name: str) -> None:
             store.beat(name, max(30, 3 * settings.lease_s), info)
             for job_id in store.requeue_orphans(queue.send, unsent_after_s=max(10, 2 * settings.lease_s)):
                 log.warning("job %s: requeued (its worker stopped, or it was never sent)", job_id)
+            if store.turn("restore", max(10, 2 * settings.lease_s)):
+                for job_id in store.restore_lost(queue.send, lambda i: _has_input(storage, i),
+                                                 older_than_s=max(10, 2 * settings.lease_s)):
+                    log.warning("job %s: sent again (Redis had lost it; the database knew it)", job_id)
+            if store.turn("messages", 60):
+                for job_id in store.resend_lost_messages(settings.queue, queue.send, older_than_s=60):
+                    log.warning("job %s: sent again (queued, but the broker held no message of it)", job_id)
         except Exception:  # Redis away for a moment: the next beat retries
             log.warning("heartbeat to Redis failed", exc_info=True)
         try:
@@ -77,6 +84,10 @@ def heartbeat(store: JobStore, name: str) -> None:
         except Exception:  # the database away for a moment: the records wait in Redis, the files stay
             log.warning("database sweep failed; retried at the next beat", exc_info=True)
         time.sleep(min(10, max(1, settings.lease_s / 3)))
+
+
+def _has_input(storage: Storage, job_id: str) -> bool:
+    return all(p.exists() for p in storage.input_paths(job_id))
 
 
 @worker_process_init.connect

@@ -1,0 +1,143 @@
+"""The door of the API (an ASGI middleware, outside every route): nothing of a request's body is read before its
+credentials are checked, and every byte of it is counted and timed as it arrives.
+
+- A request that carries a body to /v1/, /dicomweb/ or /console/ (but the sign-in form) is let in only with a valid
+  API key (or, under /console/, a live session): otherwise it is answered 401 (or sent to the sign-in page) from
+  its headers alone, so an unauthenticated upload costs no disk and no parsing; an upload while the storage root
+  (where its parts are spooled: service/uploads.py) is short of space is answered 507, also unread.
+- Bodies are counted as they arrive, chunked or not: past the limit (ISL_MAX_UPLOAD_BYTES for the upload routes,
+  ISL_MAX_REQUEST_BYTES for every other) the request is answered 413 at once and the connection closed; a declared
+  Content-Length over it is refused before a byte is read.
+- A body that stalls for ISL_BODY_TIMEOUT_S between two chunks is answered 408 and closed (the request head's
+  timeout is the server's: service/server.py)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+
+from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
+
+from service.auth import Refused, key_in
+
+log = logging.getLogger("isl.api")
+UPLOADS = re.compile(r"/v1/(jobs|batches|jobs/[^/]+/correction)|/dicomweb/studies"
+                     r"|/console/(jobs|jobs/[^/]+/correction)")
+GUARDED = ("/v1/", "/dicomweb/", "/console/")
+PUBLIC = frozenset({"/console/sign-in"})
+SLACK = 1 << 20  # multipart boundaries, part headers and form fields around an upload's files
+ALWAYS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))  # on every response
+
+
+class Guard:
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+
+    def limit(self, method: str, path: str) -> int:
+        if method == "POST" and UPLOADS.fullmatch(path):
+            return self.settings.max_upload_bytes + SLACK
+        return self.settings.max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers, path = Headers(scope=scope), scope["path"]
+        limit = self.limit(scope["method"], path)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await _answer(send, 413, f"the request body of {length} bytes exceeds the limit of {limit} bytes")
+        carries = (length.isdigit() and int(length) > 0) or "transfer-encoding" in headers
+        if carries and path.startswith(GUARDED) and path not in PUBLIC:
+            refusal = await asyncio.to_thread(self._refusal, scope, headers)
+            if refusal is not None:
+                return await _answer(send, *refusal)
+            if limit > self.settings.max_request_bytes and (full := self._full()):
+                return await _answer(send, 507, full)
+        state = {"received": 0, "done": not carries, "answered": False}
+
+        async def counted():
+            if state["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+            except TimeoutError:
+                return await refuse(408, f"the request body stalled for {self.settings.body_timeout_s:g} s; "
+                                         "send it again")
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    return await refuse(413, f"the request body exceeds the limit of {limit} bytes")
+                state["done"] = not message.get("more_body", False)
+            return message
+
+        async def refuse(status: int, detail: str) -> dict:
+            """Answer now (unless the app has begun its response) and tell the app the client is gone."""
+            if not state["answered"] and not state.get("started"):
+                state["answered"] = True
+                await _answer(send, status, detail)
+            state["done"] = True
+            return {"type": "http.disconnect"}
+
+        async def guarded_send(message):
+            if state["answered"]:
+                return  # the app's own answer to a body it did not get
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *((k, v) for k, v in ALWAYS if k not in present)]
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except Exception:  # noqa: BLE001 - the app's failure to read a body already refused: nothing to add
+            if not state["answered"]:
+                raise
+            log.info("%s %s: refused while its body arrived", scope["method"], path)
+
+    def _full(self) -> str:
+        """Why an upload cannot be taken now (the storage root, where it is spooled, is short of space), or ''."""
+        from fastapi import HTTPException
+
+        from service.intake import room_for_upload
+
+        try:
+            room_for_upload(self.settings)
+        except HTTPException as exc:
+            return exc.detail
+        return ""
+
+    def _refusal(self, scope, headers: Headers) -> tuple | None:
+        """Why this request may not send its body (status, detail[, headers]), or None: from its headers only."""
+        app = scope["app"]
+        try:
+            if scope["path"].startswith("/console/"):
+                from service.console import SESSION, live_session
+
+                sid = cookie_parser(headers.get("cookie", "")).get(SESSION, "")
+                if live_session(app, app.state.store, sid) is None:
+                    return 303, "sign in first", {"Location": "/console/sign-in"}
+                return None
+            client = scope.get("client")
+            app.state.auth.check(key_in(headers), client[0] if client else "unknown")
+        except Refused as exc:
+            return exc.status, exc.detail, exc.headers
+        except Exception as exc:  # noqa: BLE001 - Redis or the database away: say so, read nothing
+            from service.handlers import unavailable
+
+            if (answer := unavailable(exc)) is None:
+                raise
+            return answer
+        return None
+
+
+async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """A whole response (a Problem body) that closes the connection: the rest of the body is never read."""
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"connection", b"close"), *ALWAYS]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
