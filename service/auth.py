@@ -1,11 +1,12 @@
 """Who is calling: a tenant's API key (X-API-Key or Authorization: Bearer), checked against ISL_API_KEYS and the
 revocations; and the throttle on failures, which every credential check goes through.
 
-A wrong or revoked key, or a failed console sign-in, counts against the client's address and, where the key
-names a tenant (a revoked key), against that tenant: ISL_AUTH_FAILURES per ISL_AUTH_WINDOW_S, then 429 with
-Retry-After until the window ends, a correct key included (so that guessing stops). The first failure of a window
-and the lock-out are audit events. The counters live in Redis, shared by every API process; while Redis is away,
-each process counts on its own."""
+A wrong or revoked key, or a failed console sign-in, counts against the client's address (a revoked key: against
+its tenant at that address as well): past ISL_AUTH_FAILURES per ISL_AUTH_WINDOW_S, each further one is answered
+429 with Retry-After until the window ends, so that guessing stops. A valid key always gets in (clients behind one
+proxy share an address; a leaked, revoked key must not lock its tenant out). The first failure of a window and the
+one that reaches the limit are audit events. The counters live in Redis, shared by every API process; while Redis
+is away, each process counts on its own."""
 from __future__ import annotations
 
 import logging
@@ -56,47 +57,31 @@ class Caller:
 
 
 class Throttle:
-    """Failures per client address and per tenant in a fixed window (Redis INCR + EXPIRE; a dict of this process
-    while Redis is away)."""
+    """Failures per client address and per tenant in a fixed window that starts at the first failure (Redis, one
+    script per count; a dict of this process while Redis is away)."""
 
     def __init__(self, store, limit: int, window_s: int):
         self.store, self.limit, self.window_s = store, limit, window_s
         self._local: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def wait(self, *who: str) -> int:
-        """Seconds until a locked-out `who` (address or tenant) may try again; 0 when none is locked out."""
-        waits = [self._wait(w) for w in who if w]
-        return max(waits, default=0)
+    def failed(self, *who: str) -> tuple[int, int]:
+        """Count one failure against each `who`: (the highest count now, seconds left of that one's window)."""
+        counts = [self._count(w) for w in who if w]
+        return max(counts, default=(0, 0))
 
-    def failed(self, *who: str) -> int:
-        """Count one failure against each `who`; the highest count now."""
-        return max((self._count(w) for w in who if w), default=0)
-
-    def _wait(self, who: str) -> int:
+    def _count(self, who: str) -> tuple[int, int]:
         try:
-            n, ttl = self.store.auth_failures(who)
+            if not self.store.redis_away():
+                return self.store.count_auth_failure(who, self.window_s)
         except redis.RedisError:
-            n, ttl = self._local_get(who)
-        return max(1, ttl) if n >= self.limit else 0
-
-    def _count(self, who: str) -> int:
-        try:
-            return self.store.count_auth_failure(who, self.window_s)
-        except redis.RedisError:
-            with self._lock:
-                n, until = self._local_get_raw(who)
-                self._local[who] = (n + 1, until if until > time.time() else time.time() + self.window_s)
-                return n + 1
-
-    def _local_get_raw(self, who: str) -> tuple[int, float]:
-        n, until = self._local.get(who, (0, 0.0))
-        return (n, until) if until > time.time() else (0, 0.0)
-
-    def _local_get(self, who: str) -> tuple[int, int]:
+            pass
         with self._lock:
-            n, until = self._local_get_raw(who)
-        return n, int(until - time.time()) + 1
+            n, until = self._local.get(who, (0, 0.0))
+            if until <= time.time():
+                n, until = 0, time.time() + self.window_s
+            self._local[who] = (n + 1, until)
+            return n + 1, int(until - time.time()) + 1
 
 
 class Keys:
@@ -108,22 +93,24 @@ class Keys:
         self.throttle = Throttle(store, settings.auth_failures, settings.auth_window_s)
 
     def check(self, key: str | None, addr: str, via: str = "api") -> Caller:
-        """The caller of `key` from address `addr`; Refused (401: none, wrong or revoked; 429: too many failures
-        from this address or for this tenant)."""
+        """The caller of `key` from address `addr`; Refused (401: none, wrong or revoked; 429: one too many wrong
+        or revoked keys from this address, or revoked keys of this tenant). A valid key always gets in: a client
+        behind the same proxy, or a leaked and revoked key of the same tenant, cannot lock a tenant out."""
         digest = hash_key(key) if key else ""
         tenant = self.by_digest.get(digest)
-        if wait := self.throttle.wait(f"addr:{addr}", f"tenant:{tenant}" if tenant else ""):
-            raise Refused(429, f"too many failed sign-ins or bad keys from this address or for this tenant; try "
-                               f"again in {wait} s", {"Retry-After": str(wait)})
         if tenant is not None and not self.store.revoked(digest):
             return Caller(tenant, digest)
         if key is not None:
-            self.failure(addr, tenant, "revoked key" if tenant else "unknown key", via, digest)
+            n, wait = self.failure(addr, tenant, "revoked key" if tenant else "unknown key", via, digest)
+            if n > self.throttle.limit:
+                raise Refused(429, f"too many failed sign-ins or bad keys from this address; try again in {wait} s",
+                              {"Retry-After": str(wait)})
         raise Refused(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="isl"'})
 
-    def failure(self, addr: str, tenant: str | None, reason: str, via: str, digest: str = "") -> None:
-        """One failed credential: counted; the window's first and the one that locks out are audited."""
-        n = self.throttle.failed(f"addr:{addr}", f"tenant:{tenant}" if tenant else "")
+    def failure(self, addr: str, tenant: str | None, reason: str, via: str, digest: str = "") -> tuple[int, int]:
+        """One failed credential: counted (per address; a revoked key also per tenant and address); the window's
+        first and the one that reaches the limit are audited. (count, seconds left of its window)."""
+        n, wait = self.throttle.failed(f"addr:{addr}", f"tenant:{tenant}:{addr}" if tenant else "")
         if n == 1 or n == self.throttle.limit:
             action = "auth_locked" if n == self.throttle.limit else "auth_failed"
             detail = {"address": addr, "via": via, "reason": reason, "failures": n,
@@ -131,3 +118,4 @@ class Keys:
             self.store.audit(tenant or UNKNOWN, key_actor(digest) if tenant else f"address:{addr}", action,
                              detail=detail)
             log.warning("%s: %s", action, detail)
+        return n, wait

@@ -209,8 +209,11 @@ class Records:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             # a database host that does not answer is given up after 3 s (the API answers 503, not a hang)
+            # and one that stops answering on an open connection is noticed in seconds, not TCP's 15 minutes
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=5,
-                                        connect_args={"connect_timeout": 3})
+                                        connect_args={"connect_timeout": 3, "keepalives": 1, "keepalives_idle": 5,
+                                                      "keepalives_interval": 2, "keepalives_count": 2,
+                                                      "tcp_user_timeout": 8000})
 
     def close(self) -> None:
         self.engine.dispose()

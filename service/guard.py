@@ -8,14 +8,17 @@ credentials are checked, and every byte of it is counted and timed as it arrives
 - Bodies are counted as they arrive, chunked or not: past the limit (ISL_MAX_UPLOAD_BYTES for the upload routes,
   ISL_MAX_REQUEST_BYTES for every other) the request is answered 413 at once and the connection closed; a declared
   Content-Length over it is refused before a byte is read.
-- A body that stalls for ISL_BODY_TIMEOUT_S between two chunks is answered 408 and closed (the request head's
-  timeout is the server's: service/server.py)."""
+- An upload that stalls for ISL_BODY_TIMEOUT_S between two chunks, or any other body not whole within it, is
+  answered 408 and closed (the request head's timeout is the server's: service/server.py); a response sent before
+  its request's body was read closes the connection, so that an unread body cannot hold it open."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
@@ -27,8 +30,11 @@ UPLOADS = re.compile(r"/v1/(jobs|batches|jobs/[^/]+/correction)|/dicomweb/studie
                      r"|/console/(jobs|jobs/[^/]+/correction)")
 GUARDED = ("/v1/", "/dicomweb/", "/console/")
 PUBLIC = frozenset({"/console/sign-in"})
+CHECKS, CHECK_S = ThreadPoolExecutor(4, thread_name_prefix="guard"), 6.0  # not the routes' pool, which may be full
 SLACK = 1 << 20  # multipart boundaries, part headers and form fields around an upload's files
-ALWAYS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))  # on every response
+# on every response that does not say otherwise: a tenant's jobs, masks and reports are patients' data, kept by no
+# browser or proxy cache
+ALWAYS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"cache-control", b"no-store"))
 
 
 class Guard:
@@ -50,18 +56,26 @@ class Guard:
             return await _answer(send, 413, f"the request body of {length} bytes exceeds the limit of {limit} bytes")
         carries = (length.isdigit() and int(length) > 0) or "transfer-encoding" in headers
         if carries and path.startswith(GUARDED) and path not in PUBLIC:
-            refusal = await asyncio.to_thread(self._refusal, scope, headers)
+            try:
+                refusal = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    CHECKS, self._refusal, scope, headers), CHECK_S)
+            except TimeoutError:  # Redis and the database both slow to answer: say so rather than wait
+                refusal = (503, "the service cannot check credentials now; try again shortly",
+                           {"Retry-After": "5"})
             if refusal is not None:
                 return await _answer(send, *refusal)
             if limit > self.settings.max_request_bytes and (full := self._full()):
                 return await _answer(send, 507, full)
         state = {"received": 0, "done": not carries, "answered": False}
+        upload, start = limit > self.settings.max_request_bytes, time.monotonic()
 
         async def counted():
             if state["done"]:
                 return await receive()
+            # an upload may take long but may not stall; any other body must be whole within the timeout
+            wait = self.settings.body_timeout_s - (0 if upload else time.monotonic() - start)
             try:
-                message = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, wait))
             except TimeoutError:
                 return await refuse(408, f"the request body stalled for {self.settings.body_timeout_s:g} s; "
                                          "send it again")
@@ -86,8 +100,10 @@ class Guard:
             if message["type"] == "http.response.start":
                 state["started"] = True
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []),
-                                      *((k, v) for k, v in ALWAYS if k not in present)]
+                extra = [(k, v) for k, v in ALWAYS if k not in present]
+                if not state["done"]:  # answered before its body was read: the rest is not waited for
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

@@ -34,10 +34,11 @@ def unavailable(exc: Exception) -> tuple[int, str, dict[str, str]] | None:
     other error."""
     import redis
     from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     if isinstance(exc, redis.RedisError):
         what = "the job queue (Redis)"
-    elif isinstance(exc, OperationalError):
+    elif isinstance(exc, OperationalError | PoolTimeout):  # unreachable, or every connection of the pool stuck
         what = "the service's database"
     else:
         return None
@@ -77,12 +78,14 @@ def install(app: FastAPI, settings) -> None:
     bodies counted and timed)."""
     import redis
     from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from service.guard import Guard
 
     app.add_middleware(Guard, settings=settings)
     app.add_exception_handler(OSError, storage_error)
     app.add_exception_handler(OperationalError, backing_service_error)
+    app.add_exception_handler(PoolTimeout, backing_service_error)
     app.add_exception_handler(redis.RedisError, backing_service_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -79,11 +79,17 @@ class JobStore:
         return key_hash in self.records.revoked() if answer is AWAY else answer  # Redis away: the database
 
     def _load_revocations(self) -> None:
+        """Every revocation the database holds, into Redis (the workers' sweep runs it too: a revocation that a
+        failover lost after the marker reached the replica is back within a sweep)."""
         pipe = self._r.pipeline()
         for digest in self.records.revoked():
             pipe.sadd(f"{P}revoked", digest)
         pipe.set(f"{P}revoked:loaded", "1")
         pipe.execute()
+
+    def sync_revocations(self) -> None:
+        if self.records is not None:
+            self._load_revocations()
 
     def revoke(self, key_hash: str) -> None:
         """Refused from now on by every API process: written to the database first (it outlives Redis), then
@@ -93,20 +99,17 @@ class JobStore:
         self._r.sadd(f"{P}revoked", key_hash)
 
     # -- failed credentials per client address and per tenant (service/auth.py) -------------------------------
-    def auth_failures(self, who: str) -> tuple[int, int]:
-        """(failures of `who` in its current window, seconds left of that window)."""
-        pipe = self._r.pipeline(transaction=False)
-        pipe.get(f"{P}authfail:{who}")
-        pipe.ttl(f"{P}authfail:{who}")
-        n, ttl = pipe.execute()
-        return int(n or 0), max(0, int(ttl))
+    _FAIL = ("local n = redis.call('incr', KEYS[1]) if n == 1 then redis.call('expire', KEYS[1], ARGV[1]) end "
+             "return {n, redis.call('ttl', KEYS[1])}")
 
-    def count_auth_failure(self, who: str, window_s: int) -> int:
-        """One more failure of `who`; its window starts at its first failure."""
-        pipe = self._r.pipeline()
-        pipe.incr(f"{P}authfail:{who}")
-        pipe.expire(f"{P}authfail:{who}", window_s, nx=True)
-        return int(pipe.execute()[0])
+    def count_auth_failure(self, who: str, window_s: int) -> tuple[int, int]:
+        """One more failure of `who` (its window starts at its first): (failures in the window, seconds left)."""
+        n, ttl = self._r.eval(self._FAIL, 1, f"{P}authfail:{who}", window_s)
+        return int(n), max(1, int(ttl))
+
+    def redis_away(self) -> bool:
+        """Redis failed the API within the last AWAY_S seconds (see `_try`): callers with a fallback skip it."""
+        return self._fallback and time.monotonic() < self._away_until
 
     # -- console sign-in sessions: only a digest of the session id is stored, as for keys ---------------------
     def open_session(self, tenant: str, key_hash: str, ttl_s: int) -> tuple[str, str]:
@@ -167,11 +170,13 @@ class JobStore:
             return self.get(existing), False
         return job, True
 
-    def abandon(self, job_id: str, reason: str) -> None:
+    def abandon(self, job_id: str, reason: str, idempotency_key: str | None = None) -> None:
         """A recorded job that could not be put on the queue ends failed with `reason`, in Redis when it can and in
         the database in any case (its idempotency key freed, so that a retry makes a new job)."""
         try:
-            self.update(job_id, state=JobState.FAILED, finished=now(), error=reason)
+            job = self.update(job_id, state=JobState.FAILED, finished=now(), error=reason)
+            if idempotency_key:
+                self._r.eval(self._DROP, 1, f"{P}idem:{job.tenant}:{idempotency_key}", job_id)
         except (redis.RedisError, KeyError):
             pass
         if self.records is not None:

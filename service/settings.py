@@ -45,8 +45,9 @@ class Settings(BaseSettings):
                                                             "within this long is closed (408)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request whose body stalls for this long between two "
                                                           "chunks is answered 408 and closed")
-    auth_failures: int = Field(20, ge=1, description="failed sign-ins and bad keys a client address (or a tenant) "
-                                                     "may make per ISL_AUTH_WINDOW_S; past it: 429")
+    auth_failures: int = Field(20, ge=1, description="wrong keys and failed sign-ins a client address may make per "
+                                                     "ISL_AUTH_WINDOW_S; each further one: 429 (a valid key always "
+                                                     "gets in)")
     auth_window_s: int = Field(300, ge=1, description="the window of ISL_AUTH_FAILURES, and how long a locked-out "
                                                       "client waits")
     queue: str = Field("isl", description="Celery queue the GPU workers consume")

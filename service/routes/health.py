@@ -26,8 +26,10 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-PROBE = ThreadPoolExecutor(3, thread_name_prefix="readyz")  # not the routes' pool, which a slow backend can fill
 PROBE_S = 3.0
+# each probe on a thread of its own, not the routes' pool: a backing service that hangs holds its own probe only
+_PROBES: dict[str, ThreadPoolExecutor] = {}
+_RUNNING: dict[str, asyncio.Future] = {}
 
 
 @router.get("/readyz", summary="Redis, the database and storage are reachable (each asked for at most 3 s)",
@@ -35,15 +37,20 @@ PROBE_S = 3.0
 async def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
     probes = {"redis": store.ping, "database": (lambda: True) if store.records is None else store.records.ping,
               "storage": storage.reachable}
-    answers = await asyncio.gather(*(_probe(check) for check in probes.values()))
+    answers = await asyncio.gather(*(_probe(name, check) for name, check in probes.items()))
     checks = dict(zip(probes, answers))
     down = [name for name, ok in checks.items() if not ok]
     return JSONResponse({"ready": not down, **checks, "down": down}, 503 if down else 200)
 
 
-async def _probe(check) -> bool:
+async def _probe(name: str, check) -> bool:
+    """`check()` within PROBE_S; False when it fails, takes longer, or an earlier call of it has not returned."""
+    if (running := _RUNNING.get(name)) is not None and not running.done():
+        return False
+    pool = _PROBES.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"readyz-{name}"))
+    future = _RUNNING[name] = asyncio.get_running_loop().run_in_executor(pool, check)
     try:
-        return bool(await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(PROBE, check), PROBE_S))
+        return bool(await asyncio.wait_for(asyncio.shield(future), PROBE_S))
     except Exception:  # noqa: BLE001 - a probe that fails or takes too long: that service is down
         return False
 

@@ -439,3 +439,41 @@ def test_a_queued_job_whose_message_the_broker_lost_is_sent_again(redis_url):
     message = r.rpop("q")  # delivered: kombu keeps it in its hash of unacknowledged messages
     r.hset("unacked", "tag-1", json.dumps([json.loads(message), "", "q"]))
     assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=0) == [] and sent == []
+
+
+def test_a_database_that_is_away_is_a_503_within_seconds_and_redis_serves_what_it_holds(redis_url, tmp_path):
+    """PostgreSQL stopped under the API: an upload is 503 with Retry-After within seconds (no job is accepted that
+    the database does not know), a job Redis holds is still served, /readyz says the database is down."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    models = tmp_path / "models" / "tiny"
+    models.mkdir(parents=True)
+    (models / "bundle.json").write_text(json.dumps({"version": "1", "labels": {"1": "organ"}}))
+    volume = gzip.compress(nib.Nifti1Image(np.random.default_rng(0).normal(100, 10, (16,) * 3).astype(np.float32),
+                                           np.eye(4)).to_bytes())
+    with private_postgres() as pg:
+        app = create_app(Settings(redis_url=redis_url, storage_root=tmp_path / "storage", models_dir=models.parent,
+                                  default_model="tiny", database_url=pg.url, min_free_mb=0,
+                                  api_keys=f"alpha:{hash_key(KEYS['alpha'])}"))
+        c = TestClient(app, headers={"X-API-Key": KEYS["alpha"]})
+        job_id = c.post("/v1/jobs", files={"files": ("a.nii.gz", volume)}).json()["id"]
+        pg.stop()
+        t0 = time.monotonic()
+        r = c.post("/v1/jobs", files={"files": ("a.nii.gz", volume)})
+        refused_s = time.monotonic() - t0
+        assert r.status_code == 503 and r.headers["retry-after"] and "database" in r.json()["detail"], r.text
+        print(json.dumps({"upload_503_with_database_away_s": round(refused_s, 3)}))
+        assert refused_s < 8, refused_s
+        assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+        t0 = time.monotonic()
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["down"] == ["database"] and time.monotonic() - t0 < 5
+        assert app.state.store.queue_depth() == 1
+        assert not any((tmp_path / "storage" / "staging").iterdir())  # the refused upload left nothing

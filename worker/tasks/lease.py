@@ -70,6 +70,8 @@ def heartbeat(store: JobStore, name: str) -> None:
                 for job_id in store.restore_lost(queue.send, lambda i: _has_input(storage, i),
                                                  older_than_s=max(10, 2 * settings.lease_s)):
                     log.warning("job %s: sent again (Redis had lost it; the database knew it)", job_id)
+            if store.turn("revocations", 10):
+                store.sync_revocations()
             if store.turn("messages", 60):
                 for job_id in store.resend_lost_messages(settings.queue, queue.send, older_than_s=60):
                     log.warning("job %s: sent again (queued, but the broker held no message of it)", job_id)
