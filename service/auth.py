@@ -2,7 +2,7 @@
 revocations; and the throttle on failures, which every credential check goes through.
 
 A wrong or revoked key, or a failed console sign-in, counts against the client's address (a revoked key: against
-its tenant at that address as well): past ISL_AUTH_FAILURES per ISL_AUTH_WINDOW_S, each further one is answered
+its tenant as well, from whatever address): past ISL_AUTH_FAILURES per ISL_AUTH_WINDOW_S, each further one is answered
 429 with Retry-After until the window ends, so that guessing stops. A valid key always gets in (clients behind one
 proxy share an address; a leaked, revoked key must not lock its tenant out). The first failure of a window and the
 one that reaches the limit are audit events. The counters live in Redis, shared by every API process; while Redis
@@ -94,8 +94,8 @@ class Keys:
 
     def check(self, key: str | None, addr: str, via: str = "api") -> Caller:
         """The caller of `key` from address `addr`; Refused (401: none, wrong or revoked; 429: one too many wrong
-        or revoked keys from this address, or revoked keys of this tenant). A valid key always gets in: a client
-        behind the same proxy, or a leaked and revoked key of the same tenant, cannot lock a tenant out."""
+        or revoked keys from this address, or revoked keys of this tenant from any). A valid key always gets in: a
+        client behind the same proxy, or a leaked and revoked key of the same tenant, cannot lock a tenant out."""
         digest = hash_key(key) if key else ""
         tenant = self.by_digest.get(digest)
         if tenant is not None and not self.store.revoked(digest):
@@ -108,9 +108,9 @@ class Keys:
         raise Refused(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="isl"'})
 
     def failure(self, addr: str, tenant: str | None, reason: str, via: str, digest: str = "") -> tuple[int, int]:
-        """One failed credential: counted (per address; a revoked key also per tenant and address); the window's
-        first and the one that reaches the limit are audited. (count, seconds left of its window)."""
-        n, wait = self.throttle.failed(f"addr:{addr}", f"tenant:{tenant}:{addr}" if tenant else "")
+        """One failed credential: counted (per address; a revoked key also per tenant, from any address); the
+        window's first and the one that reaches the limit are audited. (count, seconds left of its window)."""
+        n, wait = self.throttle.failed(f"addr:{addr}", f"tenant:{tenant}" if tenant else "")
         if n == 1 or n == self.throttle.limit:
             action = "auth_locked" if n == self.throttle.limit else "auth_failed"
             detail = {"address": addr, "via": via, "reason": reason, "failures": n,

@@ -361,8 +361,8 @@ def test_a_redis_outage_is_answered_within_seconds_and_the_database_serves_what_
 # -- 6, 7: failed sign-ins limited and audited; a revoked key closes its streams --------------------------------------
 def test_bad_keys_and_failed_sign_ins_are_limited_per_address_and_audited(stack):
     """Finding 6: ISL_AUTH_FAILURES (10) wrong keys from one address, then 429 with Retry-After for each further
-    one; a valid key from that address still gets in (clients behind one proxy share it); console sign-ins count
-    alike; audit entries say so."""
+    one; a valid key from that address still gets in (clients behind one proxy share it); a revoked key is limited
+    per tenant across addresses; console sign-ins count alike; audit entries say so."""
     with api(stack, None, "127.0.0.7") as bad, api(stack, "alpha", "127.0.0.7") as good:
         answers = [bad.get("/v1/jobs", headers={"X-API-Key": f"guess-{i}"}) for i in range(12)]
         assert [r.status_code for r in answers] == [401] * 10 + [429, 429], [r.status_code for r in answers]
@@ -372,6 +372,16 @@ def test_bad_keys_and_failed_sign_ins_are_limited_per_address_and_audited(stack)
         for i in range(11):
             r = sign_in(browser, f"guess-{i}")
         assert r.status_code == 429 and "too many" in r.text
+    # a revoked (leaked) key tried from many addresses: limited per tenant; the tenant's valid keys still get in
+    codes = []
+    for i in range(12):
+        with api(stack, "gamma", f"127.0.1.{i + 1}") as leaked:
+            codes.append(leaked.get("/v1/jobs").status_code)
+    assert codes == [401] * 10 + [429, 429], codes
+    with api(stack, "alpha", "127.0.1.12") as good:
+        assert good.get("/v1/jobs").status_code == 200
+    gamma, _ = records(stack).trail("gamma", action="auth_locked")
+    assert [e["detail"]["reason"] for e in gamma] == ["revoked key"]
     trail, _ = records(stack).trail("-", limit=1000)
     trail = [e for e in trail if e["detail"]["address"] in ("127.0.0.7", "127.0.0.9")]
     actions = [(e["action"], e["detail"]["address"], e["detail"]["via"]) for e in trail]
