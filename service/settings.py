@@ -1,5 +1,6 @@
-"""The settings of the API and of both sides of the queue, read from environment variables prefixed `ISL_` (see
-the README). What only the workers read is in worker/tasks/settings.py (`WorkerSettings`, a subclass)."""
+"""The settings of the API and of both sides of the queue, read from environment variables prefixed `ISL_` (every
+one: docs/settings.md, made from the descriptions here by `python -m worker.reference`). What only the workers read
+is in worker/tasks/settings.py (`WorkerSettings`, a subclass)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,5 @@
 """What only the workers read, on top of the settings both sides share (service/settings.py); the same `ISL_`
-environment variables (see the README)."""
+environment variables (every one: docs/settings.md, made from these classes by `python -m worker.reference`)."""
 from __future__ import annotations
 
 from pathlib import Path
