@@ -362,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="run the HTTP API (settings from ISL_* environment variables; see the README)")
+    p = sub.add_parser("serve", help="run the HTTP API (settings from ISL_* environment variables: docs/settings.md)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("dicom-listener", help="run the DICOM C-STORE SCP: each series a PACS or router sends becomes a "
-                                              "job (settings from ISL_* environment variables; see the README)")
+                                              "job (settings from ISL_* environment variables: docs/settings.md)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (the port is ISL_DIMSE_PORT)")
     p.set_defaults(func=cmd_dicom_listener)
 
