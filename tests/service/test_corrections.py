@@ -178,8 +178,13 @@ def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_co
                 for x in c.get(f"{stack.url}/v1/jobs/{j['id']}/corrections").json()["corrections"]}
     assert report["model"] == model and sum(b["cases"] for b in report["batches"]) == len(jobs) >= 1
     assert report["rule"]["dice_min"] == 0.94 and report["rule"]["spearman_min"] == 0.97
-    for batch in report["batches"]:
-        assert batch["converged"] in (True, False, None) and batch["why"]
+    from service.agreement import MIN_CASES
+
+    for batch in report["batches"]:  # the verdict agrees with its reason, and with how many cases the batch has
+        opening = {None: f"{batch['cases']} corrected case(s)", True: "no structure's volumes differ"}
+        assert (batch["converged"] is None) == (batch["cases"] < MIN_CASES), batch
+        assert batch["why"].startswith(opening[batch["converged"]]) if batch["converged"] in opening else (
+            ": " in batch["why"] and not batch["why"].startswith("no structure")), batch
     assert (tmp_path / "ba.png").read_bytes().startswith(b"\x89PNG")
     with client(TENANT) as c:  # case metadata at submission splits the batches
         bad = c.post(f"{stack.url}/v1/jobs", files={"files": ("s.nii.gz", (folder / "mask.nii.gz").read_bytes())},
