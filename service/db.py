@@ -306,13 +306,12 @@ class Records:
     def abandon(self, job_id: str, reason: str, at: float) -> None:
         """A recorded job that never reached the queue: failed with `reason`, its idempotency key freed (a retry
         with that key makes a new job)."""
-        if self.end(job_id, "failed", reason, at):
-            with Session(self.engine) as s, s.begin():
-                s.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))
+        self.end(job_id, "failed", reason, at, free_key=True)
 
-    def end(self, job_id: str, state: str, error: str, at: float) -> Job | None:
-        """End a job that only the database holds (Redis lost it) in `state`; the job as ended, or None when it had
-        ended already (or is unknown)."""
+    def end(self, job_id: str, state: str, error: str, at: float, free_key: bool = False) -> Job | None:
+        """End a job that only the database holds (Redis lost it, or never had it) in `state`, its idempotency key
+        freed with `free_key`, in one transaction; the job as ended, or None when it had ended already (or is
+        unknown)."""
         with Session(self.engine) as s, s.begin():
             row = s.get(JobRow, job_id)
             if row is None or row.state in [str(x) for x in FINAL]:
@@ -320,6 +319,8 @@ class Records:
             job = _job(row).with_fields(state=state, error=error, finished=at)
             row.state, row.error, row.finished, row.rev = state, error, utc(at), job.rev
             row.record = job.model_dump(mode="json")
+            if free_key:
+                s.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))
             return job
 
     def unfinished(self) -> list[Job]:
@@ -340,6 +341,10 @@ class Records:
         """The sha256 of every revoked key."""
         with Session(self.engine) as s:
             return set(s.scalars(select(RevokedKey.key_hash)).all())
+
+    def is_revoked(self, key_hash: str) -> bool:
+        with Session(self.engine) as s:
+            return s.get(RevokedKey, key_hash) is not None
 
     def save_batch(self, batch_id: str, tenant: str, jobs: list[str], created: float) -> None:
         with Session(self.engine) as s, s.begin():

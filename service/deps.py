@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
 from service.auth import Refused, key_in
+from service.guard import CHECKED
 from service.jobs import JobStore
 from service.queue import Queue
 from service.records import Batch, Job, JobState
@@ -45,8 +46,9 @@ QueueDep = Annotated[Queue, Depends(get_queue)]
 def get_tenant(request: Request, key: Annotated[str | None, Depends(API_KEY)]) -> str:
     """The tenant of the caller's key (X-API-Key or Authorization: Bearer); 401 for none, a wrong or a revoked one;
     429 after too many failures from the caller's address (service/auth.py)."""
+    caller = getattr(request.state, CHECKED, None)  # checked already by the guard (a request with a body)
     try:
-        caller = request.app.state.auth.check(key_in(request.headers), client_address(request))
+        caller = caller or request.app.state.auth.check(key_in(request.headers), client_address(request))
     except Refused as exc:
         raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
     request.state.actor, request.state.key_hash = caller.actor, caller.digest

@@ -31,6 +31,7 @@ UPLOADS = re.compile(r"/v1/(jobs|batches|jobs/[^/]+/correction)|/dicomweb/studie
 GUARDED = ("/v1/", "/dicomweb/", "/console/")
 PUBLIC = frozenset({"/console/sign-in"})
 CHECKS, CHECK_S = ThreadPoolExecutor(4, thread_name_prefix="guard"), 6.0  # not the routes' pool, which may be full
+CHECKED = "isl_credentials"  # the request state's Caller (API) or console Session the guard found
 SLACK = 1 << 20  # multipart boundaries, part headers and form fields around an upload's files
 # on every response that does not say otherwise: a tenant's jobs, masks and reports are patients' data, kept by no
 # browser or proxy cache
@@ -127,17 +128,18 @@ class Guard:
 
     def _refusal(self, scope, headers: Headers) -> tuple | None:
         """Why this request may not send its body (status, detail[, headers]), or None: from its headers only."""
-        app = scope["app"]
-        try:
+        app, state = scope["app"], scope.setdefault("state", {})
+        try:  # what is found is kept in the request's state: the route's own dependency does not ask again
             if scope["path"].startswith("/console/"):
                 from service.console import SESSION, live_session
 
                 sid = cookie_parser(headers.get("cookie", "")).get(SESSION, "")
-                if live_session(app, app.state.store, sid) is None:
+                state[CHECKED] = live_session(app, app.state.store, sid)
+                if state[CHECKED] is None:
                     return 303, "sign in first", {"Location": "/console/sign-in"}
                 return None
             client = scope.get("client")
-            app.state.auth.check(key_in(headers), client[0] if client else "unknown")
+            state[CHECKED] = app.state.auth.check(key_in(headers), client[0] if client else "unknown")
         except Refused as exc:
             return exc.status, exc.detail, exc.headers
         except Exception as exc:  # noqa: BLE001 - Redis or the database away: say so, read nothing

@@ -49,7 +49,7 @@ class JobStore:
     def _try(self, read):
         """`read()` against Redis; AWAY instead when Redis fails now or failed within the last AWAY_S seconds and
         the database can answer (the API's reads), so that a page of 50 jobs does not wait 50 times."""
-        if self._fallback and time.monotonic() < self._away_until:
+        if self.redis_away():
             return AWAY
         try:
             return read()
@@ -70,13 +70,18 @@ class JobStore:
     # The database holds every revocation; Redis a copy that every API process reads, reloaded from the database
     # whenever its marker is missing (a Redis that lost its data, or a new one).
     def revoked(self, key_hash: str) -> bool:
-        def read():
-            if self.records is not None and not self._r.exists(f"{P}revoked:loaded"):
+        def read():  # one round trip on every request; a second only when Redis came back empty
+            pipe = self._r.pipeline(transaction=False)
+            pipe.exists(f"{P}revoked:loaded")
+            pipe.sismember(f"{P}revoked", key_hash)
+            loaded, member = pipe.execute()
+            if self.records is not None and not loaded:
                 self._load_revocations()
-            return bool(self._r.sismember(f"{P}revoked", key_hash))
+                member = self._r.sismember(f"{P}revoked", key_hash)
+            return bool(member)
 
         answer = self._try(read)
-        return key_hash in self.records.revoked() if answer is AWAY else answer  # Redis away: the database
+        return self.records.is_revoked(key_hash) if answer is AWAY else answer  # Redis away: the database
 
     def _load_revocations(self) -> None:
         """Every revocation the database holds, into Redis (the workers' sweep runs it too: a revocation that a

@@ -28,6 +28,7 @@ from fastapi.templating import Jinja2Templates
 
 from service.auth import Refused, key_actor
 from service.deps import StoreDep, client_address, succeeded
+from service.guard import CHECKED
 from service.intake import available_models
 from service.records import FINAL, JobState
 from service.storage import JOB_ID
@@ -118,7 +119,8 @@ def live_session(app, store, sid: str) -> Session | None:
 
 def get_session(request: Request, store: StoreDep) -> Session:
     """The caller's live session, its key still valid; SignedOut otherwise."""
-    session = live_session(request.app, store, request.cookies.get(SESSION, ""))
+    session = getattr(request.state, CHECKED, None)  # checked already by the guard (a post with a body)
+    session = session or live_session(request.app, store, request.cookies.get(SESSION, ""))
     if session is None:
         raise SignedOut
     return session

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 
 from service.deps import Actor, OwnedBatch, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
-from service.intake import chosen_model, enqueue, room_for_upload, staging
+from service.intake import chosen_model, enqueue, staging
 from service.records import JobOptions
 from service.uploads import receive
 from service.views import BatchView, Problem, batch_view
@@ -29,7 +29,6 @@ def submit_batch(who: Tenant, actor: Actor, response: Response, settings: Settin
     model = chosen_model(settings, model)
     if len(files) > MAX_CASES:
         raise HTTPException(422, f"a batch holds at most {MAX_CASES} cases, not {len(files)}")
-    room_for_upload(settings)
     with staging(settings) as root:
         staged, total = [], 0
         for i, f in enumerate(files):  # every case is received and read before any is queued

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 from pydantic import BaseModel, Field
 
 from service.deps import Actor, FinishedJob, OwnedJob, SettingsDep, StorageDep, StoreDep
-from service.intake import model_sequences, room_for_upload, staging
+from service.intake import model_sequences, staging
 from service.records import now
 from service.storage import Storage, TooLarge
 from service.uploads import sniff
@@ -59,7 +59,6 @@ def correct(job: FinishedJob, actor: Actor, response: Response, settings: Settin
 
     if store.records is None:
         raise HTTPException(503, "this service keeps no database; corrections cannot be recorded")
-    room_for_upload(settings)
     out = storage.job_dir(job.id) / "output"
     try:
         report = json.loads((out / "report.json").read_text())

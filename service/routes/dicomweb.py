@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
-from service.intake import chosen_model, enqueue, model_sequences, room_for_upload, staging
+from service.intake import chosen_model, enqueue, model_sequences, staging
 from service.records import InputFile, JobOptions
 from service.storage import Storage
 from service.views import Problem
@@ -85,7 +85,6 @@ async def stow(request: Request, who: Tenant, settings: SettingsDep, store: Stor
                queue: QueueDep) -> JSONResponse:
     model = chosen_model(settings, None)  # the default model: 422 before the body is read when it is missing
     sequences = model_sequences(settings, model)
-    room_for_upload(settings)
     with staging(settings) as root:
         series, instances = await _receive_study(request, root / "parts", settings.max_upload_bytes)
         if len(sequences) > 1:  # a model of several sequences: each study is one job, its series its sequences

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
 from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
-from service.intake import chosen_model, enqueue, model_sequences, room_for_upload, staging
+from service.intake import chosen_model, enqueue, model_sequences, staging
 from service.jobs import JobStore
 from service.records import FINAL, RESULT_FORMATS, UID_PATTERN, JobOptions, JobState, is_uid, now
 from service.uploads import receive
@@ -49,7 +49,6 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
     if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job_view(job, store)  # a retried upload: the body is not read again
-    room_for_upload(settings)
     with staging(settings) as folder:
         inputs = receive(files, folder, settings.max_upload_bytes, series_uid, model_sequences(settings, model), chosen)
         options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case,
