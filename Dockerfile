@@ -6,8 +6,10 @@ ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
+COPY imaging ./imaging
 COPY segmentation ./segmentation
 COPY registration ./registration
+COPY isl ./isl
 COPY worker ./worker
 COPY service ./service
 COPY models ./models

@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
+from imaging.dataset import load_case, load_dataset
+from imaging.metrics import dice
+from isl.mask import initial_mask
+from isl.refiner import load_refiner
 from registration.fusion import fuse_labels
 from registration.instance import instance_optimise
-from segmentation.dataset import load_case, load_dataset
-from segmentation.metrics import dice
 from segmentation.preprocess import crop
-from worker.method.mask import initial_mask
-from worker.pipeline import load_refiner
 
 
 def atlas_scores(labels: torch.Tensor, images: torch.Tensor, known: torch.Tensor, scan: torch.Tensor,

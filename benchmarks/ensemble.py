@@ -1,4 +1,4 @@
-"""Single network vs ensembles, each trained through `worker.training.train.train_bundle` as `isl train` trains it,
+"""Single network vs ensembles, each trained through `isl.training.train.train_bundle` as `isl train` trains it,
 scored on cases none of them trained on. Prints JSON (and writes it, arm by arm, to --json: a run resumes).
 
 k-fold ensembles on a test split (a single network on N cases against a K-fold ensemble of the same N cases):
@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from dataset_views import leave_out, resampled
 
-from segmentation.dataset import load_case, load_dataset
+from imaging.dataset import load_case, load_dataset
+from imaging.metrics import dice
+from isl.refiner import load_refiner
+from isl.training.train import BundleTrainConfig, train_bundle
 from segmentation.infer import predict
-from segmentation.metrics import dice
 from segmentation.network import Ensemble
-from worker.pipeline import load_refiner
-from worker.training.train import BundleTrainConfig, train_bundle
 
 
 def variants(net, names: list[str] | None = None) -> dict[str, torch.nn.Module]:
@@ -187,7 +187,7 @@ def _label(arm: str, variant: str) -> str:
 
 def summary(result: dict, reference: str) -> dict:
     """Per variant: mean Dice over the cases, and against `reference` the paired difference and Wilcoxon p."""
-    from worker.evaluation.stats import paired_p
+    from isl.evaluation.stats import paired_p
 
     rows: dict[str, dict[str, float]] = {}
     for arm in result["arms"].values():

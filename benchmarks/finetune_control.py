@@ -18,7 +18,7 @@ import sys
 import torch
 from validation_score import score_variant
 
-from worker.method.align import Aligned, Aligner
+from isl.align import Aligned, Aligner
 
 CONFIG = dict(method="isl", atlases=8, finetune_steps=20, min_steps=20, fusion_weight=0.5, min_agreement=0.0,
               final_flips=False, mask_flips=False, reregister_steps=0)

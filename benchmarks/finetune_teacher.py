@@ -27,9 +27,9 @@ import torch
 from finetune_control import CONFIG, undeformed
 from validation_score import score_variant
 
+from isl.align import Aligned, Aligner
+from isl.finetune import FineTuning
 from registration.instance import instance_optimise
-from worker.method.align import Aligned, Aligner
-from worker.method.finetune import FineTuning
 
 COARSE, INIT = Aligner.optimise, FineTuning.__init__
 

@@ -15,7 +15,7 @@ test split of the committed bundles, never touched here). Then, batch after batc
    (service/agreement.py: volumes before and after with a paired t-test and Wilcoxon, Spearman, Dice, the verdict
    with the study's 0.94 and 0.97);
 3. the corrected cases join the atlas bank (for `isl_bank`), and the model is retrained on its start cases plus
-   the corrected cases so far (worker/training/retrain.py, warm start), the new version serving the next batch.
+   the corrected cases so far (isl/training/retrain.py, warm start), the new version serving the next batch.
    The product's own rules decide, as `isl train` and a retraining apply them: a model of fewer than 10 cases
    cannot set validation cases aside, so it returns the network's own mask; once start and corrected cases reach
    10, a retraining holds a fifth of the new corrections back, configures refinement on them (ISL, or the
@@ -62,8 +62,8 @@ def structures(ds, case_id: str) -> list[str]:
 
 def segment(refiner, ds, case_id: str, extra) -> tuple[dict, float]:
     """Per method: per contoured structure, (automatic mL, reference mL, Dice); and the seconds of one ISL run."""
-    from segmentation.dataset import load_case
-    from segmentation.metrics import dice
+    from imaging.dataset import load_case
+    from imaging.metrics import dice
     from segmentation.preprocess import to_native
 
     images, label, _ = load_case(ds, ds.case(case_id))
@@ -123,11 +123,11 @@ def main() -> None:
 
     import torch
 
-    from segmentation.dataset import load_case, load_dataset
-    from worker.method.bundle import Atlases, ISLBundle
-    from worker.method.refiner import Refiner
-    from worker.training.retrain import Correction, RetrainConfig, retrain
-    from worker.training.train import BundleTrainConfig, train_bundle
+    from imaging.dataset import load_case, load_dataset
+    from isl.bundle import Atlases, ISLBundle
+    from isl.refiner import Refiner
+    from isl.training.retrain import Correction, RetrainConfig, retrain
+    from isl.training.train import BundleTrainConfig, train_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)

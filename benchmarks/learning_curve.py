@@ -10,7 +10,7 @@ and with ISL on top. Prints JSON (and writes it, arm by arm, to --json so that a
 A two-stage start is a bundle itself transferred (`isl train --init-from`) onto an intermediate dataset; the README
 gives the command that makes `stage1_brats_flair`. Each arm records its start's lineage.
 
-Every arm trains through `worker.training.train.train_bundle`, as `isl train` does, on the first N cases after the
+Every arm trains through `isl.training.train.train_bundle`, as `isl train` does, on the first N cases after the
 held-out split, with the same iterations whatever N and whatever the start (a fixed budget: what ten cases buy,
 not what a longer training would). `--validation 0`: no cases are set aside and refinement is not configured, so
 "isl" is ISL with the ISLConfig defaults, unchecked on this data; the product itself returns the network's own mask
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segmentation.dataset import load_case, load_dataset
+from imaging.dataset import load_case, load_dataset
+from imaging.metrics import dice
+from isl.refiner import load_refiner
+from isl.training.train import BundleTrainConfig, train_bundle
 from segmentation.infer import predict
-from segmentation.metrics import dice
-from worker.pipeline import load_refiner
-from worker.training.train import BundleTrainConfig, train_bundle
 
 
 def _mean_dice(probs: np.ndarray, truth: np.ndarray, labels: list[int]) -> float:
@@ -83,7 +83,7 @@ def run_arm(args, start: str, source: str | None, n: int, test_ids: list[str]) -
 def markdown(result: dict) -> str:
     """The README table: per size, each start's network and ISL (defaults), and each transferred start's gain over
     scratch with its paired Wilcoxon p over the test cases."""
-    from worker.evaluation.stats import paired_p
+    from isl.evaluation.stats import paired_p
 
     starts = list(dict.fromkeys(a["start"] for a in result["arms"]))
     arms = {(a["start"], a["cases"]): a for a in result["arms"]}

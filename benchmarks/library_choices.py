@@ -72,7 +72,7 @@ def folding_case(rng) -> dict:
 
 
 def volume_case(rng) -> dict:
-    from segmentation.io import Geometry
+    from imaging.io import Geometry
     from worker.pipeline import label_volumes_ml
 
     zz, yy, xx = np.mgrid[:160, :256, :256]  # two organs in a 160 x 256 x 256 scan

@@ -16,8 +16,8 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from segmentation.dataset import load_case, load_dataset
-    from worker.training.train import _ceil, fingerprint
+    from imaging.dataset import load_case, load_dataset
+    from isl.training.train import _ceil, fingerprint
 
     ds = load_dataset(args.dataset)
     ids = sorted(c.case_id for c in ds.cases)[args.holdout:]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.training.configure import Setting, _start_key, case_mean, load_scores
+from isl.training.configure import Setting, _start_key, case_mean, load_scores
 
 ids, per_case = load_scores(sys.argv[1])
 settings = [k for k in per_case[0] if isinstance(k, Setting)]

@@ -35,10 +35,10 @@ class _Waited(logging.Handler):
 
 
 def main() -> None:
-    from segmentation.dataset import load_case, load_dataset
+    from imaging.dataset import load_case, load_dataset
+    from isl.bundle import ISLBundle
     from segmentation.network import build_network
     from segmentation.train import TrainConfig, train_network
-    from worker.method.bundle import ISLBundle
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)

@@ -24,12 +24,12 @@ def main() -> None:
     ap.add_argument("--configs", default="[{}]", help="JSON list of ISLConfig overrides")
     args = ap.parse_args()
 
-    from segmentation.dataset import load_case, load_dataset
+    from imaging.dataset import load_case, load_dataset
+    from imaging.metrics import mean_dice
+    from isl.config import ISLConfig
+    from isl.refiner import load_refiner
     from segmentation.infer import predict
-    from segmentation.metrics import mean_dice
     from segmentation.preprocess import paste
-    from worker.method.config import ISLConfig
-    from worker.pipeline import load_refiner
 
     ds = load_dataset(args.dataset)
     refiner = load_refiner(args.model, args.dataset, ISLConfig(device="cpu"))

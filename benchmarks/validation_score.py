@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from segmentation.dataset import load_case, load_dataset
-from segmentation.metrics import dice
-from worker.method.config import ISLConfig
-from worker.pipeline import load_refiner
+from imaging.dataset import load_case, load_dataset
+from imaging.metrics import dice
+from isl.config import ISLConfig
+from isl.refiner import load_refiner
 
 PARTS = {"start": None, "fusion_only": "atlas", "network_only": "network"}
 

@@ -35,9 +35,9 @@ def forced_isl_copy(model: Path, models_dir: Path) -> str:
 
 
 def run(model: Path, dataset: Path, cases: list[str], device: str, threads: int) -> dict:
-    from segmentation.dataset import load_case, load_dataset
-    from segmentation.io import read_image
-    from segmentation.metrics import dice
+    from imaging.dataset import load_case, load_dataset
+    from imaging.io import read_image
+    from imaging.metrics import dice
     from service.client import Client
     from worker.localstack import LocalStack
 

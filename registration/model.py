@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from segmentation.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
+from imaging.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
 
 FORMAT, KIND = 1, "isl-registration"
 

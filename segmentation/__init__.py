@@ -1,2 +1,2 @@
-"""Initial segmentation: image I/O with geometry, datasets, preprocessing, the network, training,
-inference and test-time peers. Knows nothing of registration, HTTP or queues."""
+"""Initial segmentation network: preprocessing, the network, training, inference, test-time peers and the
+segmentation bundle. Reads and writes images through `imaging`; knows nothing of registration, HTTP or queues."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segmentation.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
+from imaging.checkpoint import describing, load_checkpoint, load_weights, save_checkpoint
 from segmentation.network import NetworkConfig, build_network
 from segmentation.preprocess import Preprocessing
 

@@ -12,10 +12,10 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
 
-from segmentation.errors import InputError
-from segmentation.io import Geometry, Volume
+from imaging.errors import InputError
+from imaging.io import Geometry, Volume
 
-MAX_CANONICAL_VOXELS = 512 * 512 * 1024  # as segmentation.io.ReadLimits.max_voxels
+MAX_CANONICAL_VOXELS = 512 * 512 * 1024  # as imaging.io.ReadLimits.max_voxels
 
 
 class ChannelNorm(BaseModel):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from segmentation.files import atomic_write_bytes, atomic_write_text
+from imaging.files import atomic_write_bytes, atomic_write_text
 from service.records import FINAL, RESULT_FORMATS, JobState
 
 

@@ -19,7 +19,7 @@ series that arrive after it was claimed form a new series folder, hence a new jo
 
 When the default model takes several sequences (T1, FLAIR...), the unit is the study, not the series: instances are
 kept under their study instance UID, and a quiet study becomes one job whose series are assigned to the model's
-sequences by their descriptions (segmentation.dicom.assign_series); a study that holds no series or several for a
+sequences by their descriptions (imaging.dicom.assign_series); a study that holds no series or several for a
 sequence becomes a failed job that lists its series."""
 from __future__ import annotations
 

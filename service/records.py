@@ -125,7 +125,7 @@ class Batch(_Record):
 
 class RetrainOptions(BaseModel):
     """What a retraining may change from its parent's training (POST /v1/models/{name}/retrain, `isl retrain`;
-    worker/training/retrain.py says what each does)."""
+    isl/training/retrain.py says what each does)."""
 
     model_config = ConfigDict(extra="forbid")
 

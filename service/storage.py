@@ -1,4 +1,4 @@
-"""Inputs and results under one storage root, written atomically (segmentation/files.py: temporary file, fsync,
+"""Inputs and results under one storage root, written atomically (imaging/files.py: temporary file, fsync,
 rename) and checksummed (sha256), so that a reader never sees half a file and a served file can be verified."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from segmentation.files import atomic_write, atomic_write_bytes, file_sha256
+from imaging.files import atomic_write, atomic_write_bytes, file_sha256
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 

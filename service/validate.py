@@ -27,7 +27,7 @@ def _ctx():
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["service.validate", "segmentation.io", "pydicom", "nibabel"])
+        _context.set_forkserver_preload(["service.validate", "imaging.io", "pydicom", "nibabel"])
     return _context
 
 
@@ -115,12 +115,12 @@ def _correction(path: str, series_uid: str | None, scans: list[str], mask: str, 
                 sequences: list[str] | None, sequence_series: dict[str, str] | None) -> dict:
     import numpy as np
 
-    from segmentation.corrections import is_dicom, read_correction
-    from segmentation.errors import InputError
-    from segmentation.files import file_sha256
-    from segmentation.io import read_image, write_image, write_label_map
-    from segmentation.metrics import dice
-    from segmentation.sequences import read_sequences
+    from imaging.corrections import is_dicom, read_correction
+    from imaging.errors import InputError
+    from imaging.files import file_sha256
+    from imaging.io import read_image, write_image, write_label_map
+    from imaging.metrics import dice
+    from imaging.sequences import read_sequences
 
     labels = {int(v): n for v, n in labels.items()}
     try:
@@ -166,8 +166,8 @@ def _distances(a, b, geometry) -> dict:
 def _series(folder: str) -> dict:
     import pydicom
 
-    from segmentation.dicom import list_dicom_series
-    from segmentation.errors import InputError
+    from imaging.dicom import list_dicom_series
+    from imaging.errors import InputError
 
     try:
         instances = {}
@@ -184,9 +184,9 @@ def _series(folder: str) -> dict:
 
 
 def _study(path: str, sequences: list[str], chosen: dict[str, str]) -> dict:
-    from segmentation.dicom import read_study
-    from segmentation.errors import InputError
-    from segmentation.io import ReadLimits
+    from imaging.dicom import read_study
+    from imaging.errors import InputError
+    from imaging.io import ReadLimits
 
     try:
         volumes = read_study(Path(path), sequences, chosen, ReadLimits())
@@ -198,8 +198,8 @@ def _study(path: str, sequences: list[str], chosen: dict[str, str]) -> dict:
 
 
 def _volume(path: str, series_uid: str | None = None) -> dict:
-    from segmentation.errors import InputError
-    from segmentation.io import read_image
+    from imaging.errors import InputError
+    from imaging.io import read_image
 
     try:
         v = read_image(Path(path), series_uid=series_uid)

@@ -109,8 +109,8 @@ def check_exports(seg: Path | None, rtstruct: Path | None, mask: Path, source: P
     mask's voxels on the source series' grid."""
     import highdicom as hd
 
-    from segmentation.io import read_image
-    from segmentation.rtstruct import read_rtstruct_labels
+    from imaging.io import read_image
+    from imaging.rtstruct import read_rtstruct_labels
 
     for path in filter(None, (seg, rtstruct)):
         if shutil.which("dciodvfy"):

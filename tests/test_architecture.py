@@ -1,7 +1,13 @@
-"""Dependencies point one way, read from the source (every import, function-level ones included): the networks and
-the registration know nothing of HTTP, queues or databases; the API never imports torch, the networks or the
-workers; the segmentation package never imports the registration (no cycle). The allowed segmentation modules of
-the API are today's; moving image I/O into a package of its own (issue 35) shrinks the list, never grows it."""
+"""Dependencies point one way, read from the source (every import, function-level ones included).
+
+    imaging  <-  segmentation, registration  <-  isl  <-  worker
+       ^                                                    |
+       +----------------------  service  <------------------+
+
+`imaging` (files, DICOM, metrics) knows no other package of the project; the networks and the registration know
+nothing of HTTP, queues, databases or the method; the method (`isl`) knows nothing of the service or the workers;
+the API (`service`) never imports torch, the networks, the method or the workers, and of `imaging` never the
+checkpoint files (torch). No cycle between the packages."""
 import ast
 import sys
 from pathlib import Path
@@ -9,12 +15,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("imaging", "segmentation", "registration", "isl", "worker", "service")
 SERVING = {"fastapi", "starlette", "uvicorn", "h11", "celery", "kombu", "redis", "sqlalchemy", "alembic", "httpx",
            "prometheus_client", "pynetdicom"}
 NETWORKS = {"torch", "monai", "voxelmorph", "neurite"}
-# what the API reads files, DICOM, corrections and metrics with; none of them imports torch at module level
-API_SEGMENTATION = {"segmentation.io", "segmentation.dicom", "segmentation.errors", "segmentation.files",
-                    "segmentation.corrections", "segmentation.sequences", "segmentation.metrics"}
+# which project packages each package may import (itself aside)
+MAY_IMPORT = {
+    "imaging": set(),
+    "segmentation": {"imaging"},
+    "registration": {"imaging"},
+    "isl": {"imaging", "segmentation", "registration"},
+    "service": {"imaging"},
+    "worker": {"imaging", "segmentation", "registration", "isl", "service"},
+}
 
 
 def imports(package: str) -> dict[str, set[str]]:
@@ -40,27 +53,46 @@ def top(name: str) -> str:
     return name.split(".")[0]
 
 
-@pytest.mark.parametrize("package", ["segmentation", "registration"])
-def test_the_networks_and_the_registration_know_nothing_of_serving(package):
-    bad = offending(package, lambda n: top(n) not in SERVING | {"service", "worker"}
-                    and not (package == "segmentation" and top(n) == "registration"))
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_imports_only_the_packages_below_it(package):
+    bad = offending(package, lambda n: top(n) not in PACKAGES or top(n) == package or top(n) in MAY_IMPORT[package])
     assert bad == [], "\n".join(bad)
 
 
-def test_the_api_never_imports_the_networks_or_the_workers():
-    def allowed(name: str) -> bool:
-        if top(name) in NETWORKS | {"worker", "registration"}:
-            return False
-        return top(name) != "segmentation" or ".".join(name.split(".")[:2]) in API_SEGMENTATION
-
-    bad = offending("service", allowed)
+@pytest.mark.parametrize("package", ["imaging", "segmentation", "registration", "isl"])
+def test_files_networks_and_method_know_nothing_of_serving(package):
+    bad = offending(package, lambda n: top(n) not in SERVING)
     assert bad == [], "\n".join(bad)
+
+
+def test_imaging_imports_torch_only_for_checkpoint_files():
+    bad = [line for line in offending("imaging", lambda n: top(n) not in NETWORKS)
+           if not line.startswith("imaging/checkpoint.py ")]
+    assert bad == [], "\n".join(bad)
+
+
+def test_the_api_never_imports_the_networks():
+    bad = offending("service", lambda n: top(n) not in NETWORKS and n != "imaging.checkpoint")
+    assert bad == [], "\n".join(bad)
+
+
+def test_no_cycle_between_packages():
+    """The allowed imports form layers: following them from any package never comes back to it."""
+    def reach(package, seen):
+        for nxt in MAY_IMPORT[package]:
+            assert nxt != seen[0], f"cycle: {' -> '.join(seen + [nxt])}"
+            reach(nxt, seen + [nxt])
+    for package in PACKAGES:
+        reach(package, [package])
 
 
 def test_the_rules_see_what_they_forbid(tmp_path, monkeypatch):
-    """The checker itself: a forbidden import inside a function is found."""
+    """The checker itself: a forbidden import inside a function is found, and a cycle in the rules is."""
     (tmp_path / "service").mkdir()
     (tmp_path / "service" / "bad.py").write_text("def f():\n    import torch\n    from worker.cli import main\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert offending("service", lambda n: top(n) not in NETWORKS | {"worker"}) == [
         "service/bad.py imports torch", "service/bad.py imports worker.cli"]
+    monkeypatch.setitem(MAY_IMPORT, "imaging", {"isl"})
+    with pytest.raises(AssertionError, match="cycle: imaging -> isl -> (.* -> )?imaging"):
+        test_no_cycle_between_packages()

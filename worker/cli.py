@@ -36,7 +36,7 @@ def config_from(args, model, options: dict, **fixed):
     """`model` (a pydantic config class) from the options named in `options`, or InputError naming the option."""
     from pydantic import ValidationError
 
-    from segmentation.errors import InputError
+    from imaging.errors import InputError
 
     data, origin = dict(fixed), {}
     for option, fields in options.items():
@@ -63,8 +63,8 @@ def cmd_train(args) -> int:
     import shlex
 
     _setup(args)
-    from worker.method.refiner import pick_device
-    from worker.training.train import BundleTrainConfig, train_bundle
+    from isl.refiner import pick_device
+    from isl.training.train import BundleTrainConfig, train_bundle
 
     cfg = config_from(args, BundleTrainConfig, TRAIN_OPTIONS, command=shlex.join(["isl", *sys.argv[1:]]))
     train_bundle(args.dataset, args.out, cfg, pick_device(args.device or "auto"), resume=args.resume)
@@ -73,8 +73,8 @@ def cmd_train(args) -> int:
 
 def cmd_configure(args) -> int:
     _setup(args)
-    from worker.method.refiner import pick_device
-    from worker.training.train import reconfigure
+    from isl.refiner import pick_device
+    from isl.training.train import reconfigure
 
     record = reconfigure(args.model, args.dataset, args.validation, args.minutes * 60,
                          pick_device(args.device or "auto"), from_scores=args.from_scores, resample=args.resample)
@@ -84,7 +84,7 @@ def cmd_configure(args) -> int:
 
 def sequence_series(pairs: list[str]) -> dict[str, str]:
     """`--sequence-series NAME=UID` options as a mapping, or InputError naming the one that is not NAME=UID."""
-    from segmentation.errors import InputError
+    from imaging.errors import InputError
 
     out = {}
     for pair in pairs:
@@ -97,7 +97,7 @@ def sequence_series(pairs: list[str]) -> dict[str, str]:
 
 def cmd_refine(args) -> int:
     _setup(args)
-    from worker.method.config import ISLConfig
+    from isl.config import ISLConfig
     from worker.pipeline import refine_file
 
     cfg = config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True)  # on the bundle's own
@@ -111,8 +111,8 @@ def cmd_evaluate(args) -> int:
     import shlex
 
     _setup(args)
-    from worker.evaluation.evaluate import evaluate
-    from worker.method.config import ISLConfig
+    from isl.config import ISLConfig
+    from isl.evaluation.evaluate import evaluate
 
     cfg = config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True)
     result = evaluate(args.dataset, args.model, args.json, atlas_dir=args.atlas_dir, cases=args.cases, cfg=cfg,
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from segmentation.errors import ISLError
+    from imaging.errors import ISLError
 
     try:
         return args.func(args)

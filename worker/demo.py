@@ -47,7 +47,7 @@ def phantom(rng: np.random.Generator, shape=SHAPE, contrast_shift: float = 0.0) 
 
 def make_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> list[str]:
     """Write an MSD-layout phantom dataset; returns the ids of the test cases (listed first)."""
-    from segmentation.io import Geometry, write_image, write_label_map
+    from imaging.io import Geometry, write_image, write_label_map
 
     rng = np.random.default_rng(seed)
     geometry = Geometry(SHAPE[::-1], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -75,7 +75,7 @@ def train_tiny_bundle(dataset: Path, out: Path, refinement: dict | None = None) 
     (ISLConfig fields, e.g. QUICK_REFINEMENT): the bundle's refinement settings, else the ISLConfig defaults."""
     import torch
 
-    from worker.training.train import BundleTrainConfig, train_bundle
+    from isl.training.train import BundleTrainConfig, train_bundle
 
     cfg = BundleTrainConfig(holdout=2, validation=0, name=Path(out).name)
     cfg.training.iterations, cfg.registration.iterations = 30, 20
@@ -89,9 +89,9 @@ def set_refinement(bundle_dir: Path, fields: dict, dataset: Path) -> str:
     """Write the ISLConfig `fields` (over the defaults) into a bundle as its refinement settings, set by hand and
     not configured on any data (the record and the card say so), for tests and benchmarks; `dataset` is the folder
     it trained on (for the card). Returns the bundle's new version."""
-    from worker.method.bundle import ISLBundle
-    from worker.method.config import ISLConfig
-    from worker.training.card import dataset_metadata, write_model_card
+    from isl.bundle import ISLBundle
+    from isl.config import ISLConfig
+    from isl.training.card import dataset_metadata, write_model_card
 
     bundle = ISLBundle.load(bundle_dir)
     config = ISLConfig.model_validate(fields)
@@ -107,9 +107,9 @@ def set_refinement(bundle_dir: Path, fields: dict, dataset: Path) -> str:
 
 def run_demo(out: str | Path, minutes: float = 3.0, device: str = "auto", n_train: int = 12, n_test: int = 4,
              progress=print) -> int:
-    from worker.evaluation.evaluate import evaluate
-    from worker.method.refiner import pick_device
-    from worker.training.train import BundleTrainConfig, train_bundle
+    from isl.evaluation.evaluate import evaluate
+    from isl.refiner import pick_device
+    from isl.training.train import BundleTrainConfig, train_bundle
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -12,30 +12,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from segmentation.files import atomic_write_text, file_sha256
-from segmentation.io import Geometry, Volume, write_label_map
+from imaging.files import atomic_write_text, file_sha256
+from imaging.io import Geometry, Volume, write_label_map
+from imaging.sequences import read_sequences
+from isl.config import ISLConfig
+from isl.refiner import Refiner, load_refiner
 from segmentation.preprocess import to_native
-from segmentation.sequences import read_sequences
-from worker.method.bundle import ISLBundle
-from worker.method.config import ISLConfig
-from worker.method.refiner import Refiner, pick_device
 
 log = logging.getLogger("isl.pipeline")
-
-
-def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | dict | None = None) -> Refiner:
-    """Load a bundle and its atlases once; the Refiner then serves any number of scans. `cfg`: None for the
-    configuration `isl train` chose for the bundle, a dict of fields to override in it, or a whole ISLConfig."""
-    if isinstance(cfg, ISLConfig):
-        dev = pick_device(cfg.device)
-        bundle = ISLBundle.load(model_dir, dev)
-    else:
-        bundle = ISLBundle.load(model_dir, "cpu")
-        cfg = bundle.refinement_config(cfg)
-        dev = pick_device(cfg.device)
-        bundle.segmentation.network.to(dev)
-        bundle.registrar.to(dev)
-    return Refiner(bundle, bundle.load_atlases(atlas_dir), cfg, dev)
 
 
 def label_volumes_ml(labels: np.ndarray, geometry: Geometry, names: dict[int, str]) -> dict[str, float]:
@@ -65,11 +49,11 @@ def refine_volumes(refiner: Refiner, volumes: list[Volume], progress=None,
 def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, refiner: Refiner,
                   out: Path) -> dict[str, Path]:
     """mask.nii.gz and baseline.nii.gz on the input's grid; for a DICOM input whose headers allow them
-    (segmentation.dicomseg.export_problem), seg.dcm (DICOM SEG) and rtstruct.dcm (RT Structure Set), both
+    (imaging.dicomseg.export_problem), seg.dcm (DICOM SEG) and rtstruct.dcm (RT Structure Set), both
     referencing the input series."""
-    from segmentation.codes import segment_codes
-    from segmentation.dicomseg import export_problem, write_dicom_seg
-    from segmentation.rtstruct import write_rtstruct
+    from imaging.codes import segment_codes
+    from imaging.dicomseg import export_problem, write_dicom_seg
+    from imaging.rtstruct import write_rtstruct
 
     out.mkdir(parents=True, exist_ok=True)
     outputs = {"mask": write_label_map(refined, source.geometry, out / "mask.nii.gz"),
@@ -85,9 +69,9 @@ def write_outputs(refined: np.ndarray, baseline: np.ndarray, source: Volume, ref
 
 
 def write_preview(source: Volume, baseline: np.ndarray, refined: np.ndarray, out: Path) -> dict:
-    """Slices with both masks as outlines (segmentation/preview.py), for the web console. A picture that cannot be
+    """Slices with both masks as outlines (imaging/preview.py), for the web console. A picture that cannot be
     made does not fail the job: the report says why it is missing."""
-    from segmentation.preview import render_previews
+    from imaging.preview import render_previews
 
     try:
         index = render_previews(source.array, baseline, refined, source.geometry, out)
@@ -104,7 +88,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     """Refine one scan given as a file/folder per channel; writes mask.nii.gz (and seg.dcm for DICOM
     input), baseline.nii.gz and report.json into `out_dir`, and returns the report. A loaded `refiner`
     (a worker's) is used as it is; otherwise the bundle `model_dir` is loaded with `cfg`. `extra_atlases`
-    (worker.method.bundle.Atlases) join the bundle's atlases for this scan."""
+    (isl.bundle.Atlases) join the bundle's atlases for this scan."""
     t_start = time.perf_counter()
     inputs = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     seconds = {}
@@ -133,7 +117,7 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
 def _report(inputs, outputs, refiner: Refiner, source: Volume, refined, baseline, qa: dict, seconds: dict,
             t_start: float) -> dict:
     """The report; its total time includes the checksums and volumes computed here."""
-    from segmentation.dicomseg import export_problem
+    from imaging.dicomseg import export_problem
 
     geometry = source.geometry
     names = refiner.bundle.segmentation.labels

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from imaging import metrics
 from registration.fusion import fuse_labels, local_similarity
 from registration.instance import InstanceConfig, folding_fraction, instance_optimise
 from registration.model import Losses, Registrar, RegistrationConfig
-from segmentation import metrics
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,8 @@ def test_real_pair_dice_rises_with_little_folding(hippocampus):
     """Two real hippocampus cases, the committed bundle's learned registration, then instance optimisation."""
     from pathlib import Path
 
-    from segmentation.dataset import load_case, load_dataset
-    from worker.method.bundle import ISLBundle, atlas_roi
+    from imaging.dataset import load_case, load_dataset
+    from isl.bundle import ISLBundle, atlas_roi
 
     model = Path(__file__).resolve().parents[2] / "models" / "hippocampus_few"
     if not (model / "bundle.json").exists():
@@ -140,7 +140,7 @@ def test_real_pair_dice_rises_with_little_folding(hippocampus):
 
 
 def test_a_checkpoint_this_version_cannot_describe_is_a_bundle_error(registrar, tmp_path):
-    from segmentation.errors import BundleError
+    from imaging.errors import BundleError
 
     registrar.save(tmp_path / "reg.pt")
     ckpt = torch.load(tmp_path / "reg.pt", weights_only=True)

@@ -131,8 +131,8 @@ def test_a_finished_job_shows_its_slices_volumes_timings_and_downloads_to_its_te
     import numpy as np
     import SimpleITK as sitk
 
-    from segmentation.io import Geometry
-    from segmentation.preview import render_previews
+    from imaging.io import Geometry
+    from imaging.preview import render_previews
 
     store, storage = app.state.store, app.state.storage
     job, _ = store.create("alpha", [], {"model": "tiny"})

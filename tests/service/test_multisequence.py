@@ -16,9 +16,9 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     import torch
     from kit import KEYS, client, wait_final
 
+    from isl.training.train import BundleTrainConfig, train_bundle
     from worker.demo import QUICK_REFINEMENT, set_refinement
     from worker.localstack import LocalStack, free_port, wait_until
-    from worker.training.train import BundleTrainConfig, train_bundle
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")

@@ -248,7 +248,7 @@ def registry_bundle(phantom_dataset, tmp_path_factory) -> Path:
     versions train on: the promotion rule judges on them."""
     import torch
 
-    from worker.training.train import BundleTrainConfig, train_bundle
+    from isl.training.train import BundleTrainConfig, train_bundle
 
     out = tmp_path_factory.mktemp("registry") / "tiny"
     cfg = BundleTrainConfig(holdout=2, cases=4, validation=0, configure=False, name="tiny")

@@ -104,7 +104,7 @@ def test_existence_does_not_show_in_response_time(stack, alpha_job):
 def test_checkpoints_load_with_weights_only_and_a_pickle_payload_runs_nothing(tmp_path):
     """Every torch.load in the code says weights_only=True; a checkpoint carrying code is refused unrun."""
     calls = []
-    packages = ("segmentation", "registration", "worker", "service")
+    packages = ("imaging", "segmentation", "registration", "isl", "worker", "service")
     sources = [p for package in packages for p in (ROOT / package).rglob("*.py")]
     assert any(p.name == "checkpoint.py" for p in sources)  # where the one torch.load lives
     for path in sources:
@@ -124,8 +124,8 @@ torch.save({{"kind": "isl-segmentation", "state_dict": Payload()}}, "{tmp_path /
 """
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
     assert not marker.exists()
+    from imaging.errors import BundleError
     from segmentation.bundle import SegmentationModel
-    from segmentation.errors import BundleError
 
     with pytest.raises(BundleError, match="not a loadable checkpoint"):
         SegmentationModel.load(tmp_path / "evil.pt")

@@ -37,7 +37,7 @@ def test_credentials_are_required(service):
 def test_upload_is_refined_like_isl_refine(service, tiny_bundle, phantom_dataset, tmp_path):
     import json
 
-    from segmentation.io import read_image
+    from imaging.io import read_image
 
     base, _ = service
     r = submit(base, scan(phantom_dataset))
@@ -377,7 +377,7 @@ def test_openapi_documents_every_route_and_field(service):
 def test_service_never_imports_torch():
     # the API, the DIMSE listener, and what the limited child reads uploads, studies and corrections with
     code = ("import sys, service.app, service.metrics, service.client, service.dimse, service.validate, "
-            "segmentation.io, segmentation.dicom, segmentation.sequences, segmentation.corrections; "
+            "imaging.io, imaging.dicom, imaging.sequences, imaging.corrections; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
@@ -405,7 +405,7 @@ def test_real_hippocampus_scan_through_isl_submit_equals_isl_refine(hippocampus,
                           "--out", str(tmp_path / "local"), "--atlas-dir", str(hippocampus), "--device", "cpu",
                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert cli.returncode == 0, cli.stderr
-    from segmentation.io import read_image
+    from imaging.io import read_image
 
     served = read_image(tmp_path / "served" / "hippocampus_001" / "mask.nii.gz")
     local = read_image(tmp_path / "local" / "mask.nii.gz")

@@ -26,7 +26,7 @@ def test_help_is_fast():
 
 
 def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
-    from segmentation.io import read_image
+    from imaging.io import read_image
 
     scan = phantom_dataset / "imagesTr" / "phantom_000.nii.gz"
     out = isl("refine", scan, "--model", tiny_bundle, "--out", tmp_path / "out", "--atlas-dir", phantom_dataset,
@@ -120,8 +120,8 @@ def test_evaluate_writes_the_contract(tiny_bundle, phantom_dataset, tmp_path):
 @pytest.mark.shared_data
 def test_golden_real_hippocampus_case(hippocampus, tmp_path):
     """A real held-out case through the committed few-label bundle: exit 0 and a Dice floor."""
-    from segmentation.io import read_image, read_label_map
-    from segmentation.metrics import dice
+    from imaging.io import read_image, read_label_map
+    from imaging.metrics import dice
 
     model = ROOT / "models" / "hippocampus_few"
     if not (model / "bundle.json").exists():
@@ -147,9 +147,9 @@ def test_an_option_the_config_refuses_is_a_clear_error_before_any_work(tiny_bund
 
 
 def test_options_reach_the_config_through_one_table():
+    from isl.config import ISLConfig
+    from isl.training.train import BundleTrainConfig
     from worker.cli import REFINE_OPTIONS, TRAIN_OPTIONS, build_parser, config_from
-    from worker.method.config import ISLConfig
-    from worker.training.train import BundleTrainConfig
 
     args = build_parser().parse_args(["train", "--dataset", "d", "--out", "o", "--seed", "7", "--iterations", "9"])
     cfg = config_from(args, BundleTrainConfig, TRAIN_OPTIONS)

@@ -47,7 +47,7 @@ def _device_name() -> str:
     """The device this worker runs on, as an operator reads it: cpu, or cuda:0 and the GPU's name."""
     import torch
 
-    from worker.method.refiner import pick_device
+    from isl.refiner import pick_device
 
     device = pick_device(settings.device)
     if device.type == "cuda":

@@ -48,8 +48,8 @@ def _refiner(store: JobStore, job: Job):
                     exc_info=True)
     cached = (folder, job.options.atlases)
     if cached not in _refiners:
-        from worker.method.config import ISLConfig
-        from worker.pipeline import load_refiner
+        from isl.config import ISLConfig
+        from isl.refiner import load_refiner
 
         cfg = ISLConfig(device=settings.device, **({"atlases": job.options.atlases} if job.options.atlases else {})
                         ).model_dump(exclude_unset=True)  # overrides on the configuration the bundle carries
@@ -136,9 +136,9 @@ def _retried(what: str, job_id: str, attempt) -> str:
 def _corrections(store: JobStore, job: Job, refiner):
     """The tenant's corrected cases of this job's model, as atlases that join the bundle's for this job (the last
     correction of each job is its truth); None when there are none or ISL_CORRECTIONS_AS_ATLASES is off."""
-    from segmentation.io import read_image
-    from worker.method.refiner import CORRECTION_PREFIX
-    from worker.training.retrain import Correction
+    from imaging.io import read_image
+    from isl.refiner import CORRECTION_PREFIX
+    from isl.training.retrain import Correction
 
     if not settings.corrections_as_atlases or store.records is None:
         return None
@@ -194,7 +194,7 @@ def _run(job: Job, store: JobStore, job_dir: Path, lease: Lease) -> dict:
 
 def _failure(job_id: str, exc: Exception) -> dict:
     """The fields of a run's end by `exc`, with the reason in words a person can act on."""
-    from segmentation.errors import ISLError
+    from imaging.errors import ISLError
 
     if isinstance(exc, Cancelled):
         return dict(state=JobState.CANCELLED)

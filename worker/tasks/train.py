@@ -1,6 +1,6 @@
 """The task `isl.retrain`, on its own queue (ISL_TRAIN_QUEUE, `train`): a tenant's model retrained on its base data
 plus every correction of that tenant so far, self-configured again, judged against its parent by the promotion rule
-(worker/training/retrain.py), and recorded in the model registry; live at once when the rule passes. The refinement
+(isl/training/retrain.py), and recorded in the model registry; live at once when the rule passes. The refinement
 workers look the live version up for every job, so they pick it up without a restart.
 
 A retraining is claimed in the database (a redelivered copy of one that runs is not run twice) and beats there
@@ -41,7 +41,7 @@ def live_bundle(records, tenant: str, model: str) -> tuple[Path, str | None]:
 
 def corrected_cases(records, tenant: str, model: str) -> list:
     """Every job's latest correction for this tenant and model, as retraining cases."""
-    from worker.training.retrain import Correction
+    from isl.training.retrain import Correction
 
     latest = {r["job_id"]: r for r in records.corrections(tenant, model=model)}
     root = Path(settings.storage_root)
@@ -91,8 +91,8 @@ def _claim(task, records, training_id: str, me: str) -> dict | None:
 def retrain_job(self, training_id: str) -> None:
     import torch
 
-    from worker.method.refiner import pick_device
-    from worker.training.retrain import RetrainConfig, retrain
+    from isl.refiner import pick_device
+    from isl.training.retrain import RetrainConfig, retrain
 
     records, me = job_store().records, holder()
     if records is None:

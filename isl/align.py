@@ -1,0 +1,110 @@
+"""Step 2 of the method and its feedback: the labelled atlases deformed toward the scan by the learned
+registration, the K most similar kept, and their displacements instance-optimised with the weak-supervision
+Dice to the scan's current mask; plus what the warped atlases give: their majority vote and their non-local
+label fusion."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from isl.bundle import Atlases
+from registration.fusion import fuse_labels
+from registration.instance import InstanceConfig, instance_optimise
+from registration.model import Losses, Registrar
+
+
+@dataclass
+class Aligned:
+    """The K selected atlases deformed toward the scan's ROI."""
+
+    index: torch.Tensor  # (K,) which atlases of the bundle
+    field: torch.Tensor  # (K, 3, *coarse) the optimised displacements on the registration's coarse grid
+    images: torch.Tensor  # (K, C, *roi) warped atlas images
+    labels: torch.Tensor  # (K, L, *roi) warped one-hot atlas labels
+    displacement: torch.Tensor  # (K, 3, *roi) the displacements at full resolution (voxels)
+    known: torch.Tensor  # (K, L) bool: the labels each atlas contours
+
+
+class Aligner:
+    """The registration network and a bundle's atlases, on one device."""
+
+    def __init__(self, reg: Registrar, atlases: Atlases, device: torch.device):
+        self.reg, self.atlases, self.device = reg, atlases, device
+        self.images, self.onehot, self.ids = atlases.images.to(device), atlases.onehot.to(device), atlases.case_ids
+        self.known = atlases.known.to(device)
+        self.losses = Losses(reg.cfg.ncc_window)
+
+    def with_atlases(self, extra: Atlases | None) -> Aligner:
+        """The same registration over this bank and `extra` atlases (e.g. radiologists' corrections)."""
+        return self if extra is None or not extra.case_ids else Aligner(self.reg, self.atlases.plus(extra),
+                                                                         self.device)
+
+    @torch.no_grad()
+    def select(self, scan: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Register every atlas with the network; keep the k with the best image + label agreement: their
+        indices and their integrated (diffeomorphic) coarse displacements."""
+        velocities, scores = [], []
+        for i in range(0, len(self.images), 8):
+            imgs, labs = self.images[i:i + 8], self.onehot[i:i + 8, 1:]
+            target = scan.expand(len(imgs), -1, -1, -1, -1)
+            v = self.reg.velocity(imgs[:, :1], target)
+            disp = self.reg.displacement(v, scan.shape[2:])
+            image_loss = self.losses.image(self.reg.warp(imgs[:, :1], disp), target)
+            label_loss = self.losses.overlap(self.reg.warp(labs, disp), mask.expand(len(imgs), -1, -1, -1, -1),
+                                             self.known[i:i + 8, 1:])
+            velocities.append(v)
+            scores.append(-(image_loss + label_loss))
+        order = torch.argsort(torch.cat(scores), descending=True)[:k]
+        return order, self.reg.integrate(torch.cat(velocities)[order])
+
+    def optimise(self, index: torch.Tensor, field: torch.Tensor, scan: torch.Tensor, mask: torch.Tensor,
+                 cfg: InstanceConfig) -> Aligned:
+        """Instance-optimise the displacements of atlases `index` toward the scan and its current foreground
+        probabilities `mask` (1, L-1, *roi), then warp them at full resolution."""
+        known = self.known[index]
+        field = instance_optimise(self.reg, self.images[index, :1], self.onehot[index, 1:], scan, mask, field, cfg,
+                                  known[:, 1:])
+        with torch.no_grad():
+            disp = self.reg.upsample(field, scan.shape[2:])
+            images, labels = self.reg.warp(self.images[index], disp), self.reg.warp(self.onehot[index], disp)
+        return Aligned(index, field, images, labels, disp, known)
+
+    def register(self, scan: torch.Tensor, probs: np.ndarray, k: int, cfg: InstanceConfig) -> Aligned:
+        """Step 2: select k atlases and instance-optimise them toward the scan's mask `probs` (L, *roi)."""
+        mask = _foreground(probs, scan.device)
+        index, field = self.select(scan, mask, min(k, len(self.ids)))
+        return self.optimise(index, field, scan, mask, cfg)
+
+    def reregister(self, aligned: Aligned, scan: torch.Tensor, probs: np.ndarray, steps: int,
+                   cfg: InstanceConfig) -> Aligned:
+        """The feedback: `steps` more steps of the same optimisation toward the scan's current mask `probs`."""
+        return self.optimise(aligned.index, aligned.field, scan, _foreground(probs, scan.device),
+                             cfg.model_copy(update={"steps": steps}))
+
+
+def _foreground(probs: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(probs[1:])[None].to(device)
+
+
+def majority_vote(labels: torch.Tensor, known: torch.Tensor | None = None) -> np.ndarray:
+    """One-hot (L, *roi) of the per-voxel majority of the warped atlas labels (K, L, *roi). With partial labels
+    (`known` (K, L) bool, not all true) each label's vote is the share of the atlases contouring it that say it,
+    and background's what those shares leave."""
+    n_labels = labels.shape[1]
+    votes = torch.nn.functional.one_hot(labels.argmax(1), n_labels)  # (K, z, y, x, L)
+    if known is None or bool(known.all()):
+        votes = votes.sum(0)
+    else:  # as in fusion: background is what the labels' shares leave
+        k = known.to(torch.float32)[:, None, None, None, :]
+        votes = (votes * k).sum(0) / k.sum(0).clamp_min(1.0)
+        votes[..., 0] = (1.0 - votes[..., 1:].sum(-1)).clamp_min(0)
+    return torch.nn.functional.one_hot(votes.argmax(-1), n_labels).permute(3, 0, 1, 2).float().cpu().numpy()
+
+
+def fuse(aligned: Aligned, scan: torch.Tensor, beta: float, window: int, search: int) -> np.ndarray:
+    """Fused probabilities (L, *roi) of the warped atlas labels; see registration.fusion.fuse_labels."""
+    labels = aligned.labels.clone()
+    labels[:, 0] += 1.0 - labels.sum(1)  # warping pads with zeros: what left the atlas grid is background
+    return fuse_labels(aligned.images, labels, scan, beta, window, search, aligned.known).cpu().numpy()

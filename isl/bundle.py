@@ -1,0 +1,135 @@
+"""A model bundle: one folder holding the segmentation checkpoint, the registration checkpoint,
+`bundle.json` (labels, atlas case ids, training facts, metrics) and a model card."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imaging.codes import check_overrides
+from imaging.dataset import load_case, load_dataset
+from imaging.errors import BundleError, DatasetError
+from imaging.files import atomic_write_text
+from registration.model import Registrar
+from segmentation.bundle import SegmentationModel
+from segmentation.preprocess import centroid, crop
+
+log = logging.getLogger(__name__)
+SEG_FILE, REG_FILE, META_FILE, CARD_FILE = "model.pt", "registration.pt", "bundle.json", "MODEL_CARD.md"
+
+
+def atlas_roi(image: np.ndarray, label: np.ndarray, roi_size, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a labelled case (C, z, y, x) + (z, y, x) to the ROI centred on its label: image and one-hot (L, ...)."""
+    center = centroid(label > 0)
+    onehot = np.eye(n_labels, dtype=np.float32)[crop(label, center, roi_size).astype(np.int64)]
+    return crop(image, center, roi_size), np.ascontiguousarray(onehot.transpose(3, 0, 1, 2))
+
+
+@dataclass
+class Atlases:
+    """Labelled training cases cropped to the ROI around their label: images (N, C, ...), one-hot (N, L, ...),
+    and which labels each contours (N, L) bool (partial labels: see imaging.dataset)."""
+
+    case_ids: list[str]
+    images: torch.Tensor
+    onehot: torch.Tensor
+    known: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.known is None:
+            self.known = torch.ones(self.onehot.shape[:2], dtype=torch.bool)
+
+    def plus(self, other: Atlases) -> Atlases:
+        """These atlases followed by `other`'s."""
+        return Atlases(self.case_ids + other.case_ids, torch.cat([self.images, other.images.to(self.images)]),
+                       torch.cat([self.onehot, other.onehot.to(self.onehot)]),
+                       torch.cat([self.known, other.known.to(self.known.device)]))
+
+
+@dataclass
+class ISLBundle:
+    segmentation: SegmentationModel
+    registrar: Registrar
+    meta: dict
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def atlas_ids(self) -> list[str]:
+        return list(self.meta["atlases"])
+
+    def refinement_config(self, overrides: dict | None = None):
+        """The ISLConfig that `isl train` configured for this bundle (the defaults for a bundle never
+        configured), with `overrides` (field -> value) on top, validated."""
+        from isl.config import ISLConfig
+
+        chosen = (self.meta.get("refinement") or {}).get("config") or {}
+        return ISLConfig.model_validate(chosen | (overrides or {}))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise BundleError(f"{path}: not a model bundle (no {META_FILE})")
+        meta = json.loads((path / META_FILE).read_text())
+        seg = SegmentationModel.load(path / SEG_FILE, device)
+        reg = Registrar.load(path / REG_FILE, device)
+        try:  # a bad code map fails here, not at export after a scan was refined
+            check_overrides((meta.get("dataset") or {}).get("segment_codes"), seg.labels, str(path / META_FILE))
+        except DatasetError as exc:
+            raise BundleError(str(exc)) from None
+        return cls(seg, reg, meta, path)
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.segmentation.save(self.path / SEG_FILE)
+        self.registrar.save(self.path / REG_FILE)
+        digest = hashlib.sha256()  # one digest of both checkpoints and the refinement configuration: the version
+        for name in (SEG_FILE, REG_FILE):  # names what the bundle does
+            digest.update((self.path / name).read_bytes())
+        if self.meta.get("refinement"):
+            digest.update(json.dumps(self.meta["refinement"]["config"], sort_keys=True).encode())
+        self.meta["version"] = f"{self.meta.get('name', self.path.name)}-{digest.hexdigest()[:12]}"
+        atomic_write_text(self.path / META_FILE, json.dumps(self.meta, indent=2) + "\n")
+
+    def case_atlas(self, case_id: str, volumes: list, label) -> Atlases:
+        """One labelled case (its channels' Volumes and its label map Volume on their grid) as an atlas, cropped
+        as the bundle's own atlases are; every label counts as contoured. A radiologist's correction joins the
+        atlas bank this way."""
+        pre = self.segmentation.preprocessing
+        values = np.unique(label.array)
+        if values.max(initial=0) >= len(self.segmentation.labels):
+            raise DatasetError(f"{case_id}: label values {values.tolist()} do not fit model {self.version}'s "
+                               f"labels {self.segmentation.labels}")
+        img, onehot = atlas_roi(pre.images(volumes)[0], pre.label(label), pre.roi_size, len(self.segmentation.labels))
+        return Atlases([case_id], torch.from_numpy(img[None]), torch.from_numpy(onehot[None]))
+
+    def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
+        """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""
+        if atlas_dir is None:
+            raise DatasetError(f"model {self.version} refines with atlases {self.atlas_ids[:3]}...: give --atlas-dir, "
+                               f"the dataset folder that holds them")
+        atlas_dir = Path(atlas_dir)
+        if not atlas_dir.is_dir():
+            raise DatasetError(f"atlas folder {atlas_dir} does not exist (model {self.version} needs its atlas cases)")
+        ds = load_dataset(atlas_dir)
+        pre = self.segmentation.preprocessing
+        n_labels = len(self.segmentation.labels)
+        images, onehots, known = [], [], []
+        for case_id in self.atlas_ids:
+            case = ds.case(case_id)
+            vols, label, _ = load_case(ds, case)
+            img, onehot = atlas_roi(pre.images(vols)[0], pre.label(label), pre.roi_size, n_labels)
+            images.append(img)
+            onehots.append(onehot)
+            known.append(case.present(self.segmentation.labels))
+        return Atlases(self.atlas_ids, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(onehots)),
+                       torch.from_numpy(np.stack(known)))
