@@ -10,6 +10,7 @@ COPY imaging ./imaging
 COPY segmentation ./segmentation
 COPY registration ./registration
 COPY isl ./isl
+COPY jobstore ./jobstore
 COPY worker ./worker
 COPY service ./service
 COPY models ./models

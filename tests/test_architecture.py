@@ -3,6 +3,7 @@
     imaging  <-  segmentation, registration  <-  isl  <-  worker
        ^                                                    |
        +----------------------  service  <------------------+
+                      jobstore  <-  service, worker
 
 `imaging` (files, DICOM, metrics) knows no other package of the project; the networks and the registration know
 nothing of HTTP, queues, databases or the method; the method (`isl`) knows nothing of the service or the workers;
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("imaging", "segmentation", "registration", "isl", "worker", "service")
+PACKAGES = ("imaging", "segmentation", "registration", "isl", "jobstore", "worker", "service")
 SERVING = {"fastapi", "starlette", "uvicorn", "h11", "celery", "kombu", "redis", "sqlalchemy", "alembic", "httpx",
            "prometheus_client", "pynetdicom"}
 NETWORKS = {"torch", "monai", "voxelmorph", "neurite"}
@@ -25,8 +26,9 @@ MAY_IMPORT = {
     "segmentation": {"imaging"},
     "registration": {"imaging"},
     "isl": {"imaging", "segmentation", "registration"},
-    "service": {"imaging"},
-    "worker": {"imaging", "segmentation", "registration", "isl", "service"},
+    "jobstore": set(),
+    "service": {"imaging", "jobstore"},
+    "worker": {"imaging", "segmentation", "registration", "isl", "jobstore", "service"},
 }
 
 
@@ -71,8 +73,9 @@ def test_imaging_imports_torch_only_for_checkpoint_files():
     assert bad == [], "\n".join(bad)
 
 
-def test_the_api_never_imports_the_networks():
-    bad = offending("service", lambda n: top(n) not in NETWORKS and n != "imaging.checkpoint")
+@pytest.mark.parametrize("package", ["service", "jobstore"])
+def test_the_api_and_the_job_store_never_import_the_networks(package):
+    bad = offending(package, lambda n: top(n) not in NETWORKS and n != "imaging.checkpoint")
     assert bad == [], "\n".join(bad)
 
 
