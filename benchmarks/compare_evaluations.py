@@ -2,12 +2,15 @@
 each summary figure side by side with whether it agrees to 4 decimals (p-values to 4 significant digits),
 whether every per-case Dice, HD95 and QA figure is identical, and the timings (which are expected to move).
 
-    python benchmarks/compare_evaluations.py models/hippocampus_few/evaluation.json /tmp/few.json
+    python -m benchmarks.compare_evaluations models/hippocampus_few/evaluation.json /tmp/few.json
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+from pathlib import Path
+
+from benchmarks.common import add_options, emit, stamped
 
 TIMINGS = ("median_seconds_isl_per_case", "median_seconds_isl_full_run_per_case", "median_stage_seconds", "peak_rss_mb")
 QA = ("folding_fraction", "finetune_steps", "ema_changes", "atlases_used", "baseline_vs_refined_dice")
@@ -42,9 +45,13 @@ def compare(old: dict, new: dict) -> dict:
     }
 
 
-def main() -> None:
-    with open(sys.argv[1]) as a, open(sys.argv[2]) as b:
-        print(json.dumps(compare(json.load(a), json.load(b)), indent=2))
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", type=Path, help="an `isl evaluate` JSON, e.g. the committed models/NAME/evaluation.json")
+    ap.add_argument("new", type=Path, help="the rerun's")
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
+    emit(stamped(compare(json.loads(args.old.read_text()), json.loads(args.new.read_text()))), args.json)
 
 
 if __name__ == "__main__":

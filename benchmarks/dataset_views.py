@@ -2,7 +2,7 @@
 where they must): a copy resampled to other voxels, one sequence of a multi-sequence dataset, a dataset without one
 case. Prints the view's folder, so that a shell command can train on it:
 
-    python benchmarks/dataset_views.py --dataset ../shared/data/brats_multiseq --resample 3 --sequence FLAIR \\
+    python -m benchmarks.dataset_views --dataset ../shared/data/brats_multiseq --resample 3 --sequence FLAIR \\
         --work scratch/views
 """
 from __future__ import annotations

@@ -3,14 +3,14 @@ scored on cases none of them trained on. Prints JSON (and writes it, arm by arm,
 
 k-fold ensembles on a test split (a single network on N cases against a K-fold ensemble of the same N cases):
 
-    python benchmarks/ensemble.py folds --dataset ../shared/data/hippocampus --holdout 48 --test 15 --cases 10 \\
+    python -m benchmarks.ensemble folds --dataset ../shared/data/hippocampus --holdout 48 --test 15 --cases 10 \\
         --folds 5 --iterations 600 --reg-iterations 300 --isl --work scratch/ensemble_hippocampus \\
         --json benchmarks/results/ensemble_hippocampus.json
 
 Sequences, leave one case out (every case is the test case of one round; each arm trains once per round), scored
 on the BraTS regions:
 
-    python benchmarks/ensemble.py sequences --dataset ../shared/data/brats_multiseq --resample 3 \\
+    python -m benchmarks.ensemble sequences --dataset ../shared/data/brats_multiseq --resample 3 \\
         --iterations 300 --reg-iterations 30 --region whole=1,2,3,4 --region core=1,3,4 --region enhancing=4 \\
         --work scratch/ensemble_brats --json benchmarks/results/ensemble_brats_multiseq.json
 
@@ -18,26 +18,26 @@ An ensemble is trained once and read several ways (`variants`): its mean, its vo
 members train independently (each on its folds, or each on its own sequence), so a member alone is the network that
 `isl train` would give on those cases or that sequence. `sequences` thus compares the multi-channel network, the
 per-sequence ensemble (mean and vote) and each sequence alone. --resample MM first writes a copy of the dataset
-resampled to MM mm voxels under --work (`dataset_views.py`; a benchmark's shortcut on a CPU: 1 mm glioma volumes make
-a region of interest too large to train on here). Every arm: fixed iterations, --validation 0 (the networks are
-compared; refinement is not configured), the network's mask only unless --isl (ISL then on top of the networks and
-ensembles, ISLConfig defaults, unchecked). Scored on the preprocessing's grid, over the labels each reference contours
-or over --region unions the reference holds; each variant against the single (or multi-channel) network with the
-paired difference in points, cases better/worse and the Wilcoxon p.
+resampled to MM mm voxels under --work (`benchmarks.dataset_views`; a benchmark's shortcut on a CPU: 1 mm glioma
+volumes make a region of interest too large to train on here). Every arm: fixed iterations, --validation 0 (the
+networks are compared; refinement is not configured), the network's mask only unless --isl (ISL then on top of the
+networks and ensembles, ISLConfig defaults, unchecked). Scored on the preprocessing's grid, over the labels each
+reference contours or over --region unions the reference holds; each variant against the single (or multi-channel)
+network with the paired difference in points, cases better/worse and the Wilcoxon p.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from dataset_views import leave_out, resampled
 
+from benchmarks.common import REQUIRED, add_options, command, provenance
+from benchmarks.dataset_views import leave_out, resampled
 from imaging.dataset import load_case, load_dataset
 from imaging.metrics import dice
 from isl.refiner import load_refiner
@@ -217,8 +217,8 @@ def summary(result: dict, reference: str) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README table of a result: per variant, its mean Dice, each label's or region's, and the paired difference
-    to the reference network (points, cases better/worse, Wilcoxon p)."""
+    """The results page's table of a result: per variant, its mean Dice, each label's or region's, and the paired
+    difference to the reference network (points, cases better/worse, Wilcoxon p)."""
     summary = result["summary"]
     parts = list(dict.fromkeys(n for v in summary.values() for n in v.get("per_part", {})))
     ref = next(v for v, row in summary.items() if not any(k.startswith("vs_") for k in row))
@@ -235,8 +235,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["folds", "sequences", "markdown"], help="markdown: print the README table of "
-                    "--json and stop")
+    ap.add_argument("mode", choices=["folds", "sequences", "markdown"], help="markdown: print the results page's "
+                    "table of --json and stop")
     ap.add_argument("--dataset", help="the dataset (all modes but markdown)")
     ap.add_argument("--holdout", type=int, default=0)
     ap.add_argument("--test", type=int, default=20)
@@ -251,8 +251,7 @@ def main() -> None:
                     "defaults, unchecked), not of single members")
     ap.add_argument("--rescore", action="store_true", help="score the bundles of --json again, training nothing")
     ap.add_argument("--work", default="scratch/ensemble")
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    add_options(ap, json=REQUIRED, threads=2)
     args = ap.parse_args()
     if args.mode == "markdown":
         print(markdown(json.loads(Path(args.json).read_text())))
@@ -263,9 +262,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
-    command = "python benchmarks/ensemble.py " + shlex.join(sys.argv[1:])
-    result |= {"rescore_command": command} if args.rescore else {
-        "command": command, "mode": args.mode, "iterations": args.iterations, "regions": args.regions}
+    result |= {"rescore_command": command(), "rescore_provenance": provenance()} if args.rescore else {
+        "command": command(), "provenance": provenance(), "mode": args.mode, "iterations": args.iterations,
+        "regions": args.regions}
     reference = "single" if args.mode == "folds" else "multi_channel"
 
     def save(what: str) -> None:

@@ -1,9 +1,10 @@
 """Control for ISL's fine-tuning: the same per-case fine-tuning on the atlases as deformed toward the scan (the
-method) and on the atlases left undeformed (zero displacement: the network's own training crops), on a bundle's
-first validation cases. If the tuned network falls under its start either way, the fine-tuning recipe, not the
-registration, is what pulls it down. Prints JSON (each arm as `validation_score.py` scores a variant).
+method) and on the atlases left undeformed (`ISLConfig.atlas_alignment` "undeformed": zero displacement, the
+network's own training crops), on a bundle's first validation cases. If the tuned network falls under its start
+either way, the fine-tuning recipe, not the registration, is what pulls it down. Prints JSON (each arm as
+`validation_score` scores a variant; written with --json too).
 
-    python benchmarks/finetune_control.py --model models/headneck_ct --dataset ../shared/data/headneck_ct --cases 3 \\
+    python -m benchmarks.finetune_control --model models/headneck_ct --dataset ../shared/data/headneck_ct --cases 3 \\
         > benchmarks/results/finetune_control_headneck_ct.json
 
 Setting: K 8, 20 fine-tuning steps, no re-registration, fusion weight 0.5, safety off, no mirror averaging, the
@@ -11,42 +12,37 @@ other fields at the ISLConfig defaults."""
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 
 import torch
-from validation_score import score_variant
 
-from isl.align import Aligned, Aligner
+from benchmarks.common import REQUIRED, add_options, emit, stamped
+from benchmarks.validation_score import score_variant, validation_cases
 
 CONFIG = dict(method="isl", atlases=8, finetune_steps=20, min_steps=20, fusion_weight=0.5, min_agreement=0.0,
               final_flips=False, mask_flips=False, reregister_steps=0)
+UNDEFORMED = {"atlas_alignment": "undeformed"}
 
 
-def undeformed(self: Aligner, index, field, scan, mask, cfg) -> Aligned:
-    """Aligner.optimise's stand-in: the selected atlases as they are (zero displacement)."""
-    disp = torch.zeros((len(index), 3, *scan.shape[2:]), device=scan.device)
-    return Aligned(index, torch.zeros_like(field), self.images[index].clone(), self.onehot[index].clone(), disp,
-                   self.known[index])
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--cases", type=int, default=3, help="the first N validation cases")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+def parse(argv: list[str] | None = None, **extra) -> argparse.Namespace:
+    """The options of the fine-tuning experiments on a bundle's validation cases (`extra`: name -> (type, default,
+    help) of each further option); every variant starts from the ISLConfig defaults."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, model=REQUIRED, dataset=REQUIRED, cases=3)
+    for name, (kind, default, text) in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text)
+    add_options(ap, threads=2, device="cpu", json=None)
+    args = ap.parse_args(argv)
     args.defaults = True  # the control's setting starts from the ISLConfig defaults, as CONFIG says
     torch.set_num_threads(args.threads)
-    meta = json.loads(open(f"{args.model}/bundle.json").read())
-    ids = meta["refinement"]["validation_cases"][: args.cases]
-    out = {"command": "python benchmarks/finetune_control.py " + shlex.join(sys.argv[1:]), "model": meta["version"],
-           "validation_cases": ids, "deformed": score_variant(args, CONFIG, ids)}
-    Aligner.optimise = undeformed
-    out["undeformed"] = score_variant(args, CONFIG, ids)
-    print(json.dumps(out, indent=1))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    meta, ids = validation_cases(args.model, args.cases)
+    emit(stamped({"model": meta["version"], "validation_cases": ids,
+                  "deformed": score_variant(args, CONFIG, ids),
+                  "undeformed": score_variant(args, CONFIG | UNDEFORMED, ids)}, args.device), args.json, indent=1)
 
 
 if __name__ == "__main__":

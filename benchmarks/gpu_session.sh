@@ -55,7 +55,7 @@ $PY -c "import service.app, worker.tasks, worker.cli" || say "the service does n
 if [[ $STEPS == *1* ]]; then
 say "1. jobs end to end through isl worker --device $DEVICE"
 CASES=$(for c in openkbp_002 openkbp_003 openkbp_013; do echo --case $c; done | head -n "$JOB_CASES")
-timeout "$STEP_S" $PY benchmarks/worker_job.py --model models/headneck_ct --dataset "$DATA" $CASES \
+timeout "$STEP_S" $PY -m benchmarks.worker_job --model models/headneck_ct --dataset "$DATA" $CASES \
     --device "$DEVICE" --threads 8 --json "$OUT/worker_job_gpu.json" > "$W/worker_job.log" 2>&1
 say "worker_job rc=$?"; tail -c 1500 "$W/worker_job.log"
 fi

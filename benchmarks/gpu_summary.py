@@ -4,7 +4,7 @@ which pays CUDA's start-up; and the first alone), the peak GPU memory, and the t
 `isl train --device cuda`; with the same cases' CPU figures from the committed evaluation beside them (Dice must agree
 closely, the times are the point).
 
-    python benchmarks/gpu_summary.py SESSION_FOLDER --json benchmarks/results/gpu_h200.json
+    python -m benchmarks.gpu_summary SESSION_FOLDER --json benchmarks/results/gpu_h200.json
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import re
 import statistics
 import tarfile
 from pathlib import Path
+
+from benchmarks.common import add_options, emit, stamped
 
 
 def _load(path: Path):
@@ -58,64 +60,80 @@ def training_progress(folder: Path) -> dict | None:
     return out
 
 
+def _jobs(jobs: dict) -> dict:
+    """The jobs run end to end through `isl worker --device cuda` (worker_job's JSON)."""
+    return {"command": jobs["command"], "stack_start_seconds": jobs.get("stack_start_seconds"),
+            "jobs": [{k: r.get(k) for k in ("case", "model", "state", "worker_device", "method",
+                                            "submit_to_done_seconds", "mean_dice", "stage_seconds")}
+                     for r in jobs["cases"]]}
+
+
+def _isl_on_gpu(ev: dict, cpu: dict) -> dict:
+    """ISL's seconds per stage and per case on the GPU (`isl evaluate --device cuda`), beside each case's CPU Dice
+    and seconds from the committed evaluation (`cpu`: case -> its row)."""
+    rows = ev["cases"]
+    stages = sorted({k for r in rows for k in r["stage_seconds"]})
+    warm = rows[1:] or rows
+    methods = ("baseline", "isl", "fusion_only", "network_only")
+    return {
+        "command": ev.get("command"), "device": ev.get("device"), "cases": [r["case"] for r in rows],
+        "median_seconds_isl_full_run_after_first": _median([r["seconds_isl_full_run"] for r in warm]),
+        "seconds_isl_full_run_first_case": rows[0]["seconds_isl_full_run"],
+        "median_stage_seconds_after_first": {s: _median([r["stage_seconds"].get(s, 0.0) for r in warm])
+                                             for s in stages},
+        "median_seconds_after_first": {m: _median([r[f"seconds_{m}"] for r in warm])
+                                       for m in ("isl", "tta_flip", "tent")},
+        "per_case": [{"case": r["case"], "seconds_isl_full_run": r["seconds_isl_full_run"],
+                      "stage_seconds": r["stage_seconds"],
+                      "mean_dice_gpu": {m: _mean_dice(r, m) for m in methods},
+                      "mean_dice_cpu": ({m: _mean_dice(cpu[r["case"]], m) for m in methods}
+                                        if r["case"] in cpu else None),
+                      "seconds_isl_full_run_cpu": cpu[r["case"]]["seconds_isl_full_run"]
+                      if r["case"] in cpu else None} for r in rows]}
+
+
+def _training(bundle: dict | None):
+    """What `isl train --device cuda` recorded in the bundle's metadata, when training ended."""
+    if not bundle:
+        return "did not finish within the session"
+    return {"command": bundle.get("command"),
+            "training": {k: v for k, v in bundle.get("training", {}).items() if k != "curves"},
+            "train_cases": len(bundle.get("train_cases", [])),
+            "validation_cases": len(bundle.get("validation_cases", [])),
+            "configuration": (bundle.get("refinement") or {}).get("decision")}
+
+
+def _gpu_trained(trained: dict, cpu: dict) -> dict:
+    """The GPU-trained bundle on the test cases, per case and on average, beside the committed CPU bundle."""
+    methods = ("baseline", "isl", "tta_flip", "fusion_only", "network_only")
+    out = {"command": trained.get("command"), "config_used": trained["summary"].get("config_used"),
+           "per_case": [{"case": r["case"], "mean_dice_gpu_trained": {m: _mean_dice(r, m) for m in methods},
+                         "mean_dice_committed_cpu_bundle": ({m: _mean_dice(cpu[r["case"]], m) for m in methods}
+                                                            if r["case"] in cpu else None)}
+                        for r in trained["cases"]]}
+    for key in ("mean_dice_gpu_trained", "mean_dice_committed_cpu_bundle"):
+        rows = [r[key] for r in out["per_case"] if r[key]]
+        out[key] = {m: round(statistics.mean(r[m] for r in rows), 4) for m in methods} if rows else None
+    return out
+
+
 def summarise(folder: Path, cpu_evaluation: Path) -> dict:
     out = {"device": (folder / "nvidia_smi.txt").read_text().strip().splitlines()
            if (folder / "nvidia_smi.txt").is_file() else None}
+    cpu = {r["case"]: r for r in (_load(cpu_evaluation) or {"cases": []})["cases"]}
     jobs = _load(folder / "worker_job_gpu.json")
     if jobs:
-        out["jobs_end_to_end"] = {"command": jobs["command"], "stack_start_seconds": jobs.get("stack_start_seconds"),
-                                  "jobs": [{k: r.get(k) for k in ("case", "model", "state", "worker_device", "method",
-                                                                  "submit_to_done_seconds", "mean_dice",
-                                                                  "stage_seconds")} for r in jobs["cases"]]}
+        out["jobs_end_to_end"] = _jobs(jobs)
     ev = _load(folder / "evaluate_gpu.json")
     if ev:
-        rows = ev["cases"]
-        cpu = {r["case"]: r for r in (_load(cpu_evaluation) or {"cases": []})["cases"]}
-        stages = sorted({k for r in rows for k in r["stage_seconds"]})
-        warm = rows[1:] or rows
-        out["isl_on_gpu"] = {
-            "command": ev.get("command"), "device": ev.get("device"), "cases": [r["case"] for r in rows],
-            "median_seconds_isl_full_run_after_first": _median([r["seconds_isl_full_run"] for r in warm]),
-            "seconds_isl_full_run_first_case": rows[0]["seconds_isl_full_run"],
-            "median_stage_seconds_after_first": {s: _median([r["stage_seconds"].get(s, 0.0) for r in warm])
-                                                 for s in stages},
-            "median_seconds_after_first": {m: _median([r[f"seconds_{m}"] for r in warm])
-                                           for m in ("isl", "tta_flip", "tent")},
-            "per_case": [{"case": r["case"], "seconds_isl_full_run": r["seconds_isl_full_run"],
-                          "stage_seconds": r["stage_seconds"],
-                          "mean_dice_gpu": {m: _mean_dice(r, m) for m in ("baseline", "isl", "fusion_only",
-                                                                          "network_only")},
-                          "mean_dice_cpu": ({m: _mean_dice(cpu[r["case"]], m) for m in ("baseline", "isl",
-                                                                                         "fusion_only",
-                                                                                         "network_only")}
-                                            if r["case"] in cpu else None),
-                          "seconds_isl_full_run_cpu": cpu[r["case"]]["seconds_isl_full_run"]
-                          if r["case"] in cpu else None} for r in rows]}
+        out["isl_on_gpu"] = _isl_on_gpu(ev, cpu)
         memory = _load(folder / "evaluate_gpu_memory.json")
         if memory:
             out["isl_on_gpu"]["memory"] = memory
-    bundle = _load(folder / "train_gpu.json")
-    out["training_on_gpu"] = ({"command": bundle.get("command"),
-                               "training": {k: v for k, v in bundle.get("training", {}).items() if k != "curves"},
-                               "train_cases": len(bundle.get("train_cases", [])),
-                               "validation_cases": len(bundle.get("validation_cases", [])),
-                               "configuration": (bundle.get("refinement") or {}).get("decision")}
-                              if bundle else "did not finish within the session")
+    out["training_on_gpu"] = _training(_load(folder / "train_gpu.json"))
     trained = _load(folder / "evaluate_gpu_trained.json")
     if trained:
-        cpu = {r["case"]: r for r in (_load(cpu_evaluation) or {"cases": []})["cases"]}
-        methods = ("baseline", "isl", "tta_flip", "fusion_only", "network_only")
-        out["gpu_trained_bundle_on_test_cases"] = {
-            "command": trained.get("command"), "config_used": trained["summary"].get("config_used"),
-            "per_case": [{"case": r["case"], "mean_dice_gpu_trained": {m: _mean_dice(r, m) for m in methods},
-                          "mean_dice_committed_cpu_bundle": ({m: _mean_dice(cpu[r["case"]], m) for m in methods}
-                                                             if r["case"] in cpu else None)}
-                         for r in trained["cases"]]}
-        for key, pick in (("mean_dice_gpu_trained", lambda r: r["mean_dice_gpu_trained"]),
-                          ("mean_dice_committed_cpu_bundle", lambda r: r["mean_dice_committed_cpu_bundle"])):
-            rows = [pick(r) for r in out["gpu_trained_bundle_on_test_cases"]["per_case"] if pick(r)]
-            out["gpu_trained_bundle_on_test_cases"][key] = {m: round(statistics.mean(r[m] for r in rows), 4)
-                                                           for m in methods} if rows else None
+        out["gpu_trained_bundle_on_test_cases"] = _gpu_trained(trained, cpu)
     out["training_progress_on_gpu"] = training_progress(folder)
     return out
 
@@ -124,12 +142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="what gpu_session.sh wrote to $OUT")
     ap.add_argument("--cpu-evaluation", type=Path, default=Path("models/headneck_ct/evaluation.json"))
-    ap.add_argument("--json", type=Path, default=None)
+    add_options(ap, json=None)
     args = ap.parse_args()
-    text = json.dumps(summarise(args.folder, args.cpu_evaluation), indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(stamped(summarise(args.folder, args.cpu_evaluation), machine=False), args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The human-in-the-loop protocol of the pituitary study (Radiology Practice 2024), replayed on real labelled data,
 and printed as JSON (and a figure beside it).
 
-    python benchmarks/hitl_protocol.py --dataset ../shared/data/hippocampus --skip 48 --start 3 --batches 4 \
+    python -m benchmarks.hitl_protocol --dataset ../shared/data/hippocampus --skip 48 --start 3 --batches 4 \
         --batch-size 6 --json benchmarks/results/hitl_protocol_hippocampus.json
 
 A model is trained on `start` labelled cases (seeded sample of the cases after the first `skip` in sorted order, the
@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import REQUIRED, add_options, stamped
 
 ARMS = ("baseline", "isl", "isl_bank")
 
@@ -96,10 +97,9 @@ def batch_agreement(rows: list[dict]) -> dict:
     return {"mean_dice": round(mean, 4), "structures": per, **verdict(per, len(rows), 0.94, 0.97)}
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--json", required=True)
+    add_options(ap, dataset=REQUIRED, json=REQUIRED)
     ap.add_argument("--work", default=None, help="scratch folder for the bundles (default: /tmp/hitl_<dataset>)")
     ap.add_argument("--skip", type=int, default=0, help="never use the first N cases in sorted order (a test split)")
     ap.add_argument("--start", type=int, default=3)
@@ -110,103 +110,142 @@ def main() -> None:
     ap.add_argument("--retrain-iterations", type=int, default=500)
     ap.add_argument("--retrain-reg-iterations", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    add_options(ap, threads=None)
     ap.add_argument("--unconfigured", action="store_true",
                     help="ISL's hand-set defaults on every version: no configuration, every version used")
     ap.add_argument("--from-json", action="store_true", help="no run: recompute the summary and the figure of --json")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def draw(ds, args) -> tuple[list[str], list[list[str]]]:
+    """The start cases and the batches: a seeded sample of the cases after the first --skip in sorted order."""
+    pool = sorted(c.case_id for c in ds.cases)[args.skip:]
+    rng = np.random.default_rng(args.seed)
+    picked = rng.choice(pool, args.start + args.batches * args.batch_size, replace=False).tolist()
+    start, later = sorted(picked[: args.start]), picked[args.start:]
+    return start, [sorted(later[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.batches)]
+
+
+def train_start(base: Path, bundle_dir: Path, args, device) -> float:
+    """The first version, trained on the start cases (once: a run that resumes finds it): its seconds."""
+    from isl.training.train import BundleTrainConfig, train_bundle
+
+    cfg = BundleTrainConfig(name="hitl", **({"validation": 0, "configure": False} if args.unconfigured else {}))
+    cfg.training.iterations, cfg.registration.iterations = args.iterations, args.reg_iterations
+    t0 = time.perf_counter()
+    if not (bundle_dir / "bundle.json").is_file():
+        train_bundle(base, bundle_dir, cfg, device, progress=lambda m: None)
+    return round(time.perf_counter() - t0, 1)
+
+
+def segment_batch(bundle, base: Path, ds, b: int, ids: list[str], bank, device) -> dict:
+    """Step 1 and 2 for one batch: the live version segments it three ways; each arm's agreement with the
+    corrections and ISL's seconds per case."""
+    from isl.refiner import Refiner
+
+    refiner = Refiner(bundle, bundle.load_atlases(base), bundle.refinement_config({"device": "cpu"}), device)
+    rows = {arm: [] for arm in ARMS}
+    seconds = {"isl": [], "isl_bank": []}
+    for case_id in ids:
+        own, t_own = segment(refiner, ds, case_id, None)
+        joined, t_joined = segment(refiner, ds, case_id, bank) if bank is not None else (own, t_own)
+        rows["baseline"].append(own["baseline"])
+        rows["isl"].append(own["auto"])
+        rows["isl_bank"].append(joined["auto"])
+        seconds["isl"].append(t_own)
+        seconds["isl_bank"].append(t_joined)
+        print(f"batch {b + 1} {case_id}: " + " ".join(
+            f"{arm} {np.mean([v[2] for v in rows[arm][-1].values()]):.4f}" for arm in ARMS), flush=True)
+    arms = {arm: batch_agreement(rows[arm]) for arm in ARMS}
+    for arm in ("isl", "isl_bank"):
+        arms[arm]["median_seconds_per_case"] = round(float(np.median(seconds[arm])), 1)
+    print(json.dumps({"batch": b + 1, **{a: (arms[a]["mean_dice"], arms[a]["converged"]) for a in ARMS}}),
+          flush=True)
+    return {"batch": b + 1, "cases": ids, "model_version": bundle.version, "refinement": refiner.decision,
+            "atlases": len(bundle.atlas_ids) + (0 if bank is None else len(bank.case_ids)), "arms": arms}
+
+
+def correct(bundle, ds, ids: list[str], corrections: list, bank):
+    """Step 3's first half: the batch's corrections come back and join the atlas bank; the bank with them."""
+    import torch
+
+    from imaging.dataset import load_case
+    from isl.training.retrain import Correction
+
+    for case_id in ids:
+        case = ds.case(case_id)
+        c = Correction(id=case_id, image=case.image_paths[0], label=case.label_path,
+                       structures=structures(ds, case_id))
+        corrections.append(c)
+        vols, label, _ = load_case(ds, case)
+        atlas = bundle.case_atlas(case_id, vols, label)
+        atlas.known = torch.from_numpy(c.known(bundle.segmentation.labels))[None]
+        bank = atlas if bank is None else bank.plus(atlas)
+    return bank
+
+
+def retrain_on(bundle_dir: Path, base: Path, corrections: list, child: Path, args, device) -> tuple[dict, float]:
+    """Step 3's second half: the live version retrained on the corrections so far (once: a run that resumes finds
+    it), and whether the product's rule puts it live; with the seconds it took."""
+    from isl.bundle import ISLBundle
+    from isl.training.retrain import RetrainConfig, retrain
+
+    t0 = time.perf_counter()
+    if not (child / "bundle.json").is_file():
+        retrain(bundle_dir, base, corrections, child,
+                RetrainConfig(iterations=args.retrain_iterations, reg_iterations=args.retrain_reg_iterations,
+                              configure=False if args.unconfigured else None), device,
+                progress=lambda m: None)
+    seconds = round(time.perf_counter() - t0, 1)
+    meta = ISLBundle.load(child, device).meta
+    verdict = meta["promotion"]
+    used = args.unconfigured or verdict["promoted"] or not verdict["judged"]
+    print(json.dumps({"retrained": meta["version"], "used": used, "verdict": verdict["reason"]}), flush=True)
+    return {"version": meta["version"], "held_back": meta.get("held_back_corrections", []),
+            "verdict": verdict["reason"], "used": used}, seconds
+
+
+def replay(args) -> dict:
+    """The protocol, batch after batch, as the module's description says."""
+    import torch
+
+    from imaging.dataset import load_dataset
+    from isl.bundle import ISLBundle
+
+    t_all, device, ds = time.perf_counter(), torch.device("cpu"), load_dataset(args.dataset)
+    start, batches = draw(ds, args)
+    work = Path(args.work or f"/tmp/hitl_{Path(args.dataset).name}")
+    base, bundle_dir = view(ds, start, work / "start"), work / "v0"
+    train_seconds = [train_start(base, bundle_dir, args, device)]
+    corrections, bank, out_batches = [], None, []
+    for b, ids in enumerate(batches):
+        bundle = ISLBundle.load(bundle_dir, device)
+        out_batches.append(segment_batch(bundle, base, ds, b, ids, bank, device))
+        bank = correct(bundle, ds, ids, corrections, bank)
+        if b + 1 < len(batches):
+            retraining, seconds = retrain_on(bundle_dir, base, corrections, work / f"v{b + 1}", args, device)
+            train_seconds.append(seconds)
+            out_batches[-1]["retraining"] = retraining
+            if retraining["used"]:
+                bundle_dir = work / f"v{b + 1}"
+    return stamped({"dataset": ds.name, "start_cases": start, "unconfigured": args.unconfigured,
+                    "batches": out_batches, "training_seconds": train_seconds,
+                    "rule": {"alpha": 0.05, "dice_min": 0.94, "spearman_min": 0.97},
+                    "seconds": round(time.perf_counter() - t_all, 1), "threads": torch.get_num_threads()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     if args.from_json:
         result = json.loads(Path(args.json).read_text())
         write(result, Path(args.json))
         print(markdown(result))
         return
-
-    import torch
-
-    from imaging.dataset import load_case, load_dataset
-    from isl.bundle import Atlases, ISLBundle
-    from isl.refiner import Refiner
-    from isl.training.retrain import Correction, RetrainConfig, retrain
-    from isl.training.train import BundleTrainConfig, train_bundle
-
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
-    t_all = time.perf_counter()
-    device = torch.device("cpu")
-    ds = load_dataset(args.dataset)
-    pool = sorted(c.case_id for c in ds.cases)[args.skip:]
-    rng = np.random.default_rng(args.seed)
-    picked = rng.choice(pool, args.start + args.batches * args.batch_size, replace=False).tolist()
-    start, later = sorted(picked[: args.start]), picked[args.start:]
-    batches = [sorted(later[i * args.batch_size:(i + 1) * args.batch_size]) for i in range(args.batches)]
-    work = Path(args.work or f"/tmp/hitl_{Path(args.dataset).name}")
-    base = view(ds, start, work / "start")
-    cfg = BundleTrainConfig(name="hitl", **({"validation": 0, "configure": False} if args.unconfigured else {}))
-    cfg.training.iterations, cfg.registration.iterations = args.iterations, args.reg_iterations
-    t0 = time.perf_counter()
-    bundle_dir = work / "v0"
-    if not (bundle_dir / "bundle.json").is_file():
-        train_bundle(base, bundle_dir, cfg, device, progress=lambda m: None)
-    train_seconds = [round(time.perf_counter() - t0, 1)]
-    corrections: list[Correction] = []
-    bank: Atlases | None = None
-    out_batches = []
-    for b, ids in enumerate(batches):
-        bundle = ISLBundle.load(bundle_dir, device)
-        refiner = Refiner(bundle, bundle.load_atlases(base), bundle.refinement_config({"device": "cpu"}), device)
-        rows = {arm: [] for arm in ARMS}
-        seconds = {"isl": [], "isl_bank": []}
-        for case_id in ids:
-            own, t_own = segment(refiner, ds, case_id, None)
-            joined, t_joined = segment(refiner, ds, case_id, bank) if bank is not None else (own, t_own)
-            rows["baseline"].append(own["baseline"])
-            rows["isl"].append(own["auto"])
-            rows["isl_bank"].append(joined["auto"])
-            seconds["isl"].append(t_own)
-            seconds["isl_bank"].append(t_joined)
-            print(f"batch {b + 1} {case_id}: " + " ".join(
-                f"{arm} {np.mean([v[2] for v in rows[arm][-1].values()]):.4f}" for arm in ARMS), flush=True)
-        arms = {arm: batch_agreement(rows[arm]) for arm in ARMS}
-        for arm in ("isl", "isl_bank"):
-            arms[arm]["median_seconds_per_case"] = round(float(np.median(seconds[arm])), 1)
-        out_batches.append({"batch": b + 1, "cases": ids, "model_version": bundle.version,
-                            "refinement": refiner.decision,
-                            "atlases": len(bundle.atlas_ids) + (0 if bank is None else len(bank.case_ids)),
-                            "arms": arms})
-        print(json.dumps({"batch": b + 1, **{a: (arms[a]["mean_dice"], arms[a]["converged"]) for a in ARMS}}),
-              flush=True)
-        for case_id in ids:  # the corrections come back: they join the bank, then the model retrains on them
-            case = ds.case(case_id)
-            c = Correction(id=case_id, image=case.image_paths[0], label=case.label_path,
-                           structures=structures(ds, case_id))
-            corrections.append(c)
-            vols, label, _ = load_case(ds, case)
-            atlas = bundle.case_atlas(case_id, vols, label)
-            atlas.known = torch.from_numpy(c.known(bundle.segmentation.labels))[None]
-            bank = atlas if bank is None else bank.plus(atlas)
-        if b + 1 < len(batches):
-            t0 = time.perf_counter()
-            child = work / f"v{b + 1}"
-            if not (child / "bundle.json").is_file():
-                retrain(bundle_dir, base, corrections, child,
-                        RetrainConfig(iterations=args.retrain_iterations, reg_iterations=args.retrain_reg_iterations,
-                                      configure=False if args.unconfigured else None), device,
-                        progress=lambda m: None)
-            train_seconds.append(round(time.perf_counter() - t0, 1))
-            meta = ISLBundle.load(child, device).meta
-            verdict = meta["promotion"]
-            used = args.unconfigured or verdict["promoted"] or not verdict["judged"]
-            out_batches[-1]["retraining"] = {"version": meta["version"], "held_back": meta.get(
-                "held_back_corrections", []), "verdict": verdict["reason"], "used": used}
-            print(json.dumps({"retrained": meta["version"], "used": used, "verdict": verdict["reason"]}), flush=True)
-            if used:
-                bundle_dir = child
-    result = {"command": "python " + " ".join(sys.argv), "dataset": ds.name, "start_cases": start,
-              "unconfigured": args.unconfigured,
-              "batches": out_batches, "training_seconds": train_seconds,
-              "rule": {"alpha": 0.05, "dice_min": 0.94, "spearman_min": 0.97},
-              "seconds": round(time.perf_counter() - t_all, 1), "threads": torch.get_num_threads()}
-    write(result, Path(args.json))
+    write(replay(args), Path(args.json))
 
 
 def summary(result: dict) -> dict:
@@ -228,8 +267,8 @@ def summary(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README's table of a run: per batch, what the live version returned, Dice, the smallest volume p-value
-    and the lowest Spearman over the structures, and ISL's seconds per case, per arm."""
+    """The results page's table of a run: per batch, what the live version returned, Dice, the smallest volume
+    p-value and the lowest Spearman over the structures, and ISL's seconds per case, per arm."""
     def low(arms: dict, arm: str, key: str) -> str:
         values = [s[key] for s in arms[arm]["structures"].values() if s[key] is not None]
         return f"{min(values):.3f}" if values else "-"

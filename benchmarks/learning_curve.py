@@ -2,25 +2,24 @@
 from scratch and for networks transferred from other bundles (`isl train --init-from`), each with the baseline
 and with ISL on top. Prints JSON (and writes it, arm by arm, to --json so that an interrupted run resumes).
 
-    python benchmarks/learning_curve.py --dataset ../shared/data/hippocampus --holdout 48 --test 15 \\
+    python -m benchmarks.learning_curve --dataset ../shared/data/hippocampus --holdout 48 --test 15 \\
         --sizes 3 5 10 20 --iterations 600 --reg-iterations 300 \\
         --start headneck_ct=models/headneck_ct --start two_stage=scratch/learning_curve/stage1_brats_flair \\
         --json benchmarks/results/learning_curve_hippocampus.json
 
-A two-stage start is a bundle itself transferred (`isl train --init-from`) onto an intermediate dataset; the README
-gives the command that makes `stage1_brats_flair`. Each arm records its start's lineage.
+A two-stage start is a bundle itself transferred (`isl train --init-from`) onto an intermediate dataset;
+docs/results/ gives the command that makes `stage1_brats_flair`. Each arm records its start's lineage.
 
 Every arm trains through `isl.training.train.train_bundle`, as `isl train` does, on the first N cases after the
 held-out split, with the same iterations whatever N and whatever the start (a fixed budget: what ten cases buy,
 not what a longer training would). `--validation 0`: no cases are set aside and refinement is not configured, so
 "isl" is ISL with the ISLConfig defaults, unchecked on this data; the product itself returns the network's own mask
-for a model of fewer than 10 cases until it is configured (see the README). Scored on each test case's canonical
+for a model of fewer than 10 cases until it is configured (docs/method.md). Scored on each test case's canonical
 grid (the preprocessing's), over the labels its reference contours. --plot draws the figure from the JSON."""
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import REQUIRED, add_options, command, provenance
 from imaging.dataset import load_case, load_dataset
 from imaging.metrics import dice
 from isl.refiner import load_refiner
@@ -81,8 +81,8 @@ def run_arm(args, start: str, source: str | None, n: int, test_ids: list[str]) -
 
 
 def markdown(result: dict) -> str:
-    """The README table: per size, each start's network and ISL (defaults), and each transferred start's gain over
-    scratch with its paired Wilcoxon p over the test cases."""
+    """The results page's table: per size, each start's network and ISL (defaults), and each transferred start's
+    gain over scratch with its paired Wilcoxon p over the test cases."""
     from isl.evaluation.stats import paired_p
 
     starts = list(dict.fromkeys(a["start"] for a in result["arms"]))
@@ -153,13 +153,13 @@ def main() -> None:
     ap.add_argument("--freeze-encoder", type=int, default=0)
     ap.add_argument("--transfer-lr", type=float, default=None, help="learning rate of the transferred arms")
     ap.add_argument("--work", default="scratch/learning_curve", help="where the arms' bundles are written")
-    ap.add_argument("--json", required=True)
+    add_options(ap, json=REQUIRED)
     ap.add_argument("--plot", default=None, help="PNG path; with an existing --json and no arm left, plot only")
     ap.add_argument("--network-only", action="store_true",
                     help="score the networks alone (no ISL: the registration network is then barely needed, "
                          "--reg-iterations can be small)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--markdown", action="store_true", help="print the README table of --json and stop")
+    add_options(ap, threads=2)
+    ap.add_argument("--markdown", action="store_true", help="print the results page's table of --json and stop")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.json).read_text())))
@@ -171,7 +171,7 @@ def main() -> None:
     test_ids = sorted(c.case_id for c in ds.cases)[: args.holdout][: args.test]
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {"arms": []}
-    result |= {"command": "python benchmarks/learning_curve.py " + shlex.join(sys.argv[1:]), "dataset": args.dataset,
+    result |= {"command": command(), "provenance": provenance(), "dataset": args.dataset,
                "test_cases": test_ids, "sizes": args.sizes, "iterations": args.iterations,
                "reg_iterations": args.reg_iterations, "freeze_encoder": args.freeze_encoder,
                "transfer_lr": args.transfer_lr,

@@ -1,6 +1,6 @@
 """Where a library does what a hand-written function did: same result, and time per call, printed as JSON.
 
-    python benchmarks/library_choices.py --json benchmarks/results/library_choices.json
+    python -m benchmarks.library_choices --json benchmarks/results/library_choices.json
 
 - ROI crop: segmentation.preprocess.crop vs MONAI SpatialCrop + BorderPad (MONAI has no paste back; at the border
   SpatialCrop moves the box inward instead of keeping it centred, so the boxes differ there).
@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
+
+from benchmarks.common import add_options, emit, stamped
 
 
 def _time(fn, repeat: int) -> float:
@@ -90,20 +91,15 @@ def volume_case(rng) -> dict:
             "simpleitk_ms": _time(lambda: label_volumes_ml(labels, geometry, names), 10)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, json=None, threads=2)
+    args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    out = {"crop": crop_case(rng), "folding": folding_case(rng), "label_volumes": volume_case(rng)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit(stamped({"crop": crop_case(rng), "folding": folding_case(rng), "label_volumes": volume_case(rng)}), args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ local stack (redis-server, `isl serve`, 2 `isl worker`s; worker/localstack.py) o
 the curve of job latency as the queue grows: the wait the API estimated at submission vs the real wait.
 Prints JSON (and writes it with --json).
 
-    python benchmarks/load_bench.py --json benchmarks/results/load_bench.json
+    python -m benchmarks.load_bench --json benchmarks/results/load_bench.json
 """
 from __future__ import annotations
 
@@ -11,20 +11,18 @@ import argparse
 import csv
 import json
 import platform
-import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from service.records import JobState
+from benchmarks.common import ROOT, add_options, emit, stamped, tiny_model
+from jobstore.records import JobState
 
 KEY = {"load": "load-test-secret-key"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def curve(rows: list[dict], width: int = 5) -> list[dict]:
@@ -104,29 +102,24 @@ def wait_figures(submitted: list[dict], jobs: dict[str, dict], t0: float, t1: fl
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--uploaders", type=int, default=10)
     ap.add_argument("--upload-every", type=float, default=20, help="seconds between one uploader's uploads")
     ap.add_argument("--minutes", type=float, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
 
     import torch
 
-    from worker.demo import make_dataset, train_tiny_bundle
     from worker.localstack import LocalStack
 
-    work = Path(tempfile.mkdtemp(prefix="isl-load-"))
-    data = work / "phantoms"
-    make_dataset(data, n_train=6, n_test=2, seed=1)
-    train_tiny_bundle(data, work / "models" / "tiny")
-    scan = sorted((data / "imagesTr").glob("*.nii.gz"))[0]
+    work, data, scans = tiny_model("isl-load-")
+    scan = scans[0]
     log = work / "jobs.jsonl"
-    out = {"command": shlex.join(["python", *sys.argv]),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU; locust, API, Redis and "
+    out = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU; locust, API, Redis and "
                       f"{args.workers} workers share it",
            "scenario": {"users": args.users, "uploaders": args.uploaders, "pollers": args.users - args.uploaders,
                         "upload_every_s": args.upload_every, "seconds": args.minutes * 60,
@@ -143,10 +136,7 @@ def main() -> None:
         submitted = [json.loads(line) for line in log.read_text().splitlines()]
         jobs = drain(stack.url, submitted, t1)
     out.update(wait_figures(submitted, jobs, t0, t1))
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(stamped(out), args.json, indent=1)
 
 
 if __name__ == "__main__":

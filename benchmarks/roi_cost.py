@@ -1,23 +1,26 @@
 """One region of interest for all organs, or one per organ? Voxel counts of each choice on a dataset's training
 cases, by the fingerprint's own ROI rule (ceil8(1.15 x largest extent + 4) per axis), on the canonical grid.
 
-    python benchmarks/roi_cost.py --dataset ../shared/data/headneck_ct --holdout 15 \
+    python -m benchmarks.roi_cost --dataset ../shared/data/headneck_ct --holdout 15 \
         --json benchmarks/results/roi_cost_headneck_ct.json
 """
+from __future__ import annotations
+
 import argparse
-import json
 
 import numpy as np
 
+from benchmarks.common import REQUIRED, add_options, emit, stamped
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", required=True)
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, dataset=REQUIRED)
     ap.add_argument("--holdout", type=int, default=0)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
     from imaging.dataset import load_case, load_dataset
-    from isl.training.train import _ceil, fingerprint
+    from isl.training.plan import _ceil, fingerprint
 
     ds = load_dataset(args.dataset)
     ids = sorted(c.case_id for c in ds.cases)[args.holdout:]
@@ -32,16 +35,11 @@ def main() -> None:
         per_organ[name] = {"roi": box, "voxels": int(np.prod(box))}
     one = int(np.prod(pre.roi_size))
     total = sum(v["voxels"] for v in per_organ.values())
-    result = {"command": f"python benchmarks/roi_cost.py --dataset {args.dataset} --holdout {args.holdout}",
-              "cases": len(ids), "canonical_spacing_mm": pre.spacing, "median_grid_voxels": grid,
+    result = {"cases": len(ids), "canonical_spacing_mm": pre.spacing, "median_grid_voxels": grid,
               "one_roi": {"roi": pre.roi_size, "voxels": one, "share_of_grid": round(one / grid, 3)},
               "per_organ": per_organ, "per_organ_total_voxels": total,
               "per_organ_total_vs_one_roi": round(total / one, 3)}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    emit(stamped(result), args.json)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 request rate, jobs per minute with 1 and 2 workers, and the service's overhead as a share of job time.
 Prints JSON (and writes it with --json).
 
-    python benchmarks/service_bench.py --json benchmarks/results/service_bench.json
+    python -m benchmarks.service_bench --json benchmarks/results/service_bench.json
 
 Small synthetic jobs: a tiny bundle trained for a few seconds on seeded phantoms (as in the tests), one CPU
 thread per worker. Everything runs as real processes: redis-server, `isl serve`, `isl worker` (LocalStack).
@@ -13,16 +13,14 @@ import argparse
 import asyncio
 import json
 import platform
-import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from service.records import JobState
+from benchmarks.common import add_options, emit, stamped, tiny_model
+from jobstore.records import JobState
 
 KEY = {"bench": "bench-secret-key"}
 
@@ -90,27 +88,22 @@ def throughput(c, url, cases, n_jobs) -> dict:
             "jobs_per_minute": round(60 * n_jobs / span, 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-jobs", type=int, default=20)
     ap.add_argument("--rate", type=float, default=200)
     ap.add_argument("--rate-seconds", type=float, default=15)
     ap.add_argument("--throughput-jobs", type=int, default=16)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
 
     import torch
 
-    from worker.demo import make_dataset, train_tiny_bundle
     from worker.localstack import LocalStack
 
-    work = Path(tempfile.mkdtemp(prefix="isl-bench-"))
-    data = work / "phantoms"
-    make_dataset(data, n_train=6, n_test=2, seed=1)
-    train_tiny_bundle(data, work / "models" / "tiny")
-    cases = sorted((data / "imagesTr").glob("*.nii.gz"))[:2]
-    out = {"command": shlex.join(["python", *sys.argv]),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU",
+    work, data, scans = tiny_model("isl-bench-")
+    cases = scans[:2]
+    out = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU",
            "jobs": "tiny phantom bundle (30 training iterations), 1 CPU thread per worker"}
     with LocalStack(work / "stack", work / "models", "tiny", data, KEY, workers=1) as stack:
         url = stack.url
@@ -136,9 +129,7 @@ def main() -> None:
             two = throughput(c, url, cases, args.throughput_jobs)
             out["throughput"] = {"1_worker": one, "2_workers": two,
                                  "ratio_2_over_1": round(two["jobs_per_minute"] / one["jobs_per_minute"], 2)}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    emit(stamped(out), args.json)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 the network, preprocessing and patch of a bundle, trained from the same seeded weights on a dataset's first cases
 (the batches are the same for every worker count: see segmentation.train.IterationBatches). Prints JSON.
 
-    python benchmarks/train_loader.py --model models/headneck_ct --dataset ../shared/data/headneck_ct \\
+    python -m benchmarks.train_loader --model models/headneck_ct --dataset ../shared/data/headneck_ct \\
         --device cuda --workers 0 8 --iterations 300 --json benchmarks/results/train_loader_h200.json
 """
 from __future__ import annotations
@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import re
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.common import REQUIRED, add_options, emit, stamped
 
 
 class _Waited(logging.Handler):
@@ -34,21 +33,19 @@ class _Waited(logging.Handler):
             self.seconds = int(m.group(1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from imaging.dataset import load_case, load_dataset
     from isl.bundle import ISLBundle
     from segmentation.network import build_network
     from segmentation.train import TrainConfig, train_network
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_options(ap, model=REQUIRED, dataset=REQUIRED, device="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 8])
     ap.add_argument("--iterations", type=int, default=300)
-    ap.add_argument("--cases", type=int, default=12)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--cases", type=int, default=12, help="the dataset's first N cases")
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     seg = ISLBundle.load(args.model, "cpu").segmentation
@@ -83,17 +80,12 @@ def main() -> None:
                      "seconds_waiting_for_batches": waited.seconds, "final_loss": round(losses[-1], 5)})
         print(json.dumps(runs[-1]), flush=True)
     base = runs[0]["seconds"]
-    out = {"command": "python benchmarks/train_loader.py " + shlex.join(sys.argv[1:]),
-           "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+    out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cpu_cores": os.cpu_count(), "cases": len(images),
            "patch_size": list(pre.patch_size), "batch_size": TrainConfig().batch_size,
            "seconds_loading_cases": round(load_s, 1), "runs": runs,
            "speedup_over_first": {str(r["workers"]): round(base / r["seconds"], 2) for r in runs}}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(stamped(out, device), args.json)
 
 
 if __name__ == "__main__":

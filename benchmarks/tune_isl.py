@@ -1,6 +1,7 @@
-"""Compare ISL configurations on a development split (never the test split) and print JSON.
+"""Compare ISL configurations on a development split (never the test split) and print JSON (and write it with
+--json).
 
-    python benchmarks/tune_isl.py --model models/hippocampus_few --dataset ../shared/data/hippocampus \
+    python -m benchmarks.tune_isl --model models/hippocampus_few --dataset ../shared/data/hippocampus \
         --first 68 --count 12 --configs '[{}, {"fusion_weight": 0.5}]'
 
 Cases are the `count` cases from sorted position `first` on that the model did not train on; for the
@@ -14,15 +15,17 @@ import time
 
 import numpy as np
 
+from benchmarks.common import REQUIRED, add_options, emit, stamped
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, model=REQUIRED, dataset=REQUIRED)
     ap.add_argument("--first", type=int, default=68)
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--configs", default="[{}]", help="JSON list of ISLConfig overrides")
-    args = ap.parse_args()
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
 
     from imaging.dataset import load_case, load_dataset
     from imaging.metrics import mean_dice
@@ -71,7 +74,7 @@ def main() -> None:
                 for r, (_, y) in zip(results, cases)])), 5) for w in weights}
         out["configs"].append(row)
         print(json.dumps(row, default=float), flush=True)
-    print(json.dumps(out, indent=2, default=float))
+    emit(stamped(out), args.json, default=float)
 
 
 if __name__ == "__main__":

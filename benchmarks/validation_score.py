@@ -1,8 +1,9 @@
 """Score refinement configs on a bundle's own validation cases (those its configuration searched on), to set a
 hand-made setting beside the configuration's choice without touching the test split; with the Dice of ISL's
-parts (the starting mask, the fusion alone, the tuned network alone) beside the final mix. Prints JSON.
+parts (the starting mask, the fusion alone, the tuned network alone) beside the final mix. Prints JSON (and
+writes it with --json).
 
-    python benchmarks/validation_score.py --model models/hippocampus_few --dataset ../shared/data/hippocampus \\
+    python -m benchmarks.validation_score --model models/hippocampus_few --dataset ../shared/data/hippocampus \\
         --defaults --config '{"final_inference": "roi"}' \\
         > benchmarks/results/defaults_on_validation_hippocampus_few.json
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import REQUIRED, add_options, emit, stamped
 from imaging.dataset import load_case, load_dataset
 from imaging.metrics import dice
 from isl.config import ISLConfig
@@ -53,30 +54,32 @@ def _mean_dice(probs: np.ndarray, truth: np.ndarray, labels: list[int]) -> float
     return round(float(np.mean(list(dice(probs.argmax(0), truth, labels).values()))), 5)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dataset", required=True)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(ap, model=REQUIRED, dataset=REQUIRED)
     ap.add_argument("--config", action="append", help="ISLConfig fields to override, as JSON (repeatable: variants)")
     ap.add_argument("--defaults", action="store_true", help="start from the ISLConfig defaults, not the bundle's")
     ap.add_argument("--cases", type=int, default=0, help="the first N validation cases only (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_options(ap, threads=2, device="cpu", json=None)
     ap.add_argument("--progress", default=None, help="a file that gets each variant's result as one JSON line when "
                                                      "it ends (what a run stopped by a time limit still keeps)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = json.loads(open(f"{args.model}/bundle.json").read())
-    ids = meta["refinement"]["validation_cases"][: args.cases or None]
+    meta, ids = validation_cases(args.model, args.cases)
     variants = []
     for c in args.config or ["{}"]:
         variants.append(score_variant(args, json.loads(c), ids))
         if args.progress:
             with open(args.progress, "a") as f:
                 f.write(json.dumps(variants[-1]) + "\n")
-    print(json.dumps({"command": "python benchmarks/validation_score.py " + shlex.join(sys.argv[1:]),
-                      "model": meta["version"], "validation_cases": ids, "from_defaults": args.defaults,
-                      "variants": variants}, indent=1))
+    emit(stamped({"model": meta["version"], "validation_cases": ids, "from_defaults": args.defaults,
+                  "variants": variants}, args.device), args.json, indent=1)
+
+
+def validation_cases(model: str, first: int) -> tuple[dict, list[str]]:
+    """A bundle's metadata and its first `first` validation cases (0: all), those its configuration searched on."""
+    meta = json.loads((Path(model) / "bundle.json").read_text())
+    return meta, meta["refinement"]["validation_cases"][: first or None]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ train` configured it, and a copy whose refinement is forced to full ISL (`<name>
 pipeline (registration, fine-tuning, fusion) runs on the device even where the configuration returns the network.
 Prints JSON (and writes it with --json).
 
-    python benchmarks/worker_job.py --model models/headneck_ct --dataset ../shared/data/headneck_ct \\
+    python -m benchmarks.worker_job --model models/headneck_ct --dataset ../shared/data/headneck_ct \\
         --case openkbp_002 --device cuda --json benchmarks/results/worker_job_gpu.json
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import add_options, emit, stamped
 
 KEY = {"bench": "bench-secret-key"}
 
@@ -80,21 +82,16 @@ def run(model: Path, dataset: Path, cases: list[str], device: str, threads: int)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--dataset", required=True, type=Path, help="holds the cases and the bundle's atlases")
     ap.add_argument("--case", action="append", required=True, dest="cases")
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--threads", type=int, default=4, help="CPU threads of the worker")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    result = {"command": " ".join(["python", *sys.argv])} | run(args.model, args.dataset, args.cases, args.device,
-                                                                 args.threads)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    add_options(ap, json=None)
+    args = ap.parse_args(argv)
+    emit(stamped(run(args.model, args.dataset, args.cases, args.device, args.threads), args.device), args.json)
 
 
 if __name__ == "__main__":

@@ -61,21 +61,32 @@ def write_rtstruct(labels: np.ndarray, source: Volume, label_names: dict[int, st
                    label: str = "ISL refined") -> Path:
     """Write a label map on `source`'s grid as an RT Structure Set referencing the source series."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from skimage.measure import find_contours
 
     if problem := export_problem(source):
         raise InputError(f"{source.source}: no RTSTRUCT: {problem}")
     if labels.shape != source.array.shape:
         raise InputError(f"label map shape {labels.shape} differs from the source series {source.array.shape}")
-    first = source.dicom_headers[0]
-    frame_of_reference = first.FrameOfReferenceUID
     codes = codes or segment_codes(label_names)
     refs = _slice_references(source)
-    origin, matrix = _affine(source.geometry)
-    now = datetime.datetime.now()
+    ds = _structure_set(source, software_version, label)
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(source, refs)]
+    rois, contours, observations = [], [], []
+    for number, value in enumerate(sorted(v for v in label_names if v != 0), start=1):
+        rois.append(_roi(number, label_names[value], source.dicom_headers[0].FrameOfReferenceUID))
+        contours.append(_roi_contour(number, labels == value, codes[value], refs, source.geometry))
+        observations.append(_observation(number, codes[value]))
+    ds.StructureSetROISequence, ds.ROIContourSequence = rois, contours
+    ds.RTROIObservationsSequence = observations
+    return atomic_write(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True))
 
+
+def _structure_set(source: Volume, software_version: str, label: str):
+    """The RT Structure Set's file meta, patient and study (copied from the source series) and its own identity."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    first = source.dicom_headers[0]
+    now = datetime.datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
@@ -92,7 +103,14 @@ def write_rtstruct(labels: np.ndarray, source: Volume, label_names: dict[int, st
     ds.SoftwareVersions = software_version
     ds.StructureSetLabel, ds.StructureSetName = label[:16], label[:64]
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    return ds
 
+
+def _referenced_frame(source: Volume, refs):
+    """The frame of reference, study and series the contours lie on, with every referenced image."""
+    from pydicom.dataset import Dataset
+
+    first = source.dicom_headers[0]
     contour_images = []
     for sop_class, sop_instance, frame in dict.fromkeys(refs):
         item = Dataset()
@@ -106,47 +124,59 @@ def write_rtstruct(labels: np.ndarray, source: Volume, label_names: dict[int, st
     study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (as DICOM's examples)
     study.ReferencedSOPInstanceUID, study.RTReferencedSeriesSequence = first.StudyInstanceUID, [series]
     reference = Dataset()
-    reference.FrameOfReferenceUID, reference.RTReferencedStudySequence = frame_of_reference, [study]
-    ds.ReferencedFrameOfReferenceSequence = [reference]
+    reference.FrameOfReferenceUID, reference.RTReferencedStudySequence = first.FrameOfReferenceUID, [study]
+    return reference
 
-    rois, contours, observations = [], [], []
-    for number, value in enumerate(sorted(v for v in label_names if v != 0), start=1):
-        code = codes[value]
-        roi = Dataset()
-        roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame_of_reference
-        roi.ROIName, roi.ROIGenerationAlgorithm = label_names[value][:64], "AUTOMATIC"
-        rois.append(roi)
-        items = []
-        for k in np.flatnonzero((labels == value).any(axis=(1, 2))):
-            padded = np.pad(labels[k] == value, 1).astype(np.float32)
-            for line in find_contours(padded, 0.5):
-                rc = line[:-1] - 1.0  # closed: the last point repeats the first; undo the padding
-                xyz = np.column_stack([rc[:, 1], rc[:, 0], np.full(len(rc), float(k))])
-                points = origin + xyz @ matrix.T
-                item = Dataset()
-                ref = Dataset()
-                ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = refs[k][:2]
-                if refs[k][2] is not None:
-                    ref.ReferencedFrameNumber = refs[k][2]
-                item.ContourImageSequence = [ref]
-                item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
-                item.ContourData = [round(float(v), 4) for v in points.ravel()]
-                items.append(item)
-        contour = Dataset()
-        contour.ReferencedROINumber, contour.ROIDisplayColor = number, list(code.colour)
-        if items:
-            contour.ContourSequence = items
-        contours.append(contour)
-        observation = Dataset()
-        observation.ObservationNumber, observation.ReferencedROINumber = number, number
-        observation.RTROIInterpretedType = "ORGAN" if code.category[2] == "Anatomical Structure" else ""
-        observation.ROIInterpreter = ""
-        if code.coded:
-            observation.RTROIIdentificationCodeSequence = [_code_item(code.type)]
-        observations.append(observation)
-    ds.StructureSetROISequence, ds.ROIContourSequence = rois, contours
-    ds.RTROIObservationsSequence = observations
-    return atomic_write(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True))
+
+def _roi(number: int, name: str, frame_of_reference: str):
+    from pydicom.dataset import Dataset
+
+    roi = Dataset()
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame_of_reference
+    roi.ROIName, roi.ROIGenerationAlgorithm = name[:64], "AUTOMATIC"
+    return roi
+
+
+def _roi_contour(number: int, mask: np.ndarray, code: SegmentCode, refs, geometry):
+    """One structure's closed planar contours, slice by slice (marching squares on the padded slice), in patient
+    coordinates, each referencing its image."""
+    from pydicom.dataset import Dataset
+    from skimage.measure import find_contours
+
+    origin, matrix = _affine(geometry)
+    items = []
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        padded = np.pad(mask[k], 1).astype(np.float32)
+        for line in find_contours(padded, 0.5):
+            rc = line[:-1] - 1.0  # closed: the last point repeats the first; undo the padding
+            xyz = np.column_stack([rc[:, 1], rc[:, 0], np.full(len(rc), float(k))])
+            points = origin + xyz @ matrix.T
+            item = Dataset()
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = refs[k][:2]
+            if refs[k][2] is not None:
+                ref.ReferencedFrameNumber = refs[k][2]
+            item.ContourImageSequence = [ref]
+            item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+            item.ContourData = [round(float(v), 4) for v in points.ravel()]
+            items.append(item)
+    contour = Dataset()
+    contour.ReferencedROINumber, contour.ROIDisplayColor = number, list(code.colour)
+    if items:
+        contour.ContourSequence = items
+    return contour
+
+
+def _observation(number: int, code: SegmentCode):
+    from pydicom.dataset import Dataset
+
+    observation = Dataset()
+    observation.ObservationNumber, observation.ReferencedROINumber = number, number
+    observation.RTROIInterpretedType = "ORGAN" if code.category[2] == "Anatomical Structure" else ""
+    observation.ROIInterpreter = ""
+    if code.coded:
+        observation.RTROIIdentificationCodeSequence = [_code_item(code.type)]
+    return observation
 
 
 def read_rtstruct_labels(path: str | os.PathLike, source: Volume) -> dict[str, np.ndarray]:

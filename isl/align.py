@@ -1,15 +1,18 @@
 """Step 2 of the method and its feedback: the labelled atlases deformed toward the scan by the learned
 registration, the K most similar kept, and their displacements instance-optimised with the weak-supervision
 Dice to the scan's current mask; plus what the warped atlases give: their majority vote and their non-local
-label fusion."""
+label fusion. Experiments (ISLConfig.atlas_alignment, full_resolution_steps) change what the alignment hands on
+(`Aligner.variant`); their defaults hand it on as it is."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from isl.bundle import Atlases
+from isl.config import ISLConfig
 from registration.fusion import fuse_labels
 from registration.instance import InstanceConfig, instance_optimise
 from registration.model import Losses, Registrar
@@ -82,6 +85,44 @@ class Aligner:
         """The feedback: `steps` more steps of the same optimisation toward the scan's current mask `probs`."""
         return self.optimise(aligned.index, aligned.field, scan, _foreground(probs, scan.device),
                              cfg.model_copy(update={"steps": steps}))
+
+    def variant(self, aligned: Aligned, scan: torch.Tensor, probs: np.ndarray, cfg: ISLConfig) -> Aligned:
+        """What an alignment hands on under the config's experiments: `aligned` itself with their defaults (the
+        method); the same atlases undeformed (`atlas_alignment`); or `full_resolution_steps` more steps toward the
+        scan's mask `probs` on the full-resolution grid."""
+        if cfg.atlas_alignment == "undeformed":
+            return self.undeformed(aligned)
+        if cfg.full_resolution_steps:
+            fine = cfg.registration.model_copy(update={"steps": cfg.full_resolution_steps,
+                                                       "lr": cfg.full_resolution_lr})
+            return self.full_resolution(aligned, scan, _foreground(probs, scan.device), fine)
+        return aligned
+
+    def undeformed(self, aligned: Aligned) -> Aligned:
+        """The atlases of `aligned` as they are (zero displacement): the network's own training crops."""
+        index = aligned.index
+        return Aligned(index, torch.zeros_like(aligned.field), self.images[index].clone(), self.onehot[index].clone(),
+                       torch.zeros_like(aligned.displacement), self.known[index])
+
+    def full_resolution(self, aligned: Aligned, scan: torch.Tensor, mask: torch.Tensor,
+                        cfg: InstanceConfig) -> Aligned:
+        """`cfg.steps` instance-optimisation steps of `aligned`'s displacements on the full-resolution grid (the
+        registration's `downsample` set to 1), toward the scan and its foreground probabilities `mask`
+        (1, L-1, *roi). The coarse field stays as it was: a later re-registration starts from it."""
+        full = full_grid(self.reg)
+        index = aligned.index
+        u = instance_optimise(full, self.images[index, :1], self.onehot[index, 1:], scan, mask, aligned.displacement,
+                              cfg, aligned.known[:, 1:])
+        with torch.no_grad():
+            images, labels = full.warp(self.images[index], u), full.warp(self.onehot[index], u)
+        return Aligned(index, aligned.field, images, labels, u, aligned.known)
+
+
+def full_grid(reg: Registrar) -> Registrar:
+    """The registration on the full-resolution grid (its `downsample` set to 1), sharing the network's weights."""
+    full = copy.copy(reg)
+    full.cfg = full.cfg.model_copy(update={"downsample": 1})
+    return full
 
 
 def _foreground(probs: np.ndarray, device: torch.device) -> torch.Tensor:

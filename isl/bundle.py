@@ -15,6 +15,7 @@ from imaging.codes import check_overrides
 from imaging.dataset import load_case, load_dataset
 from imaging.errors import BundleError, DatasetError
 from imaging.files import atomic_write_text
+from isl.meta import BundleMeta
 from registration.model import Registrar
 from segmentation.bundle import SegmentationModel
 from segmentation.preprocess import centroid, crop
@@ -59,20 +60,25 @@ class ISLBundle:
     path: Path
 
     @property
+    def info(self) -> BundleMeta:
+        """`meta` (what bundle.json holds) read through named fields."""
+        return BundleMeta.model_validate(self.meta)
+
+    @property
     def version(self) -> str:
         return self.meta["version"]
 
     @property
     def atlas_ids(self) -> list[str]:
-        return list(self.meta["atlases"])
+        return list(self.info.atlases)
 
     def refinement_config(self, overrides: dict | None = None):
         """The ISLConfig that `isl train` configured for this bundle (the defaults for a bundle never
         configured), with `overrides` (field -> value) on top, validated."""
         from isl.config import ISLConfig
 
-        chosen = (self.meta.get("refinement") or {}).get("config") or {}
-        return ISLConfig.model_validate(chosen | (overrides or {}))
+        refinement = self.info.refinement
+        return ISLConfig.model_validate((refinement.config if refinement else {}) | (overrides or {}))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:

@@ -3,9 +3,9 @@ hippocampus set (see docs/method.md for what each does and why it is set so). It
 and on assignment, so that no caller (the CLI, the API, a script) can hand the engine a value it refuses."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from registration.instance import InstanceConfig
 
@@ -74,3 +74,44 @@ class ISLConfig(BaseModel):
                                                           "also votes from its neighbouring voxels")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    # experiments (benchmarks/README.md): each default is the method; a config dump leaves a field out while it
+    # holds its default, so that configurations, reports and bundle versions written before these fields read the
+    # same
+    atlas_alignment: Literal["registered", "undeformed"] = Field(
+        "registered", description="the atlases that fine-tuning learns from and the final mask fuses: registered "
+                                  "toward the scan (the method), or undeformed (zero displacement: the network's own "
+                                  "training crops; a control, benchmarks/finetune_control.py); registration still "
+                                  "selects the K atlases and its QA (folding, atlas vote) stays that of the "
+                                  "registered ones")
+    full_resolution_steps: int = Field(
+        0, ge=0, description="instance-optimisation steps added after every alignment on the full-resolution grid "
+                             "(the registration's `downsample` set to 1), from the aligned displacements, with the "
+                             "registration's weights and full_resolution_lr (0: none, the method; a better teacher, "
+                             "benchmarks/finetune_teacher.py)")
+    full_resolution_lr: float = Field(0.1, gt=0, description="Adam learning rate of the full_resolution_steps")
+    finetune_optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="the optimiser of per-case fine-tuning at finetune_lr: Adam (the method), or SGD with "
+                            "momentum 0.9 (a gentler recipe, benchmarks/finetune_teacher.py)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_alignment(cls, data: Any) -> Any:
+        """Undeformed atlases have no registration to refine. Before the fields (on assignment too, where `data`
+        holds every field with the new value): a refused assignment leaves the config as it was."""
+        if isinstance(data, dict) and data.get("atlas_alignment") == "undeformed" and data.get("full_resolution_steps"):
+            raise ValueError(f"full_resolution_steps ({data['full_resolution_steps']}) refine a registration, and "
+                             f"atlas_alignment 'undeformed' has none: set full_resolution_steps to 0 or "
+                             f"atlas_alignment to 'registered'")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _experiments_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump, less the EXPERIMENTS fields that hold their defaults (reading it back gives them again)."""
+        data = handler(self)
+        for name in EXPERIMENTS:
+            if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return data
+
+
+EXPERIMENTS = ("atlas_alignment", "full_resolution_steps", "full_resolution_lr", "finetune_optimizer")

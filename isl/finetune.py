@@ -41,7 +41,8 @@ class FineTuning:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        self.opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
+        self.opt = (torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=0.9) if cfg.finetune_optimizer == "sgd"
+                    else torch.optim.Adam(params, lr=cfg.finetune_lr))
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(cfg.finetune_steps, 1))
                       if cfg.finetune_schedule == "cosine" else None)
         self.transform = augmentation(start.mask.shape[1:], crop=False, strength=cfg.augment_strength,
@@ -75,7 +76,7 @@ class FineTuning:
         return torch.from_numpy(target[None].astype(np.float32))
 
     def step(self, aligned: Aligned, ema: EMAMask, fused: np.ndarray | None) -> None:
-        """One Adam step on the deformed atlases (and, with `scan_weight` > 0, on the scan's pseudo-label)."""
+        """One optimiser step on the deformed atlases (and, with `scan_weight` > 0, on the scan's pseudo-label)."""
         self.network.train()
         if fused is None:
             xb, yb, known = self.batch(aligned)
@@ -124,8 +125,11 @@ def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConf
     into the moving-average mask (stop once it is stable, after `min_steps`); every `reregister_every` steps
     re-register the atlases toward that mask. Fine-tuning and re-registration are timed as separate stages.
     `snapshot(steps, network, aligned)`, when given, sees the state after every step, before any
-    re-registration: what a run with `finetune_steps = steps` (and no early stop) would end with."""
+    re-registration: what a run with `finetune_steps = steps` (and no early stop) would end with. The config's
+    alignment experiments (`Aligner.variant`) apply to `aligned` first and after every re-registration; with their
+    defaults, `aligned` is what fine-tuning learns from."""
     with timer.stage("finetune"):
+        aligned = aligner.variant(aligned, start.scan, start.mask, cfg)
         tuning = FineTuning(net, start, cfg, rng, aligner.images.device)
         ema = EMAMask(start.mask, cfg.ema_decay, cfg.stop_tolerance, cfg.stop_patience)
         fused = _fused(aligned, start, cfg)  # the scan's pseudo-label needs it (scan_weight > 0)
@@ -142,7 +146,8 @@ def finetune(net, start: Start, aligned: Aligned, aligner: Aligner, cfg: ISLConf
             break
         if cfg.reregister_steps and steps % cfg.reregister_every == 0 and steps < cfg.finetune_steps:
             with timer.stage("reregistration"):
-                aligned = aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps, cfg.registration)
+                aligned = aligner.variant(aligner.reregister(aligned, start.scan, ema.probs, cfg.reregister_steps,
+                                                             cfg.registration), start.scan, ema.probs, cfg)
                 fused = _fused(aligned, start, cfg)
     return Tuned(blended(net, tuning.network, cfg.finetune_interpolation), ema, steps, aligned, fused)
 

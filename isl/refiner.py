@@ -82,9 +82,7 @@ class Refiner:
             raise InputError(f"keep_start / label_fusion_weights name {unknown}, which model {bundle.version} does "
                              f"not segment (its labels: {', '.join(names)})")
         # why this method: the bundle's configuration decision (what `isl train` measured), for every report
-        self.decision = (bundle.meta.get("refinement") or {}).get("decision") or {
-            "method": "isl", "reason": "the bundle was not configured (trained with --validation 0 or "
-                                       "--no-configure): ISL with the ISLConfig defaults, unchecked on this data"}
+        self.decision = bundle.info.decision.model_dump(exclude_unset=True)
 
     def refine(self, image: np.ndarray, progress=None, extra_atlases: Atlases | None = None) -> ISLResult:
         """Run ISL on one preprocessed image (C, z, y, x) on the canonical grid. `progress(stage, fraction)`, when

@@ -86,7 +86,7 @@ def train_network(net, images: list[np.ndarray], labels: list[np.ndarray], patch
     """Train `net` in place on images (C, z, y, x) in [0, 1] and label maps (z, y, x); returns the loss curve.
     `annotated` (N, L) bool says which labels each case contours (partial labels: see segmentation.losses);
     None: every case contours every label. `mirror_axes`: the spatial axes along which mirroring keeps labels
-    valid (see isl.training.train.mirror_axes). `frozen` (parameters, steps): those parameters are held still
+    valid (see isl.training.plan.mirror_axes). `frozen` (parameters, steps): those parameters are held still
     for the first steps (a transferred encoder, while the new output layer settles). `workers`: processes
     that prepare batches (default: `loader_workers(device)`); the batches do not depend on it."""
     from monai.utils import set_determinism

@@ -5,7 +5,7 @@ t-test and a Wilcoxon signed-rank test, their Spearman correlation, the Dice of 
 correction, a Bland-Altman plot, and a verdict: converged when no structure's volumes differ significantly and
 Dice and Spearman reach the thresholds (the study's 0.94 and 0.97 by default).
 
-Computed from the corrections' records (service/db.py); scipy's tests, matplotlib's plot; no torch."""
+Computed from the corrections' records (jobstore/registry.py); scipy's tests, matplotlib's plot; no torch."""
 from __future__ import annotations
 
 import io
@@ -13,6 +13,8 @@ import math
 from collections import defaultdict
 
 import numpy as np
+
+from jobstore.rows import Correction
 
 MIN_CASES = 3  # fewer paired cases than this give no test
 
@@ -49,30 +51,34 @@ def structure_agreement(auto_ml: list[float], corrected_ml: list[float], dice: l
     return out
 
 
-def agreement(corrections: list[dict], dice_min: float = 0.94, spearman_min: float = 0.97,
+def _latest(corrections: list[Correction]) -> list[Correction]:
+    """The last correction of each job (the job's truth), in the order the jobs were first corrected."""
+    return list({r.job_id: r for r in sorted(corrections, key=lambda r: r.created)}.values())
+
+
+def agreement(corrections: list[Correction], dice_min: float = 0.94, spearman_min: float = 0.97,
               alpha: float = 0.05, group_by: str | None = None) -> dict:
     """The agreement report of one model's corrections (rows of `Records.corrections`; the last correction of
     each job counts), per model version, oldest version first; with `group_by`, per model version and value of
     that key of the cases' metadata (subgroups such as age bands; '(none)' where a case lacks it)."""
-    latest = {r["job_id"]: r for r in sorted(corrections, key=lambda r: r["created"])}
-    by_version: dict[tuple[str, str | None], list[dict]] = defaultdict(list)
-    for row in latest.values():
-        group = (row["summary"].get("metadata") or {}).get(group_by, "(none)") if group_by else None
-        by_version[(row["model_version"], group)].append(row)
+    by_version: dict[tuple[str, str | None], list[Correction]] = defaultdict(list)
+    for row in _latest(corrections):
+        group = (row.summary.get("metadata") or {}).get(group_by, "(none)") if group_by else None
+        by_version[(row.model_version, group)].append(row)
     batches = []
     for (version, group), rows in sorted(by_version.items(),
-                                         key=lambda kv: (min(r["created"] for r in kv[1]), str(kv[0][1]))):
-        names = sorted({n for r in rows for n in r["summary"]["per_label"]})
+                                         key=lambda kv: (min(r.created for r in kv[1]), str(kv[0][1]))):
+        names = sorted({n for r in rows for n in r.summary["per_label"]})
         per = {}
         for name in names:
-            cases = [r["summary"]["per_label"][name] for r in rows if name in r["summary"]["per_label"]]
+            cases = [r.summary["per_label"][name] for r in rows if name in r.summary["per_label"]]
             per[name] = structure_agreement([x["refined_ml"] for x in cases], [x["corrected_ml"] for x in cases],
                                             [x["dice_refined_vs_corrected"] for x in cases], alpha,
                                             [x["hausdorff_mm"] for x in cases if "hausdorff_mm" in x],
                                             [x["average_hausdorff_mm"] for x in cases if "average_hausdorff_mm" in x])
         batches.append({"model_version": version, **({"group": {group_by: group}} if group_by else {}),
                         "cases": len(rows),
-                        "first": min(r["created"] for r in rows), "last": max(r["created"] for r in rows),
+                        "first": min(r.created for r in rows), "last": max(r.created for r in rows),
                         "structures": per, **verdict(per, len(rows), dice_min, spearman_min)})
     return {"rule": {"alpha": alpha, "dice_min": dice_min, "spearman_min": spearman_min, "min_cases": MIN_CASES},
             "group_by": group_by, "batches": batches}
@@ -94,7 +100,8 @@ def verdict(per: dict[str, dict], cases: int, dice_min: float, spearman_min: flo
             f"no structure's volumes differ, Dice >= {dice_min} and Spearman >= {spearman_min} for every one"}
 
 
-def bland_altman_png(corrections: list[dict], model: str, dice_min: float = 0.94, spearman_min: float = 0.97) -> bytes:
+def bland_altman_png(corrections: list[Correction], model: str, dice_min: float = 0.94,
+                     spearman_min: float = 0.97) -> bytes:
     """One Bland-Altman panel per structure (latest model version's batch): the mean of the automatic and the
     corrected volume against their difference, with the mean difference and the 95% limits of agreement. Drawn on
     a Figure of its own (no pyplot state: the API serves requests from threads)."""
@@ -104,13 +111,12 @@ def bland_altman_png(corrections: list[dict], model: str, dice_min: float = 0.94
     if not report["batches"]:
         raise ValueError(f"model {model} has no corrections yet")
     batch = report["batches"][-1]
-    latest = {r["job_id"]: r for r in sorted(corrections, key=lambda r: r["created"])}
-    rows = [r for r in latest.values() if r["model_version"] == batch["model_version"]]
+    rows = [r for r in _latest(corrections) if r.model_version == batch["model_version"]]
     names = list(batch["structures"])
     fig = Figure(figsize=(4.2 * len(names), 3.6))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
-        cases = [r["summary"]["per_label"][name] for r in rows if name in r["summary"]["per_label"]]
+        cases = [r.summary["per_label"][name] for r in rows if name in r.summary["per_label"]]
         a = np.array([x["refined_ml"] for x in cases])
         c = np.array([x["corrected_ml"] for x in cases])
         ax.scatter((a + c) / 2, a - c, s=18, color="#1f4e79")

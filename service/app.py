@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from jobstore.store import open_store
 from service import console, handlers, openapi
 from service.auth import Keys
-from service.jobs import open_store
 from service.queue import Queue
 from service.routes import ROUTERS
 from service.settings import Settings
@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description=DESCRIPTION)
     app.state.settings = settings
     app.state.keys = settings.tenants_by_key_hash()  # refuses to start without keys unless in development mode
-    app.state.store = open_store(settings, patient=False)
+    app.state.store = open_store(settings.redis_url, settings.database(), patient=False)
     app.state.auth = Keys(app.state.keys, app.state.store, settings)
     app.state.storage = Storage(settings.storage_root)
     spool_under(Path(settings.storage_root) / "spool")

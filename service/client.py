@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from imaging.files import atomic_write_bytes, atomic_write_text
-from service.records import FINAL, RESULT_FORMATS, JobState
+from jobstore.records import FINAL, RESULT_FORMATS, JobState
 
 
 class ServiceError(Exception):
@@ -210,36 +210,9 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
     summary: dict[str, dict] = {}
     bar = tqdm(total=len(cases), unit="case", disable=not progress, file=sys.stderr)
 
-    def one(name: str, paths: list[Path]) -> dict:
-        folder = out / name
-        if (folder / "report.json").is_file() and (folder / "mask.nii.gz").is_file():
-            done = json.loads((folder / "report.json").read_text())
-            return {"state": "skipped", "job": done.get("job_id", ""), "error": ""}
-        if missing := [str(p) for p in paths if not p.exists()]:
-            return {"state": JobState.FAILED.value, "job": "", "error": f"{', '.join(missing)} does not exist"}
-        key = _fingerprint(paths, options)
-        path = paths if sequences else paths[0]
-        job = client.submit(path, model=model, atlases=atlases, priority=priority, idempotency_key=key)
-        if job["state"] in (JobState.FAILED, JobState.CANCELLED):  # an earlier run's job ended badly: try anew
-            job = client.submit(path, model=model, atlases=atlases, priority=priority,
-                                idempotency_key=f"{key}:after:{job['id']}")
-        job = client.wait(job["id"], timeout=timeout)
-        if job["state"] != JobState.SUCCEEDED:
-            return {"state": job["state"], "job": job["id"], "error": job["error"]}
-        folder.mkdir(exist_ok=True)
-        client.download(job["id"], folder / "mask.nii.gz")
-        report = client.report(job["id"]) | {"job_id": job["id"]}
-        lacking = [f for f in formats if RESULT_FORMATS[f] not in report["files"]]
-        for f in formats:
-            if f not in lacking:
-                client.download(job["id"], folder / FORMAT_FILES[f], format=f)
-        atomic_write_text(folder / "report.json", json.dumps(report, indent=2))  # last: its presence marks it done
-        why = (report.get("dicom_exports") or {}).get("not_written_because") or "the job has none"
-        return {"state": JobState.SUCCEEDED.value, "job": job["id"],
-                "error": f"no {', '.join(lacking)} result: {why}" if lacking else ""}
-
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {pool.submit(one, n, p): n for n, p in cases.items()}
+        futures = {pool.submit(_one_case, client, out / n, p, options, sequences, formats, timeout): n
+                   for n, p in cases.items()}
         for f in as_completed(futures):
             name = futures[f]
             try:
@@ -252,3 +225,33 @@ def submit_batch(paths: list[str], server: str, api_key: str, out: str | Path, *
                 bar.set_postfix_str(f"{name}: {result['state']}")
     bar.close()
     return dict(sorted(summary.items()))
+
+
+def _one_case(client: Client, folder: Path, paths: list[Path], options: dict, sequences: bool,
+              formats: tuple[str, ...], timeout: float | None) -> dict:
+    """One case of `submit_batch`: skipped when its result is in `folder`, else submitted (found again by its
+    idempotency key), waited for and downloaded; the report is written last, its presence marking the case done."""
+    if (folder / "report.json").is_file() and (folder / "mask.nii.gz").is_file():
+        done = json.loads((folder / "report.json").read_text())
+        return {"state": "skipped", "job": done.get("job_id", ""), "error": ""}
+    if missing := [str(p) for p in paths if not p.exists()]:
+        return {"state": JobState.FAILED.value, "job": "", "error": f"{', '.join(missing)} does not exist"}
+    key = _fingerprint(paths, options)
+    path = paths if sequences else paths[0]
+    job = client.submit(path, **options, idempotency_key=key)
+    if job["state"] in (JobState.FAILED, JobState.CANCELLED):  # an earlier run's job ended badly: try anew
+        job = client.submit(path, **options, idempotency_key=f"{key}:after:{job['id']}")
+    job = client.wait(job["id"], timeout=timeout)
+    if job["state"] != JobState.SUCCEEDED:
+        return {"state": job["state"], "job": job["id"], "error": job["error"]}
+    folder.mkdir(exist_ok=True)
+    client.download(job["id"], folder / "mask.nii.gz")
+    report = client.report(job["id"]) | {"job_id": job["id"]}
+    lacking = [f for f in formats if RESULT_FORMATS[f] not in report["files"]]
+    for f in formats:
+        if f not in lacking:
+            client.download(job["id"], folder / FORMAT_FILES[f], format=f)
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2))  # last: its presence marks it done
+    why = (report.get("dicom_exports") or {}).get("not_written_because") or "the job has none"
+    return {"state": JobState.SUCCEEDED.value, "job": job["id"],
+            "error": f"no {', '.join(lacking)} result: {why}" if lacking else ""}

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyHeader
 
+from jobstore.records import Batch, Job, JobState
+from jobstore.store import JobStore
 from service.auth import Refused, key_in
 from service.guard import CHECKED
-from service.jobs import JobStore
 from service.queue import Queue
-from service.records import Batch, Job, JobState
 from service.settings import Settings
 from service.storage import JOB_ID, Storage
 

@@ -14,7 +14,7 @@ job as a STOW-RS series does (read in the limited child, recorded, its files mov
 job whose error says why, visible to its tenant like any other. Nothing received is lost on a restart: incoming
 series are on disk and get a whole quiet time again from the restart (their sender may resume); a claimed series
 is recorded under the same idempotency key, so it never becomes two jobs. A broker that cannot be reached leaves
-the job recorded and unsent: the workers' sweep sends it (service/jobs.py `requeue_orphans`). Instances of a
+the job recorded and unsent: the workers' sweep sends it (jobstore/lease.py `requeue_orphans`). Instances of a
 series that arrive after it was claimed form a new series folder, hence a new job.
 
 When the default model takes several sequences (T1, FLAIR...), the unit is the study, not the series: instances are
@@ -32,11 +32,12 @@ import time
 import uuid
 from pathlib import Path
 
+from jobstore.errors import STORE_AWAY
+from jobstore.records import InputFile, JobOptions, JobState, is_uid, now
+from jobstore.store import open_store
 from service import metrics
 from service.intake import model_sequences
-from service.jobs import open_store
-from service.queue import Queue
-from service.records import InputFile, JobOptions, JobState, is_uid, now
+from service.queue import BROKER_AWAY, Queue
 from service.settings import Settings
 from service.storage import Storage
 
@@ -78,8 +79,8 @@ class Listener:
             stale.unlink(missing_ok=True)
         for folder in self.incoming.glob("*/*"):  # a sender cut off by the restart gets a whole quiet time again
             os.utime(folder)
-        self.store, self.storage, self.queue = open_store(settings), Storage(settings.storage_root), \
-            Queue(settings)
+        self.store = open_store(settings.redis_url, settings.database())
+        self.storage, self.queue = Storage(settings.storage_root), Queue(settings)
         try:  # a model of several sequences takes a study per job; any other, a series
             self.sequences = model_sequences(settings, settings.default_model)
         except (OSError, ValueError) as exc:
@@ -106,7 +107,8 @@ class Listener:
             study, series, sop = _uids(data, self.unit == "study")
             if self.unit == "study":
                 series = study  # the folder of a model of several sequences: the whole study
-        except Exception as exc:  # noqa: BLE001 - a data set that cannot be parsed is answered, not raised
+        # broad on purpose: an untrusted data set may fail to parse in any way; it is answered, not raised
+        except Exception as exc:  # noqa: BLE001
             log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
             return CANNOT_UNDERSTAND
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
@@ -156,7 +158,9 @@ class Listener:
         for claimed in sorted(self.claimed.glob("*/*")):
             try:
                 made.append(self.make_job(claimed.parent.name, claimed))
-            except Exception:  # noqa: BLE001 - this series waits for the next round; the others go on
+            # broad on purpose: whatever stops one series (Redis or the database away, its untrusted files, a full
+            # disk) leaves it claimed for the next round, and the others go on
+            except Exception:  # noqa: BLE001
                 log.exception("series %s not made a job yet; tried again next round", claimed.name)
         return made
 
@@ -204,7 +208,7 @@ class Listener:
             try:
                 self.queue.send(job.id, options.priority)
                 self.store.mark_sent(job.id)
-            except Exception as exc:  # noqa: BLE001 - recorded and unsent: the workers' sweep sends it
+            except (*BROKER_AWAY, *STORE_AWAY) as exc:  # recorded and unsent: the workers' sweep sends it
                 log.warning("job %s recorded but not sent (%s); the workers' sweep will send it", job.id, exc)
         metrics.UPLOADED.inc(sum(i.bytes for i in inputs))
         log.info("%s %s from tenant %s (%d instances) is job %s", self.unit, series, tenant, len(files), job.id)
@@ -215,7 +219,9 @@ class Listener:
         while not self._stop.wait(period):
             try:
                 self.complete_quiet_series()
-            except Exception:  # noqa: BLE001 - one bad round must not stop completion; the series stay on disk
+            # broad on purpose: this thread completes every series; one bad round must not end it (the series stay
+            # on disk and are tried again)
+            except Exception:  # noqa: BLE001
                 log.exception("completing received series failed; retried in %.1f s", period)
 
     # --- running ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
+from jobstore.errors import STORE_AWAY
 from service.auth import Refused, key_in
 
 log = logging.getLogger("isl.api")
@@ -57,16 +58,8 @@ class Guard:
             return await _answer(send, 413, f"the request body of {length} bytes exceeds the limit of {limit} bytes")
         carries = (length.isdigit() and int(length) > 0) or "transfer-encoding" in headers
         if carries and path.startswith(GUARDED) and path not in PUBLIC:
-            try:
-                refusal = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                    CHECKS, self._refusal, scope, headers), CHECK_S)
-            except TimeoutError:  # Redis and the database both slow to answer: say so rather than wait
-                refusal = (503, "the service cannot check credentials now; try again shortly",
-                           {"Retry-After": "5"})
-            if refusal is not None:
+            if (refusal := await self._admit(scope, headers, limit)) is not None:
                 return await _answer(send, *refusal)
-            if limit > self.settings.max_request_bytes and (full := self._full()):
-                return await _answer(send, 507, full)
         state = {"received": 0, "done": not carries, "answered": False}
         upload, start = limit > self.settings.max_request_bytes, time.monotonic()
 
@@ -109,10 +102,24 @@ class Guard:
 
         try:
             await self.app(scope, counted, guarded_send)
-        except Exception:  # noqa: BLE001 - the app's failure to read a body already refused: nothing to add
+        # broad on purpose: whatever the app raised is raised again, unless its answer already went out (a body
+        # refused while it arrived: nothing to add)
+        except Exception:  # noqa: BLE001
             if not state["answered"]:
                 raise
             log.info("%s %s: refused while its body arrived", scope["method"], path)
+
+    async def _admit(self, scope, headers: Headers, limit: int) -> tuple | None:
+        """Before any body is read: the credentials (on a thread, within CHECK_S), then the disk for an upload;
+        the refusal (status, detail[, headers]) or None."""
+        try:
+            refusal = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                CHECKS, self._refusal, scope, headers), CHECK_S)
+        except TimeoutError:  # Redis and the database both slow to answer: say so rather than wait
+            refusal = (503, "the service cannot check credentials now; try again shortly", {"Retry-After": "5"})
+        if refusal is None and limit > self.settings.max_request_bytes and (full := self._full()):
+            refusal = (507, full)
+        return refusal
 
     def _full(self) -> str:
         """Why an upload cannot be taken now (the storage root, where it is spooled, is short of space), or ''."""
@@ -142,7 +149,7 @@ class Guard:
             state[CHECKED] = app.state.auth.check(key_in(headers), client[0] if client else "unknown")
         except Refused as exc:
             return exc.status, exc.detail, exc.headers
-        except Exception as exc:  # noqa: BLE001 - Redis or the database away: say so, read nothing
+        except STORE_AWAY as exc:  # Redis or the database away: say so, read nothing
             from service.handlers import unavailable
 
             if (answer := unavailable(exc)) is None:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
+from jobstore.errors import STORE_AWAY
+from jobstore.records import InputFile, Job, JobOptions
+from jobstore.store import JobStore
 from service import metrics
-from service.jobs import JobStore
-from service.queue import Queue
-from service.records import InputFile, Job, JobOptions
+from service.queue import BROKER_AWAY, Queue
 from service.settings import Settings
 from service.storage import Storage
 
@@ -86,13 +87,13 @@ def enqueue(store: JobStore, storage: Storage, queue: Queue, who: str, staged: P
         metrics.UPLOADED.inc(sum(i.bytes for i in inputs))
         try:
             queue.send(job.id, options.priority)
-        except Exception as exc:  # noqa: BLE001 - the broker is unreachable: say so, keep no orphan queued job
+        except BROKER_AWAY as exc:  # the broker is unreachable: say so, keep no orphan queued job
             log.exception("queueing job %s failed", job.id)
             store.abandon(job.id, f"could not be queued: {exc}", idempotency_key)
             raise HTTPException(503, "the job queue is unreachable; the upload was not queued, submit again",
                                 headers={"Retry-After": "5"}) from None
         try:
             store.mark_sent(job.id)
-        except Exception:  # noqa: BLE001 - sent all the same; the sweep's second copy is refused by the lease
+        except STORE_AWAY:  # Redis away: sent all the same; the sweep's second copy is refused by the lease
             log.warning("job %s: sent, but not marked so", job.id, exc_info=True)
     return job

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
-from service.redisconn import broker
+from jobstore.redisconn import broker
 from service.settings import Settings
 
 TASK = "isl.refine"
 TRAIN_TASK = "isl.retrain"
+# what a send raises while the broker is away: kombu's error for a connection it gave up retrying, and what may come
+# through unwrapped (Redis's own errors, a read-only replica during a failover; a socket's OSError)
+BROKER_AWAY: tuple[type[BaseException], ...] = (OperationalError, RedisError, OSError)
 
 
 def celery_config(settings: Settings) -> dict:
     """Shared by the sender and the workers: JSON only, late acks, one job at a time per worker (the workers add
     their time limits and memory bound: worker/tasks/app.py). ISL_REDIS_URL may name a Redis or its sentinels
-    (service/redisconn.py): the broker's URL and options follow it."""
+    (jobstore/redisconn.py): the broker's URL and options follow it."""
     conn = broker(settings.redis_url)
     return {
         "broker_url": conn["broker_url"],

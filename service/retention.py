@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from service.jobs import JobStore
+from jobstore.store import JobStore
 from service.storage import Storage
 
 log = logging.getLogger("isl.retention")

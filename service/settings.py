@@ -89,14 +89,14 @@ class Settings(BaseSettings):
 
     def database(self) -> str:
         """The database URL in use: ISL_DATABASE_URL, or the embedded SQLite file under the storage root."""
-        from service.db import default_url
+        from jobstore.database import default_url
 
         return self.database_url or default_url(self.storage_root)
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        from service.redisconn import check_url
+        from jobstore.redisconn import check_url
 
         check_url(v)  # a malformed URL stops the process at start, naming the problem
         return v

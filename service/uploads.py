@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import HTTPException, UploadFile
 from starlette import formparsers
 
-from service.records import InputFile
+from jobstore.records import InputFile
 from service.storage import Storage, TooLarge
 
 GZIP, ZIP, DICM = b"\x1f\x8b", b"PK\x03\x04", b"DICM"

@@ -176,7 +176,7 @@ def _series(folder: str) -> dict:
                 ds = pydicom.dcmread(p, stop_before_pixels=True,
                                      specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
                 instances[str(p)] = [str(ds.get(t, "")) for t in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
-            except Exception:  # not DICOM: reported as a failed part
+            except Exception:  # broad on purpose: an untrusted file, not DICOM or damaged: reported as a failed part
                 instances[str(p)] = ["", "", ""]
         return {"series": list_dicom_series(Path(folder)), "instances": instances}
     except InputError as exc:

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from service.jobs import JobStore
-from service.records import FINAL, Batch, Job, JobState
+from jobstore.records import FINAL, Batch, Job, JobState
+from jobstore.store import JobStore
 
 # the states as a plain string enum in the schema (documented inline in JobView, as they always were)
 State = Literal[tuple(s.value for s in JobState)]

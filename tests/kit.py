@@ -10,9 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
-from service.records import FINAL
+from jobstore.records import FINAL
 from worker.localstack import free_port, wait_for_redis, wait_until
 
 # radiology: the tenant whose corrections join its atlas bank (tests/service/test_corrections.py), kept apart so that
@@ -23,9 +22,7 @@ KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "gamma": "ga
 
 @contextmanager
 def private_redis(folder: Path) -> Iterator[str]:
-    """A redis-server of its own on a free port (no persistence), its URL; skips when none is installed."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    """A redis-server of its own on a free port (no persistence), its URL (tests using it are marked `redis`)."""
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                              "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
@@ -43,9 +40,7 @@ class PostgresServer:
     back on the same port and data. As root it runs as the `postgres` user (initdb refuses root)."""
 
     def __init__(self):
-        initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not initdb:
-            pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+        initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))  # tests using it are marked `postgres`
         self.bindir, self.port = initdb[-1].parent, free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         self.folder = Path(tempfile.mkdtemp(prefix="isl-pg-"))
@@ -87,7 +82,7 @@ class PostgresServer:
 
 @contextmanager
 def private_postgres() -> Iterator[PostgresServer]:
-    """A started PostgresServer, removed afterwards; skips when PostgreSQL is not installed."""
+    """A started PostgresServer, removed afterwards."""
     server = PostgresServer()
     try:
         server.start()
@@ -119,10 +114,8 @@ def scan(phantom_dataset, i=0) -> Path:
 @contextmanager
 def orthanc(folder: Path, http_port: int, dicom_port: int, **config) -> Iterator[str]:
     """A real Orthanc (Debian's `orthanc`) on these ports with its database under `folder` and `config` on top;
-    its REST URL. Its log's tail is printed when it stops."""
+    its REST URL (tests using it are marked `dicom_peer`). Its log's tail is printed when it stops."""
     exe = shutil.which("Orthanc")
-    if exe is None:
-        pytest.skip("needs Debian's orthanc package (.ci/run installs it)")
     config = {"Name": "isl-test-pacs", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
               "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False} | config

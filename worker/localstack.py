@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from service.jobs import JobStore
+from jobstore.store import JobStore
 from service.settings import hash_key
 
 

@@ -1,7 +1,8 @@
 """The reference pages made from the code, so that they cannot drift from it: docs/cli.md (every `isl` command and
-option, from the argument parser) and docs/settings.md (every ISL_* setting, from the settings classes).
+option, from the argument parser), docs/settings.md (every ISL_* setting, from the settings classes) and
+docs/modules.md (every module of every package, with the first sentence of its docstring).
 
-`python -m worker.reference` writes both; tests/worker/test_reference.py fails when a committed page is stale."""
+`python -m worker.reference` writes them; tests/worker/test_reference.py fails when a committed page is stale."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,33 @@ def settings_markdown() -> str:
     return "".join(out)
 
 
-PAGES = {"cli.md": cli_markdown, "settings.md": settings_markdown}
+PACKAGES = ("imaging", "segmentation", "registration", "isl", "jobstore", "service", "worker")
+
+
+def _summary(path: Path) -> str:
+    """The first sentence of a module's docstring."""
+    import ast
+
+    doc = " ".join((ast.get_docstring(ast.parse(path.read_text())) or "").split())
+    return _cell(doc[: doc.index(". ") + 1] if ". " in doc else doc)
+
+
+def modules_markdown() -> str:
+    """Every module of the packages, in dependency order (docs/architecture.md says which may import which)."""
+    root = DOCS.parent
+    out = [HEADER.format(source="each module's docstring"), "# Modules\n\n",
+           "Every module, in the order of the layers of [architecture.md](architecture.md), with the first sentence "
+           "of its docstring.\n"]
+    for package in PACKAGES:
+        out.append(f"\n## {package}/\n\n| module | what it holds |\n|---|---|\n")
+        for path in sorted((root / package).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            out.append(f"| `{path.relative_to(root).as_posix()}` | {_summary(path)} |\n")
+    return "".join(out)
+
+
+PAGES = {"cli.md": cli_markdown, "settings.md": settings_markdown, "modules.md": modules_markdown}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,19 +13,25 @@ from imaging.files import atomic_write_text
 from imaging.metrics import dice
 from isl.config import ISLConfig
 from isl.evaluation.stats import METHODS, hd95, mean_over_labels, summarise
+from isl.meta import BundleMeta
 from isl.refiner import Refiner, load_refiner
 from segmentation.adapt import tent
 from segmentation.infer import predict
 from segmentation.preprocess import to_native
 
 
-def eligible_cases(ds, meta: dict, n: int | None) -> list[str]:
+def _decision(meta: BundleMeta) -> dict | None:
+    """The configuration's decision as bundle.json records it (None for a bundle never configured)."""
+    decision = meta.refinement and meta.refinement.decision
+    return decision.model_dump(exclude_unset=True) if decision else None
+
+
+def eligible_cases(ds, meta: BundleMeta, n: int | None) -> list[str]:
     """The first n case ids, in sorted order, that the model never trained on nor uses as atlases."""
-    used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("validation_cases", [])) \
-        | set((meta.get("refinement") or {}).get("validation_cases", []))
+    used = meta.used_cases
     ids = [c for c in sorted(c.case_id for c in ds.cases) if c not in used]
     if not ids:
-        raise DatasetError(f"{ds.root}: every labelled case was used to train model {meta.get('version')}; "
+        raise DatasetError(f"{ds.root}: every labelled case was used to train model {meta.version}; "
                            "nothing to evaluate on")
     return ids[:n] if n else ids
 
@@ -93,7 +99,7 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
     ds = load_dataset(dataset_dir)
     refiner = load_refiner(model_dir, atlas_dir or dataset_dir, cfg)
     cfg = refiner.cfg
-    ids = eligible_cases(ds, refiner.bundle.meta, cases)
+    ids = eligible_cases(ds, refiner.bundle.info, cases)
     rows, example = [], None
     for i, case_id in enumerate(ids):
         row, masks, truth, image = evaluate_case(refiner, ds, case_id)
@@ -105,8 +111,7 @@ def evaluate(dataset_dir, model_dir, json_out, *, atlas_dir=None, cases: int | N
     result = {"command": command, "model": refiner.bundle.version, "dataset": str(dataset_dir),
               "device": str(refiner.device), "config": cfg.model_dump(mode="json"), "cases": rows,
               "summary": summarise(rows) | {"config_used": cfg.model_dump(mode="json"),
-                                            "configuration": (refiner.bundle.meta.get("refinement") or {})
-                                            .get("decision")}}
+                                            "configuration": _decision(refiner.bundle.info)}}
     json_out = atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
     if json_out.resolve() == (refiner.bundle.path / "evaluation.json").resolve():  # the bundle's own: on its card
         from isl.training.card import dataset_metadata, write_model_card

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from imaging.files import atomic_write_text
+from isl.meta import BundleMeta, Refinement
 
 
 def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
@@ -49,7 +50,7 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         "iterations, "
         f"{train['registration_seconds']} s, final loss {train['registration_final_loss']:.4f}.",
         "",
-        *_configuration(meta.get("refinement")),
+        *_configuration(BundleMeta.model_validate(meta).refinement),
         *_metrics(bundle_dir / "evaluation.json"),
         "## Intended use and limits",
         "Research and evaluation software; not a medical device. The refined mask is only as good as the atlases"
@@ -87,18 +88,18 @@ def _transfer(record: dict | None) -> list[str]:
             f"iterations; learning rate {record['lr']}."]
 
 
-def _configuration(record: dict | None) -> list[str]:
+def _configuration(record: Refinement | None) -> list[str]:
     if not record:
         return ["## Refinement configuration", "Not configured: refinement runs ISL with the defaults of `ISLConfig`, "
                 "unchecked on this data (trained with `--validation 0` or `--no-configure`).", ""]
-    if not record.get("validation_cases"):
-        return ["## Refinement configuration", f"Not configured: {record['decision']['reason']}.", ""]
-    cfg = record["config"]
+    if not record.validation_cases:
+        return ["## Refinement configuration", f"Not configured: {record.decision.reason}.", ""]
+    cfg = record.config
     lines = ["## Refinement configuration",
-             f"Searched by `isl train` / `isl configure` on {len(record['validation_cases'])} validation cases in "
-             f"{record['seconds']} s "
-             f"(budget {record['budget_seconds']:.0f} s): {record['decision']['reason']}.",
-             f"Refinement returns **{record['decision']['method']}**. ISL setting: K = {cfg['atlases']}, "
+             f"Searched by `isl train` / `isl configure` on {len(record.validation_cases)} validation cases in "
+             f"{record.seconds} s "
+             f"(budget {record.budget_seconds:.0f} s): {record.decision.reason}.",
+             f"Refinement returns **{record.decision.method}**. ISL setting: K = {cfg['atlases']}, "
              f"{cfg['finetune_steps']} fine-tuning steps, fusion weight {cfg['fusion_weight']}, fusion beta "
              f"{cfg['fusion_beta']} / search {cfg['fusion_search']}, mirror averaging of the start "
              f"{cfg['mask_flips']} and of the tuned network {cfg['final_flips']}, the tuned network inferred over "
@@ -108,13 +109,13 @@ def _configuration(record: dict | None) -> list[str]:
              f"left as the network's mask: {', '.join(cfg.get('keep_start') or []) or 'none'}.", "",
              "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['mean_dice']:.4f} | {r['improved']} | {r['worsened']} |"
-              for r in record["table"]]
-    if record.get("per_label"):
+              for r in record.table]
+    if record.per_label:
         lines += ["", "Per label, the ISL setting above against the starting mask on the validation cases that "
                   "contour it:", "", "| label | cases | start | ISL | fusion weight |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {r['n']} | {r['start']:.4f} | {r['isl']:.4f} | "
                   f"{'left as the start' if r['fusion_weight'] is None else r['fusion_weight']} |"
-                  for name, r in record["per_label"].items()]
+                  for name, r in record.per_label.items()]
     return [*lines, ""]
 
 

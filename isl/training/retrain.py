@@ -39,12 +39,13 @@ from imaging.errors import DatasetError
 from imaging.io import read_image
 from imaging.metrics import dice
 from isl.bundle import ISLBundle
+from isl.meta import BundleMeta
+from isl.training.plan import validation_count
 from isl.training.train import (
     _train_registrar,
     configure_bundle,
     curve_points,
     unconfigured_record,
-    validation_count,
 )
 from segmentation.bundle import SegmentationModel
 from segmentation.train import train_network
@@ -53,7 +54,7 @@ from segmentation.train import train_network
 @dataclass(frozen=True)
 class RetrainConfig:
     """What a retraining may change from its parent's training; None keeps the parent's value. The API validates the
-    same fields as `service.records.RetrainOptions` and the worker passes them on."""
+    same fields as `jobstore.records.RetrainOptions` and the worker passes them on."""
 
     iterations: int | None = None  # segmentation training iterations
     reg_iterations: int | None = None  # registration training iterations
@@ -89,22 +90,22 @@ class Correction(BaseModel):
         return np.array([v == 0 or self.structures is None or n in self.structures for v, n in labels.items()])
 
 
-def judged_cases(ds, meta: dict, n: int) -> list[str]:
+def judged_cases(ds, meta: BundleMeta, n: int) -> list[str]:
     """The base dataset's cases the promotion rule judges on (see the module's docstring)."""
-    ids = [c for c in meta.get("validation_cases") or [] if c in {x.case_id for x in ds.cases}]
+    ids = [c for c in meta.validation_cases if c in {x.case_id for x in ds.cases}]
     if not ids:
-        used = set(meta.get("train_cases", [])) | set(meta.get("atlases", [])) | set(meta.get("holdout_cases", []))
+        used = set(meta.train_cases) | set(meta.atlases) | set(meta.holdout_cases)
         ids = sorted(c.case_id for c in ds.cases if c.case_id not in used)
     return ids[:n]
 
 
-def held_back(corrections: list[Correction], meta: dict, seed: int) -> list[Correction]:
+def held_back(corrections: list[Correction], meta: BundleMeta, seed: int) -> list[Correction]:
     """The corrections this training sets aside to configure and judge the new version on, where the base dataset
     has no case for it: a fifth of all cases (3 to 10; none under 10 cases, as `isl train` decides its validation
     cases), drawn from the corrections the parent did not train on (it may have held them back itself)."""
-    trained = set(meta.get("corrections", []))
+    trained = set(meta.corrections)
     new = [c for c in corrections if c.id not in trained]
-    n = min(validation_count(len(meta["train_cases"]) + len(corrections), None), len(new))
+    n = min(validation_count(len(meta.train_cases) + len(corrections), None), len(new))
     if n < 2:
         return []
     picked = np.random.default_rng(seed).choice(len(new), n, replace=False)
@@ -177,19 +178,57 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     parent = ISLBundle.load(parent_dir, device)
     ds = load_dataset(dataset_dir)
     meta = parent.meta
-    names = parent.segmentation.labels
-    pre = parent.segmentation.preprocessing
     missing = [c for c in meta["train_cases"] if c not in {x.case_id for x in ds.cases}]
     if missing:
         raise DatasetError(f"{ds.root} lacks {len(missing)} of model {parent.version}'s training cases "
                            f"({', '.join(missing[:3])}...): retraining needs the base dataset it was trained on")
-    base_cfg = meta.get("config") or {}
-    train_cfg = copy.deepcopy(parent_train_config(base_cfg))
-    judged = judged_cases(ds, meta, cfg.judge_cases)
-    held = [] if judged else held_back(corrections, meta, train_cfg.training.seed)
+    train_cfg = copy.deepcopy(parent_train_config(meta.get("config") or {}))
+    judged = judged_cases(ds, parent.info, cfg.judge_cases)
+    held = [] if judged else held_back(corrections, parent.info, train_cfg.training.seed)
     trained = [c for c in corrections if c not in held]
+    images, labels, known = _training_data(parent, ds, corrections, held)
+    progress(f"retraining {parent.version} on {len(meta['train_cases'])} base cases and {len(trained)} "
+             f"corrected cases" + (f", {len(held)} corrections held back to configure and judge it" if held else ""))
+    if cfg.iterations:
+        train_cfg.training.iterations = cfg.iterations
+    if cfg.reg_iterations:
+        train_cfg.registration.iterations = cfg.reg_iterations
+    seg, reg, training = _train_networks(parent, images, labels, known, train_cfg, cfg.warm_start, device, progress)
+    new_meta = {k: v for k, v in meta.items() if k not in ("version", "refinement", "held_back_corrections")} | {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "parent": parent.version,
+        "lineage": list(meta.get("lineage", [])) + [parent.version],
+        "corrections": [c.id for c in trained],
+        **({"held_back_corrections": [c.id for c in held]} if held else {}),
+        "config": train_cfg.model_dump(mode="json"),
+        "training": training,
+    }
+    seg.network.cpu()
+    child = ISLBundle(seg, reg.cpu(), new_meta, Path(out_dir))
+    child.save()
+    judged, outcome = _configure_and_judge(child, parent_dir, parent.info, ds, cfg, train_cfg, judged, held,
+                                           len(trained), device, progress)
+    from isl.training.card import dataset_metadata, write_model_card
+
+    write_model_card(child.path, child.meta, dataset_metadata(ds.root))
+    progress(f"{child.version}: {outcome['reason']}")
+    return {"version": child.version, "parent": meta["version"], "folder": str(child.path),
+            "data": {"base_dataset": ds.name, "base_cases": len(meta["train_cases"]),
+                     "corrections": [c.id for c in trained], "held_back_corrections": [c.id for c in held]},
+            "figures": child.meta["promotion"] | {"judged_cases": judged,
+                                                  "configuration": (child.meta.get("refinement") or {}).get(
+                                                      "decision")},
+            "outcome": outcome, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _training_data(parent: ISLBundle, ds, corrections: list[Correction], held: list[Correction]):
+    """The base training cases and the corrections not held back, preprocessed as the parent was: (images, labels,
+    which labels each case contours). Every correction is checked, held back or not."""
+    names = parent.segmentation.labels
+    pre = parent.segmentation.preprocessing
     images, labels, known = [], [], []
-    for case_id in meta["train_cases"]:
+    for case_id in parent.meta["train_cases"]:
         vols, label, _ = load_case(ds, ds.case(case_id))
         images.append(pre.images(vols)[0])
         labels.append(pre.label(label))
@@ -207,15 +246,16 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
         images.append(pre.images([read_image(p) for p in c.images])[0])
         labels.append(pre.label(label))
         known.append(c.known(names))
-    known = np.stack(known)
-    progress(f"retraining {parent.version} on {len(meta['train_cases'])} base cases and {len(trained)} "
-             f"corrected cases" + (f", {len(held)} corrections held back to configure and judge it" if held else ""))
-    if cfg.iterations:
-        train_cfg.training.iterations = cfg.iterations
-    if cfg.reg_iterations:
-        train_cfg.registration.iterations = cfg.reg_iterations
-    seg = parent.segmentation if cfg.warm_start else SegmentationModel.create(train_cfg.network, pre, names)
-    if not cfg.warm_start:
+    return images, labels, np.stack(known)
+
+
+def _train_networks(parent: ISLBundle, images, labels, known, train_cfg, warm_start: bool, device: torch.device,
+                    progress):
+    """Both networks of the new version, from the parent's (warm start) or from random weights; (segmentation,
+    registrar, the training record)."""
+    pre, names = parent.segmentation.preprocessing, parent.segmentation.labels
+    seg = parent.segmentation if warm_start else SegmentationModel.create(train_cfg.network, pre, names)
+    if not warm_start:
         torch.manual_seed(train_cfg.training.seed)
     t_seg = time.perf_counter()
     curve = train_network(seg.network, images, labels, pre.patch_size, train_cfg.training, device,
@@ -224,56 +264,40 @@ def retrain(parent_dir: str | Path, dataset_dir: str | Path, corrections: list[C
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
     reg, reg_curve = _train_registrar(images, labels, known, pre, train_cfg, device, progress,
-                                      start=parent.registrar if cfg.warm_start else None)
+                                      start=parent.registrar if warm_start else None)
     t_reg = time.perf_counter() - t_reg
-    new_meta = {k: v for k, v in meta.items() if k not in ("version", "refinement", "held_back_corrections")} | {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command,
-        "parent": parent.version,
-        "lineage": list(meta.get("lineage", [])) + [parent.version],
-        "corrections": [c.id for c in trained],
-        **({"held_back_corrections": [c.id for c in held]} if held else {}),
-        "config": train_cfg.model_dump(mode="json"),
-        "training": {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
-                     "segmentation_final_loss": float(np.mean(curve[-100:])),
-                     "registration_final_loss": float(np.mean(reg_curve[-100:])), "warm_start": cfg.warm_start,
-                     "curves": {"segmentation": curve_points(curve), "registration": curve_points(reg_curve)},
-                     "device": str(device), "torch": torch.__version__},
-    }
-    seg.network.cpu()
-    child = ISLBundle(seg, reg.cpu(), new_meta, Path(out_dir))
-    child.save()
+    return seg, reg, {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
+                      "segmentation_final_loss": float(np.mean(curve[-100:])),
+                      "registration_final_loss": float(np.mean(reg_curve[-100:])), "warm_start": warm_start,
+                      "curves": {"segmentation": curve_points(curve), "registration": curve_points(reg_curve)},
+                      "device": str(device), "torch": torch.__version__}
+
+
+def _configure_and_judge(child: ISLBundle, parent_dir, parent: BundleMeta, ds, cfg: RetrainConfig, train_cfg,
+                         judged: list[str], held: list[Correction], n_trained: int, device: torch.device, progress):
+    """Configure the new version (or carry the parent's choice over), then score parent and child on the cases
+    neither trained on (the judged dataset cases, else the held-back corrections); (judged ids, the verdict)."""
     with tempfile.TemporaryDirectory(prefix="isl-held-back-") as tmp:
         cases = corrections_dataset(held, ds, Path(tmp)) if held else ds  # where the judged cases are read
         judged = judged or [c.id for c in held]
         if judged and (cfg.configure if cfg.configure is not None else train_cfg.configure):
             minutes = cfg.configure_minutes or train_cfg.configure_minutes
             configure_bundle(child, cases, judged, minutes * 60, device, progress, atlas_dir=ds.root)
-        elif (meta.get("refinement") or {}).get("decision", {}).get("configured") is False:  # still too few
-            child.meta["refinement"] = unconfigured_record(len(meta["train_cases"]) + len(trained),
+        elif parent.refinement and parent.refinement.decision and parent.refinement.decision.configured is False:
+            child.meta["refinement"] = unconfigured_record(len(parent.train_cases) + n_trained,  # still too few
                                                            child.refinement_config())
             child.save()
-        elif meta.get("refinement"):  # not searched again: the parent's choice carries over
-            child.meta["refinement"] = meta["refinement"]
+        elif parent.refinement:  # not searched again: the parent's choice carries over
+            child.meta["refinement"] = parent.refinement.model_dump(exclude_unset=True)
             child.save()
         progress(f"judging {child.version} against {parent.version} on {len(judged)} cases neither trained on")
-        parent = ISLBundle.load(parent_dir, device)  # the warm start trained the loaded parent's network in place
-        parent_scores = score(parent, cases, judged, device, ds.root)
+        before = ISLBundle.load(parent_dir, device)  # the warm start trained the loaded parent's network in place
+        parent_scores = score(before, cases, judged, device, ds.root)
         child_scores = score(child, cases, judged, device, ds.root)
     outcome = judge(parent_scores, child_scores, cfg.margin)
     child.meta["promotion"] = outcome | {"per_case": {"parent": parent_scores, "candidate": child_scores}}
     child.save()
-    from isl.training.card import dataset_metadata, write_model_card
-
-    write_model_card(child.path, child.meta, dataset_metadata(ds.root))
-    progress(f"{child.version}: {outcome['reason']}")
-    return {"version": child.version, "parent": meta["version"], "folder": str(child.path),
-            "data": {"base_dataset": ds.name, "base_cases": len(meta["train_cases"]),
-                     "corrections": [c.id for c in trained], "held_back_corrections": [c.id for c in held]},
-            "figures": child.meta["promotion"] | {"judged_cases": judged,
-                                                  "configuration": (child.meta.get("refinement") or {}).get(
-                                                      "decision")},
-            "outcome": outcome, "seconds": round(time.perf_counter() - t0, 1)}
+    return judged, outcome
 
 
 def parent_train_config(config: dict):

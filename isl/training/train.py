@@ -16,11 +16,12 @@ from imaging.dataset import Dataset, load_case, load_dataset
 from imaging.errors import BundleError, DatasetError
 from isl.bundle import ISLBundle, atlas_roi
 from isl.training.card import dataset_metadata, write_model_card
+from isl.training.plan import atlas_pool, ensemble_plan, fingerprint, split
 from registration.model import Registrar, RegistrationConfig
 from registration.train import train_registration
 from segmentation.bundle import SegmentationModel
 from segmentation.network import NetworkConfig, build_network
-from segmentation.preprocess import ChannelNorm, Preprocessing
+from segmentation.preprocess import Preprocessing
 from segmentation.train import TrainConfig, train_network
 from segmentation.transfer import HEAD, copy_fitting, encoder_parameters, single_state
 
@@ -67,96 +68,6 @@ class BundleTrainConfig(BaseModel):
         if self.combine != "mean" and self.folds == 1 and not self.per_sequence:
             raise ValueError("combine describes an ensemble: give folds > 1 or per_sequence")
         return self
-
-
-def validation_count(n_train: int, asked: int | None) -> int:
-    """How many training cases to set aside for configuration: as asked, or a fifth (3 to 10) from 10 cases on."""
-    if asked is not None:
-        return asked
-    return 0 if n_train < 10 else int(np.clip(round(n_train / 5), 3, 10))
-
-
-def split(ds: Dataset, cfg: BundleTrainConfig) -> tuple[list[str], list[str], list[str]]:
-    """(held-out ids, validation ids, training ids), each in sorted order. The held-out cases are the first
-    `holdout` in sorted order (a test split the user can name); validation is a seeded sample of the rest."""
-    ids = sorted(c.case_id for c in ds.cases)
-    held, rest = ids[: cfg.holdout], ids[cfg.holdout:]
-    rest = rest[: cfg.cases] if cfg.cases else rest
-    n_val = validation_count(len(rest), cfg.validation)
-    rng = np.random.default_rng(cfg.training.seed)
-    val = sorted(rng.choice(rest, n_val, replace=False).tolist()) if n_val else []
-    train = [c for c in rest if c not in val]
-    if len(train) < 2:
-        raise DatasetError(f"{ds.root}: {len(train)} training case(s) after holding out {cfg.holdout} and "
-                           f"{n_val} for validation; at least 2 are needed")
-    return held, val, train
-
-
-def _ceil(n: float, multiple: int) -> int:
-    return int(np.ceil(n / multiple) * multiple)
-
-
-def mirror_axes(labels: list[np.ndarray], n_labels: int) -> tuple[int, ...]:
-    """The spatial axes along which mirroring keeps a label map valid. An axis is left out when a label sits
-    consistently on one side of the foreground's centre along it (median offset over the cases more than half the
-    label's own extent): left and right parotid along left-right, brainstem above the spinal cord. A mirrored case
-    would carry that label where the anatomy never has it, and mirror averaging would swap it with its partner."""
-    allowed = []
-    for axis in range(3):
-        lateral = False
-        for value in range(1, n_labels):
-            offsets, extents = [], []
-            for lab in labels:
-                where = np.nonzero(lab == value)[axis]
-                if len(where):
-                    fg = np.nonzero(lab > 0)[axis]
-                    offsets.append(where.mean() - (fg.min() + fg.max()) / 2)
-                    extents.append(np.ptp(where) + 1)
-            lateral |= bool(offsets) and abs(np.median(offsets)) > 0.5 * np.median(extents)
-        if not lateral:
-            allowed.append(axis)
-    return tuple(allowed)
-
-
-def fingerprint(ds: Dataset, volumes, labels) -> Preprocessing:
-    """Preprocessing from the training data: median spacing, CT windows, an ROI that holds every label, the axes
-    that mirroring may use."""
-    spacing = tuple(float(s) for s in np.median([v[0].geometry.spacing for v in volumes], axis=0))
-    norms = []
-    for c, name in enumerate(ds.channel_names):
-        if name.strip().upper() == "CT":
-            fg = np.concatenate([v[c].array[lab.array > 0].ravel() for v, lab in zip(volumes, labels)])
-            lo, hi = np.percentile(fg, [0.5, 99.5])
-            norms.append(ChannelNorm(scheme="window", low=float(lo), high=float(hi)))
-        else:
-            norms.append(ChannelNorm())
-    pre = Preprocessing(spacing=spacing, channels=norms)
-    extents = []
-    for lab in labels:
-        idx = np.argwhere(pre.label(lab) > 0)
-        if len(idx):
-            extents.append(idx.max(0) - idx.min(0) + 1)
-    extent = np.max(extents, axis=0)
-    roi = tuple(max(16, _ceil(e * 1.15 + 4, 8)) for e in extent)
-    axes = mirror_axes([pre.label(lab) for lab in labels], len(ds.labels))
-    return pre.model_copy(update={"roi_size": roi, "patch_size": roi, "mirror_axes": axes})
-
-
-def ensemble_plan(cfg: BundleTrainConfig, train_ids: list[str], channels: list[str]) -> dict | None:
-    """What each member of an ensemble trains on: the training cases without its fold (`folds`), or every case on its
-    own sequence (`per_sequence`); None for a single network."""
-    if cfg.per_sequence:
-        if len(channels) < 2:
-            raise DatasetError(f"a per-sequence ensemble needs several sequences; the dataset has {channels}")
-        return {"kind": "per_sequence", "members": len(channels), "combine": cfg.combine, "sequences": channels,
-                "member_cases": [list(train_ids)] * len(channels)}
-    if cfg.folds == 1:
-        return None
-    folds = np.array_split(np.random.default_rng(cfg.training.seed).permutation(len(train_ids)), cfg.folds)
-    if min(len(f) for f in folds) < 1 or len(train_ids) - max(len(f) for f in folds) < 2:
-        raise DatasetError(f"{cfg.folds} folds of {len(train_ids)} training cases leave a member fewer than 2 cases")
-    member_cases = [[c for i, c in enumerate(train_ids) if i not in held] for held in (set(f.tolist()) for f in folds)]
-    return {"kind": "folds", "members": cfg.folds, "combine": cfg.combine, "member_cases": member_cases}
 
 
 def _train_segmentation(ds: Dataset, pre: Preprocessing, images, labels, known: np.ndarray, cfg: BundleTrainConfig,
@@ -223,14 +134,6 @@ def curve_points(curve, points: int = 60) -> list[list[float]]:
     return [[int(b), round(float(curve[a:b].mean()), 5)] for a, b in zip(edges[:-1], edges[1:])]
 
 
-def atlas_pool(train_ids: list[str], cfg: BundleTrainConfig) -> list[str]:
-    """The training cases kept as atlases: all of them, or a seeded sample of `atlas_pool`."""
-    if len(train_ids) <= cfg.atlas_pool:
-        return sorted(train_ids)
-    rng = np.random.default_rng(cfg.training.seed)
-    return sorted(rng.choice(train_ids, cfg.atlas_pool, replace=False).tolist())
-
-
 def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainConfig, device: torch.device,
                  progress=print, resume: bool = False) -> ISLBundle:
     t0 = time.perf_counter()
@@ -259,12 +162,8 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
                                                  progress, resume, source, plan, train_ids)
     t_seg = time.perf_counter() - t_seg
     t_reg = time.perf_counter()
-    start = None
-    if source is not None:
-        torch.manual_seed(cfg.registration.seed)
-        start = Registrar(cfg.registration)
-        transfer["registration"] = copy_fitting(start.net, source.registrar.net.state_dict()).summary()
-    reg, reg_curve = _train_registrar(images, label_arrays, known, pre, cfg, device, progress, start)
+    reg, reg_curve = _train_registrar(images, label_arrays, known, pre, cfg, device, progress,
+                                      _transferred_registrar(cfg, source, transfer))
     t_reg = time.perf_counter() - t_reg
     training = {"segmentation_seconds": round(t_seg, 1), "registration_seconds": round(t_reg, 1),
                 "segmentation_final_loss": float(np.mean(curve[-100:])) if curve else None,
@@ -280,18 +179,35 @@ def train_bundle(dataset_dir: str | Path, out_dir: str | Path, cfg: BundleTrainC
     bundle = ISLBundle(seg, reg.cpu(), meta, out_dir)
     bundle.save()
     (out_dir / "segmentation.partial.pt").unlink(missing_ok=True)
+    _configure_after_training(bundle, ds, cfg, val_ids, len(train_ids), device, progress)
+    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
+    progress(f"wrote {out_dir} ({bundle.version})")
+    return bundle
+
+
+def _transferred_registrar(cfg: BundleTrainConfig, source: ISLBundle | None, transfer: dict) -> Registrar | None:
+    """With a transfer source, the registration network to start from: the source's layers that fit (recorded in
+    `transfer`); else None (random weights)."""
+    if source is None:
+        return None
+    torch.manual_seed(cfg.registration.seed)
+    start = Registrar(cfg.registration)
+    transfer["registration"] = copy_fitting(start.net, source.registrar.net.state_dict()).summary()
+    return start
+
+
+def _configure_after_training(bundle: ISLBundle, ds: Dataset, cfg: BundleTrainConfig, val_ids: list[str],
+                              n_train: int, device: torch.device, progress) -> None:
+    """Search the refinement settings on the validation cases, or record why refinement runs unconfigured."""
     if val_ids and cfg.configure:
         configure_bundle(bundle, ds, val_ids, cfg.configure_minutes * 60, device, progress)
     elif cfg.configure and cfg.validation is None:  # too few cases to set any aside: nothing to decide ISL from
-        bundle.meta["refinement"] = unconfigured_record(len(train_ids), bundle.refinement_config())
+        bundle.meta["refinement"] = unconfigured_record(n_train, bundle.refinement_config())
         bundle.save()
         progress(f"configuration: {bundle.meta['refinement']['decision']['reason']}")
     elif val_ids or cfg.configure:
         progress("configuration skipped (" + ("--no-configure" if val_ids else "--validation 0") + "): refinement "
                  "runs ISL with the ISLConfig defaults, unchecked on this data")
-    write_model_card(bundle.path, bundle.meta, dataset_metadata(ds.root))
-    progress(f"wrote {out_dir} ({bundle.version})")
-    return bundle
 
 
 def transfer_source(cfg: BundleTrainConfig, ds: Dataset, progress) -> tuple[ISLBundle | None, BundleTrainConfig, dict]:

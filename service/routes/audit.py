@@ -44,4 +44,5 @@ def audit(who: Tenant, store: StoreDep,
     if store.records is None:
         raise HTTPException(503, "this service keeps no database; there is no audit trail")
     events, total = store.records.trail(who, job_id=job_id, action=action, since=since, offset=offset, limit=limit)
-    return AuditList(events=[AuditEventView(**e) for e in events], total=total, offset=offset, limit=limit)
+    return AuditList(events=[AuditEventView.model_validate(e, from_attributes=True) for e in events], total=total,
+                     offset=offset, limit=limit)

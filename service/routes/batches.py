@@ -5,9 +5,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 
+from jobstore.records import JobOptions
 from service.deps import Actor, OwnedBatch, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
 from service.intake import chosen_model, enqueue, staging
-from service.records import JobOptions
 from service.uploads import receive
 from service.views import BatchView, Problem, batch_view
 

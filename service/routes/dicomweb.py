@@ -10,9 +10,9 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from jobstore.records import InputFile, JobOptions
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
 from service.intake import chosen_model, enqueue, model_sequences, staging
-from service.records import InputFile, JobOptions
 from service.storage import Storage
 from service.views import Problem
 

@@ -1,18 +1,17 @@
 """/v1/jobs: upload a scan, follow its job (state, server-sent events), cancel it, fetch its result and report."""
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant, succeeded
-from service.intake import chosen_model, enqueue, model_sequences, staging
-from service.jobs import JobStore
-from service.records import FINAL, RESULT_FORMATS, UID_PATTERN, JobOptions, JobState, is_uid, now
-from service.uploads import receive
+from jobstore.records import UID_PATTERN, JobOptions, is_uid
+from service.actions import jobs as actions
+from service.actions.events import job_events
+from service.deps import Actor, FinishedJob, OwnedJob, QueueDep, SettingsDep, StorageDep, StoreDep, Tenant
+from service.intake import chosen_model
 from service.views import JobList, JobView, Problem, job_view
 
 router = APIRouter()
@@ -43,17 +42,9 @@ def submit(who: Tenant, actor: Actor, response: Response, settings: SettingsDep,
            metadata: Annotated[str | None, Form(max_length=2000, description=METADATA)] = None,
            sequence_series: Annotated[str | None, Form(max_length=2000, description=SEQUENCE_SERIES)] = None,
            idempotency_key: Annotated[str | None, Header(max_length=200, description=RETRY)] = None) -> JobView:
-    model = chosen_model(settings, model)
-    case = case_metadata(metadata)
-    chosen = series_of_sequences(sequence_series)
-    if idempotency_key and (job := store.by_idempotency_key(who, idempotency_key)):
-        response.headers["Location"] = f"/v1/jobs/{job.id}"
-        return job_view(job, store)  # a retried upload: the body is not read again
-    with staging(settings) as folder:
-        inputs = receive(files, folder, settings.max_upload_bytes, series_uid, model_sequences(settings, model), chosen)
-        options = JobOptions(model=model, atlases=atlases, priority=priority, series_uid=series_uid, metadata=case,
-                             sequence_series=chosen)
-        job = enqueue(store, storage, queue, who, folder, inputs, options, idempotency_key, actor)
+    options = JobOptions(model=chosen_model(settings, model), atlases=atlases, priority=priority, series_uid=series_uid,
+                         metadata=case_metadata(metadata), sequence_series=series_of_sequences(sequence_series))
+    job = actions.submit(settings, store, storage, queue, who, actor, files, options, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, store)
 
@@ -107,48 +98,20 @@ def list_jobs(who: Tenant, store: StoreDep, offset: Annotated[int, Query(ge=0, l
             responses={404: {"model": Problem}, 200: {"content": {"text/event-stream": {}}}},
             summary="Progress as server-sent events: one `job` event (a JobView) per change, ending at a final state")
 async def events(job: OwnedJob, store: StoreDep, request: Request) -> StreamingResponse:
-    return StreamingResponse(_stream(job.id, store, request), media_type="text/event-stream",
+    # until the job's final state, or until the key that opened the stream is revoked (an `end` event says so)
+    digest = request.state.key_hash
+
+    def revoked() -> dict | None:
+        return {"detail": "the API key of this stream was revoked"} if store.revoked(digest) else None
+
+    return StreamingResponse(job_events(store, [job.id], request, revoked), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store"})
-
-
-async def _stream(job_id: str, store: JobStore, request: Request):
-    """One `job` event per change of the job's view, a keep-alive comment every 15 s, until a final state, or until
-    the key that opened the stream is revoked (then an `end` event says so)."""
-    last, idle, digest = None, 0.0, request.state.key_hash
-    while not await request.is_disconnected():
-        if await asyncio.to_thread(store.revoked, digest):
-            yield 'event: end\ndata: {"detail": "the API key of this stream was revoked"}\n\n'
-            return
-        current = await asyncio.to_thread(store.get, job_id)
-        payload = job_view(current, store).model_dump_json()
-        if payload != last:
-            last, idle = payload, 0.0
-            yield f"event: job\ndata: {payload}\n\n"
-            if current.state in FINAL:
-                return
-        elif idle >= 15:
-            idle = 0.0
-            yield ": keep-alive\n\n"
-        await asyncio.sleep(0.5)
-        idle += 0.5
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"model": Problem}},
                summary="Cancel a job: a queued job never runs; a running one stops at its next step")
 def cancel(job: OwnedJob, store: StoreDep, actor: Actor) -> JobView:
-    if job.state in (JobState.QUEUED, JobState.RUNNING):
-        store.audit(job.tenant, actor, "cancel", job.id, {"state": str(job.state)})
-    try:
-        if job.state == JobState.QUEUED:
-            job = store.update(job.id, state=JobState.CANCELLED, cancel_requested=True, finished=now())
-        elif job.state == JobState.RUNNING:
-            job = store.update(job.id, cancel_requested=True)
-    except KeyError:  # only the database knows it (Redis lost it): cancelled there, so the sweep never sends it
-        ended = store.records.end(job.id, str(JobState.CANCELLED), "", now()) if store.records is not None else None
-        if ended is None:
-            raise HTTPException(409, f"job {job.id} has ended or is known only from its history") from None
-        job = ended
-    return job_view(job, store)
+    return job_view(actions.cancel(store, job, actor), store)
 
 
 @router.get("/v1/jobs/{job_id}/result", response_class=FileResponse,
@@ -161,32 +124,13 @@ def cancel(job: OwnedJob, store: StoreDep, actor: Actor) -> JobView:
                     "verified first")
 def result(job: OwnedJob, storage: StorageDep, store: StoreDep, actor: Actor,
            format: Literal["nifti", "dicom-seg", "rtstruct"] = "nifti") -> FileResponse:
-    job = succeeded(job)  # after `format` is validated: a bad format of one's own job is a 422, as it was
-    entry = job.result.files.get(RESULT_FORMATS[format])
-    if entry is None:
-        raise HTTPException(404, f"job {job.id} has no {format} result ({_why_no_export(storage, job.id)})")
-    path = storage.job_dir(job.id) / "output" / entry.path
-    if not storage.verify(path, entry.sha256):
-        raise HTTPException(500, f"the stored result of job {job.id} fails its checksum; it is not served")
-    store.audit(job.tenant, actor, "download", job.id, {"format": format, "sha256": entry.sha256})
-    media = "application/gzip" if format == "nifti" else "application/dicom"
-    return FileResponse(path, media_type=media, filename=entry.path, headers={"Digest": f"sha-256={entry.sha256}"})
-
-
-def _why_no_export(storage, job_id: str) -> str:
-    """Why a DICOM export is missing, as the job's report says (a DICOM series whose headers lack what a SEG or an
-    RTSTRUCT must reference), else because the input was not DICOM."""
-    try:
-        report = json.loads((storage.job_dir(job_id) / "output" / "report.json").read_text())
-        reason = report.get("dicom_exports", {}).get("not_written_because")
-    except (OSError, ValueError):
-        reason = None
-    return reason or "DICOM SEG and RTSTRUCT need a DICOM input"
+    # the job's state is checked after `format` is validated: a bad format of one's own job is a 422, as it was
+    file = actions.result(store, storage, job, actor, format)
+    return FileResponse(file.path, media_type=file.media_type, filename=file.filename, headers=file.headers)
 
 
 @router.get("/v1/jobs/{job_id}/report", responses={404: {"model": Problem}, 409: {"model": Problem},
                                                    410: {"model": Problem}},
             summary="Volumes per label (mL), QA, timings per stage, model version and the result's checksum")
 def report(job: FinishedJob, storage: StorageDep, store: StoreDep, actor: Actor) -> dict:
-    store.audit(job.tenant, actor, "download", job.id, {"format": "report"})
-    return json.loads((storage.job_dir(job.id) / "output" / "report.json").read_text())
+    return actions.report(store, storage, job, actor)

@@ -2,7 +2,6 @@
 right voxels or is refused before anything is queued, with a reason a person can act on."""
 import glob
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -74,8 +73,7 @@ def test_an_enhanced_multiframe_ct_reads_onto_the_same_voxels_as_its_slices(tmp_
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None,
-                    reason="dciodvfy (Debian's dicom3tools, which .ci/run installs) is not on this machine")
+@pytest.mark.dicom_peer("dciodvfy")
 def test_a_seg_of_an_enhanced_ct_references_its_frames_and_passes_dciodvfy(tmp_path):
     import highdicom as hd
 

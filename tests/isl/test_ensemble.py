@@ -4,6 +4,7 @@ two sequences serves a per-sequence ensemble: tests/service/test_multisequence.p
 import json
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -34,6 +35,7 @@ def test_the_ensemble_averages_or_votes_and_fine_tunes_on_the_mean():
     assert per_seq(torch.rand(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
 
+@pytest.mark.trains
 def test_a_k_fold_ensemble_trains_as_one_bundle_and_refines(phantom_dataset, tmp_path, capsys):
     from isl.bundle import ISLBundle
     from segmentation.network import Ensemble
@@ -58,7 +60,10 @@ def test_a_k_fold_ensemble_trains_as_one_bundle_and_refines(phantom_dataset, tmp
     assert main(["refine", str(case), "--model", str(tmp_path / "e"), "--out", str(tmp_path / "out"),
                  "--atlas-dir", str(phantom_dataset), "--threads", "2"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["model_version"] == bundle.version and report["qa"]["finetune_steps"] >= 0
+    assert report["model_version"] == bundle.version and report["qa"]["method"] == "isl"
+    steps = report["qa"]["finetune_steps"]  # the ensemble is fine-tuned on its mean, stopping by the rule's bounds
+    assert QUICK_REFINEMENT["min_steps"] <= steps <= QUICK_REFINEMENT["finetune_steps"], report["qa"]
+    assert report["qa"]["stopped_early"] == (steps < QUICK_REFINEMENT["finetune_steps"])
 
     capsys.readouterr()
     assert main(["train", "--dataset", str(phantom_dataset), "--out", str(tmp_path / "x"), "--folds", "2",
@@ -69,6 +74,7 @@ def test_a_k_fold_ensemble_trains_as_one_bundle_and_refines(phantom_dataset, tmp
     assert "a per-sequence ensemble needs several sequences; the dataset has ['MRI']" in capsys.readouterr().err
 
 
+@pytest.mark.trains
 def test_a_per_sequence_ensemble_gives_each_member_its_own_sequence(two_sequence_dataset, tmp_path):
     from isl.bundle import ISLBundle
     from isl.training.train import BundleTrainConfig, train_bundle

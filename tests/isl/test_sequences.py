@@ -57,6 +57,7 @@ def test_a_sequence_of_another_region_is_refused_with_how_little_it_covers(phant
         on_first_grid([first, elsewhere], ["T1", "T2"])
 
 
+@pytest.mark.trains
 def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_cli(
         two_sequence_dataset, tmp_path, capsys):
     from worker.cli import main
@@ -87,7 +88,11 @@ def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_
     assert main(["evaluate", "--dataset", str(data), "--model", str(tmp_path / "m"), "--json",
                  str(tmp_path / "ev.json"), "--cases", "2", "--threads", "2"]) == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert len(ev["cases"]) == 2 and ev["summary"]["mean_dice_baseline"] >= 0
+    held_out = json.loads((tmp_path / "m" / "bundle.json").read_text())["holdout_cases"]
+    assert [c["case"] for c in ev["cases"]] == held_out  # scored on the cases it never trained on
+    dice = [c["dice_baseline"]["whole"] for c in ev["cases"]]
+    # a network of 30 iterations (about 0.5 here), yet it finds the structure in both: one that finds nothing scores 0
+    assert ev["summary"]["mean_dice_baseline"] == pytest.approx(np.mean(dice)) and min(dice) > 0.3, dice
 
     # one DICOM study holding both series: each assigned to its sequence by its description, or by option
     import SimpleITK as sitk
@@ -115,6 +120,7 @@ def test_two_sequences_on_different_grids_train_refine_and_evaluate_through_the_
     assert (tmp_path / "dcm" / "seg.dcm").is_file()  # a DICOM study gets its DICOM SEG, on the first series
 
 
+@pytest.mark.trains
 def test_a_model_of_two_sequences_retrains_on_corrections_kept_with_both(two_sequence_dataset, tmp_path):
     """A radiologist's correction of a two-sequence job is kept with both sequences on the first one's grid, as the
     service stores it (image.nii.gz, image_0001.nii.gz, label.nii.gz): retraining reads both, and a correction kept

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = """
 import sys
@@ -15,6 +17,7 @@ print(ISLBundle.load(sys.argv[2]).version)
 """
 
 
+@pytest.mark.subprocess
 def test_the_same_seed_trains_the_same_bundle_in_two_processes(phantom_dataset, tmp_path):
     versions = [subprocess.run([sys.executable, "-c", TRAIN, str(phantom_dataset), str(tmp_path / name)], cwd=ROOT,
                                capture_output=True, text=True, timeout=600, check=True).stdout.split()[-1]
@@ -37,30 +40,37 @@ def test_the_promotion_rule_takes_no_worse_on_unseen_cases_and_judges_nothing_wi
 
 def test_the_judged_cases_are_the_validation_cases_or_those_no_version_trained_on(phantom_dataset):
     from imaging.dataset import load_dataset
+    from isl.meta import BundleMeta
     from isl.training.retrain import judged_cases
 
     ds = load_dataset(phantom_dataset)
     ids = sorted(c.case_id for c in ds.cases)
-    assert judged_cases(ds, {"validation_cases": ids[3:5], "train_cases": ids[2:]}, 10) == ids[3:5]
-    meta = {"validation_cases": [], "holdout_cases": ids[:2], "train_cases": ids[2:5], "atlases": ids[2:6]}
+    assert judged_cases(ds, BundleMeta(version="v", validation_cases=ids[3:5], train_cases=ids[2:]), 10) == ids[3:5]
+    meta = BundleMeta(version="v", validation_cases=[], holdout_cases=ids[:2], train_cases=ids[2:5], atlases=ids[2:6])
     assert judged_cases(ds, meta, 10) == ids[6:] and judged_cases(ds, meta, 1) == ids[6:7]
 
 
 def test_corrections_are_held_back_only_where_the_cases_reach_ten_and_only_those_the_parent_did_not_train_on():
+    from isl.meta import BundleMeta
     from isl.training.retrain import Correction, held_back
 
     def corrections(n):
         return [Correction(id=f"c{i}", image=Path(f"c{i}.nii.gz"), label=Path(f"l{i}.nii.gz")) for i in range(n)]
 
-    three = {"train_cases": ["a", "b", "c"]}
+    def parent(trained_corrections=0):
+        return BundleMeta(version="v", train_cases=["a", "b", "c"],
+                          corrections=[f"c{i}" for i in range(trained_corrections)])
+
+    three = parent()
     assert held_back(corrections(6), three, 0) == []  # 9 cases: none set aside, as `isl train` decides
-    held = held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(6)]}, 0)
+    held = held_back(corrections(12), parent(6), 0)
     assert len(held) == 3 and all(int(c.id[1:]) >= 6 for c in held)  # 15 cases: a fifth, from the new ones
-    assert held == held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(6)]}, 0)  # seeded
-    assert len(held_back(corrections(12), three | {"corrections": [f"c{i}" for i in range(11)]}, 0)) == 0  # 1 new
+    assert held == held_back(corrections(12), parent(6), 0)  # seeded
+    assert len(held_back(corrections(12), parent(11), 0)) == 0  # 1 new
     assert len(held_back(corrections(60), three, 0)) == 10  # at most 10
 
 
+@pytest.mark.trains
 def test_a_model_of_too_few_cases_returns_the_network_and_its_retraining_is_judged_on_held_back_corrections(
         tmp_path):
     """The first rule with nothing to decide from: a bundle trained on 6 cases cannot set validation cases aside,

@@ -22,6 +22,7 @@ def _batches(workers, iterations=6, seed=0):
     return list(batch_loader(batches, workers))
 
 
+@pytest.mark.subprocess  # data-loader worker processes
 @pytest.mark.parametrize("workers", [1, 2])
 def test_worker_processes_prepare_exactly_the_batches_of_the_training_loop(workers):
     serial, parallel = _batches(0), _batches(workers)
@@ -33,6 +34,7 @@ def test_worker_processes_prepare_exactly_the_batches_of_the_training_loop(worke
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(serial, _batches(0, seed=1)))
 
 
+@pytest.mark.subprocess
 def test_training_with_loader_workers_gives_the_same_network():
     from segmentation.network import NetworkConfig, build_network
     from segmentation.train import TrainConfig, train_network
@@ -54,6 +56,7 @@ def _workers_here(device):
     return loader_workers(device)
 
 
+@pytest.mark.subprocess  # a billiard pool
 def test_no_loader_workers_on_the_cpu_nor_in_a_celery_child():
     """A Celery prefork child (where retraining runs) is daemonic and may not start processes: there the batches are
     made in the training loop, as on the CPU. Only the device's type is read: no GPU is needed."""

@@ -3,16 +3,18 @@ enlarge every mask does not converge, and says why; a batch whose corrections ba
 last correction of a job is the one that counts; too few cases give no verdict."""
 import numpy as np
 
+from jobstore.rows import Correction
 from service.agreement import MIN_CASES, agreement, bland_altman_png
 
 
 def _rows(version: str, auto: np.ndarray, corrected: np.ndarray, dice: np.ndarray, t0: float = 0.0,
-          jobs: list[str] | None = None) -> list[dict]:
-    return [{"job_id": (jobs or [f"{version}-{i}" for i in range(len(auto))])[i], "model_version": version,
-             "created": t0 + i, "summary": {"per_label": {"gland": {
-                 "refined_ml": float(a), "corrected_ml": float(c), "dice_refined_vs_corrected": float(d),
-                 "hausdorff_mm": 4.0 * (1 - d), "average_hausdorff_mm": 1.0 - d}},
-                 "voxels_changed": 1}} for i, (a, c, d) in enumerate(zip(auto, corrected, dice))]
+          jobs: list[str] | None = None) -> list[Correction]:
+    return [Correction(id=f"{version}-{t0 + i}", job_id=(jobs or [f"{version}-{i}" for i in range(len(auto))])[i],
+                       tenant="alpha", model="pituitary", model_version=version, actor="key:test", created=t0 + i,
+                       source="nifti", folder="", label_sha256="", summary={"per_label": {"gland": {
+                           "refined_ml": float(a), "corrected_ml": float(c), "dice_refined_vs_corrected": float(d),
+                           "hausdorff_mm": 4.0 * (1 - d), "average_hausdorff_mm": 1.0 - d}}, "voxels_changed": 1})
+            for i, (a, c, d) in enumerate(zip(auto, corrected, dice))]
 
 
 def test_a_batch_whose_corrections_change_volumes_does_not_converge_and_one_that_agrees_does():
@@ -52,7 +54,7 @@ def test_batches_split_by_a_metadata_key():
     rows = _rows("v1", auto, auto, np.ones(8))
     for i, row in enumerate(rows):
         if i < 5:
-            row["summary"]["metadata"] = {"age_band": "child" if i % 2 else "adult"}
+            row.summary["metadata"] = {"age_band": "child" if i % 2 else "adult"}
     report = agreement(rows, group_by="age_band")
     groups = {b["group"]["age_band"]: b["cases"] for b in report["batches"]}
     assert report["group_by"] == "age_band" and groups == {"adult": 3, "child": 2, "(none)": 3}

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from kit import KEYS
 
-from service.records import JobResult, JobState
+from jobstore.records import JobResult, JobState
 from service.routes import served
 from service.settings import Settings, hash_key
 

@@ -9,8 +9,7 @@ import pytest
 from kit import KEYS
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None, reason="needs Debian's chromium and "
-                                "chromium-driver packages (.ci/run installs them)")
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture

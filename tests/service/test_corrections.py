@@ -177,8 +177,17 @@ def test_the_agreement_report_and_its_bland_altman_plot_come_from_the_tenants_co
         jobs = {x["job_id"] for j in c.get(f"{stack.url}/v1/jobs", params={"limit": 200}).json()["jobs"]
                 for x in c.get(f"{stack.url}/v1/jobs/{j['id']}/corrections").json()["corrections"]}
     assert report["model"] == model and sum(b["cases"] for b in report["batches"]) == len(jobs) >= 1
-    assert report["rule"]["dice_min"] == 0.94 and report["rule"]["spearman_min"] == 0.97
     from service.agreement import MIN_CASES
+
+    rule = report["rule"]  # the rule the report states is the one its verdicts follow
+    for batch in report["batches"]:
+        if batch["converged"] is None:
+            assert batch["why"].endswith(f"the tests need at least {rule['min_cases']}"), (rule, batch)
+        else:
+            assert batch["converged"] == all(
+                not s["volumes_differ"] and s["mean_dice"] >= rule["dice_min"] and
+                (s["spearman_rho"] is None or s["spearman_rho"] >= rule["spearman_min"])
+                for s in batch["structures"].values()), (rule, batch)
 
     for batch in report["batches"]:  # the verdict agrees with its reason, and with how many cases the batch has
         opening = {None: f"{batch['cases']} corrected case(s)", True: "no structure's volumes differ"}

@@ -17,6 +17,7 @@ from kit import client, wait_final
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "headneck_ct"
+pytestmark = [pytest.mark.shared_data, pytest.mark.subprocess]  # `isl refine` of a real CT, and the service
 WORKS = ("axial", "sagittal", "coronal", "enhanced", "no_frame_of_reference")
 REFUSED = {"gantry_tilt": "gantry tilt of about 18.4 degrees", "missing_slice": "a slice is missing or duplicated",
            "two_series": "2 DICOM series; choose one with a series UID",
@@ -72,6 +73,7 @@ def test_cli_segments_each_acquisition_onto_the_same_anatomy(cli_runs, shape):
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, (v, a.sum(), b.sum(), (a & b).sum())
 
 
+@pytest.mark.dicom_peer("dciodvfy")
 @pytest.mark.parametrize("shape", ["axial", "sagittal", "coronal", "enhanced"])
 def test_cli_exports_pass_dciodvfy_and_read_back_onto_the_mask(cli_runs, corpus, shape):
     names = {int(k): v for k, v in json.loads((MODEL / "bundle.json").read_text())["dataset"]["labels"].items()}
@@ -129,6 +131,7 @@ def test_service_takes_one_of_two_series_by_its_form_field(stack, small, tmp_pat
     assert wait_final(stack.url, r.json()["id"])["state"] == "succeeded"
 
 
+@pytest.mark.dicom_peer("dciodvfy")
 @pytest.mark.parametrize("shape", ["sagittal", "enhanced", "no_frame_of_reference"])
 def test_service_refines_each_acquisition_and_serves_its_exports(stack, small, shape, tmp_path):
     r = _upload(stack, _zip(small[shape], tmp_path / f"{shape}.zip"))

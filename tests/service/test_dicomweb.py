@@ -1,6 +1,5 @@
 """A real PACS in the loop: Orthanc with its DICOMweb plugin pushes a study to POST /dicomweb/studies with its own
 STOW-RS client; the worker pushes the DICOM SEG back to Orthanc's STOW-RS endpoint; it lands in the same study."""
-import shutil
 from pathlib import Path
 
 import httpx
@@ -11,13 +10,12 @@ from worker.localstack import free_port, wait_until
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 KEY = {"pacs": "pacs-secret-key"}
+pytestmark = [pytest.mark.dicom_peer("Orthanc", "Orthanc's DICOMweb plugin", "dciodvfy"), pytest.mark.redis,
+              pytest.mark.subprocess]
 
 
 @pytest.fixture(scope="module")
 def pacs_and_service(tiny_bundle, phantom_dataset, tmp_path_factory):
-    exe = shutil.which("Orthanc")
-    if exe is None or not PLUGIN.exists() or shutil.which("redis-server") is None:
-        pytest.skip("needs Debian's orthanc, orthanc-dicomweb and redis-server packages (.ci/run installs them)")
     from worker.localstack import LocalStack
 
     folder = tmp_path_factory.mktemp("pacs")

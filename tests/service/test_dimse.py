@@ -5,7 +5,6 @@ A calling AE title that no tenant has is refused at association; a series the en
 job that says why; a listener killed mid-series loses nothing it acknowledged."""
 import copy
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -21,13 +20,11 @@ from worker.localstack import free_port, wait_until
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 KEY = {"pacs": "pacs-secret-key", "other": "other-secret-key"}
 QUIET_S = 4
+FIXTURE_NEEDS = {"peers": (pytest.mark.dicom_peer("Orthanc", "storescu", "dciodvfy"), "redis", "subprocess")}
 
 
 @pytest.fixture(scope="module")
 def peers(tiny_bundle, phantom_dataset, tmp_path_factory):
-    exe = shutil.which("Orthanc")
-    if exe is None or shutil.which("storescu") is None or shutil.which("redis-server") is None:
-        pytest.skip("needs Debian's orthanc, dcmtk and redis-server packages (.ci/run installs them)")
     from worker.localstack import LocalStack
 
     folder = tmp_path_factory.mktemp("dimse")
@@ -233,6 +230,7 @@ def test_calling_ae_titles_and_destinations_are_checked_naming_the_entry():
         WorkerSettings(dimse_send="seg")
 
 
+@pytest.mark.subprocess
 def test_the_listener_does_not_start_without_allowed_calling_ae_titles(tmp_path):
     import sys
 

@@ -2,7 +2,7 @@
 two `isl worker` processes (Celery prefork), killed, stopped and restarted while jobs run.
 
 The broker's visibility timeout is 2 s here, far below a job's length, so every job of this module is also
-redelivered while it runs: the lease (service/jobs.py) must keep each one to a single run throughout."""
+redelivered while it runs: the lease (jobstore/lease.py) must keep each one to a single run throughout."""
 import json
 import os
 import shutil
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.records import FINAL, JobState
+from jobstore.records import FINAL, JobState
 from worker.localstack import LocalStack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -21,9 +21,7 @@ KEY = "fault-tenant-key-1"
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_bundle, phantom_dataset, tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+def stack(tiny_bundle, phantom_dataset, tmp_path_factory):  # conftest.py's FIXTURE_NEEDS: redis, subprocess
     env = {"ISL_VISIBILITY_TIMEOUT_S": "2", "ISL_LEASE_S": "3", "ISL_MAX_DELIVERIES": "3"}
     with LocalStack(tmp_path_factory.mktemp("faults"), tiny_bundle.parent, tiny_bundle.name, phantom_dataset,
                     {"ops": KEY}, workers=2, extra_env=env, appendonly=True) as s:

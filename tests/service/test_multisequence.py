@@ -6,12 +6,13 @@ and a study whose series cannot be assigned with the study's series listed. A co
 sequences (retraining reads both). The model being the default, a study
 pushed by STOW-RS or sent by C-STORE is one job, its series assigned to the sequences by description."""
 import json
-import shutil
 import zipfile
 
 import pytest
 
 
+@pytest.mark.redis
+@pytest.mark.subprocess
 def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_upload(two_sequence_dataset, tmp_path):
     import torch
     from kit import KEYS, client, wait_final
@@ -20,8 +21,6 @@ def test_a_job_sends_one_file_per_sequence_and_a_missing_one_is_refused_at_uploa
     from worker.demo import QUICK_REFINEMENT, set_refinement
     from worker.localstack import LocalStack, free_port, wait_until
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
     cfg = BundleTrainConfig(holdout=2, validation=0, name="twoseq", per_sequence=True, combine="vote")
     cfg.training.iterations, cfg.registration.iterations = 30, 20
     train_bundle(two_sequence_dataset, tmp_path / "models" / "twoseq", cfg, torch.device("cpu"),

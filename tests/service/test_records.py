@@ -1,4 +1,4 @@
-"""The durable records (service/db.py): the Alembic migrations on SQLite and on a real PostgreSQL server, job
+"""The durable records (jobstore/database.py): the Alembic migrations on SQLite and on a real PostgreSQL server, job
 history and audit events beside Redis, what happens while the database is away, the retention policy, and the
 whole service keeping its records when Redis loses its data and the API restarts."""
 import json
@@ -14,9 +14,10 @@ import redis
 from kit import KEYS, PostgresServer, client, private_postgres, scan, submit, wait_final
 from sqlalchemy import text
 
-from service.db import Base, Records
-from service.jobs import JobStore
-from service.records import InputFile, JobOptions, JobState
+from jobstore.database import Records
+from jobstore.records import InputFile, JobOptions, JobState
+from jobstore.store import JobStore
+from jobstore.tables import Base
 from service.retention import purge_expired
 from service.settings import hash_key
 from service.storage import Storage
@@ -26,7 +27,7 @@ HEAD = "0005"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'isl.db'}"
@@ -64,7 +65,7 @@ def test_migrations_from_an_empty_database_and_from_the_previous_revision(databa
     assert _schema_diff(records) == []  # the models and the migrations describe one schema
     old = records.job("a" * 32)
     assert old is not None and old.state == JobState.SUCCEEDED and old.purged is None
-    assert [c["id"] for c in records.corrections("alpha", model="m")] == ["c" * 32]
+    assert [c.id for c in records.corrections("alpha", model="m")] == ["c" * 32]
     assert records.versions("alpha", "m") == [] and records.live_version("alpha", "m") is None  # 0004's registry
     records.audit("alpha", "key:abc", "download", "a" * 32, {"format": "nifti"})
     assert records.trail("alpha")[1] == 1 and records.trail("beta")[1] == 0
@@ -156,6 +157,7 @@ def test_revocations_and_unfinished_jobs_outlive_redis(redis_url, tmp_path):
     assert store.get(gone.id).state == JobState.FAILED and "no longer on disk" in store.get(gone.id).error
 
 
+@pytest.mark.postgres
 def test_records_wait_in_redis_while_the_database_is_away(redis_url):
     from sqlalchemy.exc import OperationalError
 
@@ -177,7 +179,7 @@ def test_records_wait_in_redis_while_the_database_is_away(redis_url):
         assert store.sync_records() == 2 and store.pending_records() == 0
         assert records.job(job.id).state == JobState.CANCELLED
         events, _ = records.trail("alpha")
-        assert [(e["action"], e["job_id"]) for e in events] == [("submit", job.id)]
+        assert [(e.action, e.job_id) for e in events] == [("submit", job.id)]
         records.close()
 
 
@@ -198,10 +200,12 @@ def test_retention_deletes_inputs_and_results_and_keeps_the_record(redis_url, tm
     assert store.get(old.id).purged is not None and records.job(old.id).purged is not None
     assert records.job(recent.id).purged is None and records.job(running.id).purged is None
     events, _ = records.trail("alpha", action="purge")
-    assert [(e["actor"], e["job_id"], e["detail"]["retention_days"]) for e in events] == [("retention", old.id, 7)]
+    assert [(e.actor, e.job_id, e.detail["retention_days"]) for e in events] == [("retention", old.id, 7)]
     assert purge_expired(store, storage, 7) == []  # once
 
 
+@pytest.mark.redis
+@pytest.mark.subprocess
 def test_the_service_keeps_history_audit_and_retention_across_a_redis_loss_and_an_api_restart(
         tiny_bundle, phantom_dataset, tmp_path):
     """A real stack (SQLite, the embedded default): the audit trail of a submission and its downloads; Redis
@@ -282,6 +286,9 @@ def _refined_with(c, base: str, path: Path) -> dict:
     return c.get(f"{base}/v1/jobs/{new['id']}/report").json()
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.subprocess
 def test_on_postgresql_the_loop_of_corrections_retraining_and_promotion_survives_a_restart_of_every_process(
         registry_bundle, phantom_dataset, tmp_path):
     """The compose deployment's shape (PostgreSQL, Redis with its append-only file, API, a worker consuming both the
@@ -394,13 +401,13 @@ def test_a_retraining_runs_once_and_a_silent_workers_one_is_taken_over(database)
     row = {"id": "b" * 32, "tenant": "alpha", "model": "m", "actor": "key:x", "created": 100.0,
            "parent_version": "m-base", "options": {"iterations": 5}}
     records.add_training(row, {"tenant": "alpha", "actor": "key:x", "action": "retrain"})
-    assert records.training("b" * 32, "beta") is None and records.training("b" * 32, "alpha")["state"] == "queued"
+    assert records.training("b" * 32, "beta") is None and records.training("b" * 32, "alpha").state == "queued"
     claimed = records.claim_training("b" * 32, "host:1", stale_before=90.0, now=101.0)
-    assert (claimed["worker"], claimed["attempts"]) == ("host:1", 1)
+    assert (claimed.worker, claimed.attempts) == ("host:1", 1)
     assert records.claim_training("b" * 32, "host:2", stale_before=95.0, now=102.0) is None  # beat at 101: alive
     assert records.beat_training("b" * 32, "host:1", 110.0)
     claimed = records.claim_training("b" * 32, "host:2", stale_before=111.0, now=200.0)
-    assert (claimed["worker"], claimed["attempts"]) == ("host:2", 2)  # a worker would give up past ISL_MAX_DELIVERIES
+    assert (claimed.worker, claimed.attempts) == ("host:2", 2)  # a worker would give up past ISL_MAX_DELIVERIES
     assert not records.beat_training("b" * 32, "host:1", 201.0)  # the first worker learns it lost it
     version = {"id": "b" * 32, "tenant": "alpha", "model": "m", "version": "m-new", "parent": "m-base",
                "folder": "models/alpha/m/x", "created": 300.0, "data": {"corrections": ["c"]}, "figures": {}}
@@ -409,11 +416,11 @@ def test_a_retraining_runs_once_and_a_silent_workers_one_is_taken_over(database)
     assert records.versions("alpha", "m") == []
     assert records.finish_training("b" * 32, "host:2", state="succeeded", finished=300.0, version=version,
                                    outcome={"judged": True, "promoted": True})
-    assert records.live_version("alpha", "m")["version"] == "m-new" and records.live_version("beta", "m") is None
+    assert records.live_version("alpha", "m").version == "m-new" and records.live_version("beta", "m") is None
     assert records.claim_training("b" * 32, "host:3", stale_before=4e9, now=400.0) is None  # ended: not run again
     records.promote("alpha", "m", None, "key:x", 500.0, {"version": "m-base"})
     assert records.live_version("alpha", "m") is None
-    assert [v["status"] for v in records.versions("alpha", "m")] == ["retired"]
+    assert [v.status for v in records.versions("alpha", "m")] == ["retired"]
     records.close()
 
 
@@ -441,6 +448,7 @@ def test_a_queued_job_whose_message_the_broker_lost_is_sent_again(redis_url):
     assert store.resend_lost_messages("q", lambda i, p: sent.append(i), older_than_s=0) == [] and sent == []
 
 
+@pytest.mark.postgres
 def test_a_database_that_is_away_is_a_503_within_seconds_and_redis_serves_what_it_holds(redis_url, tmp_path):
     """PostgreSQL stopped under the API: an upload is 503 with Retry-After within seconds (no job is accepted that
     the database does not know), a job Redis holds is still served, /readyz says the database is down."""
@@ -470,10 +478,10 @@ def test_a_database_that_is_away_is_a_503_within_seconds_and_redis_serves_what_i
         refused_s = time.monotonic() - t0
         assert r.status_code == 503 and r.headers["retry-after"] and "database" in r.json()["detail"], r.text
         print(json.dumps({"upload_503_with_database_away_s": round(refused_s, 3)}))
-        assert refused_s < 8, refused_s
+        assert refused_s < 30, refused_s  # not hung: connect_timeout 3 s, pool_timeout 5 s, and a busy machine's slack
         assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
         t0 = time.monotonic()
         ready = c.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["down"] == ["database"] and time.monotonic() - t0 < 5
+        assert ready.status_code == 503 and ready.json()["down"] == ["database"] and time.monotonic() - t0 < 30
         assert app.state.store.queue_depth() == 1
         assert not any((tmp_path / "storage" / "staging").iterdir())  # the refused upload left nothing

@@ -101,6 +101,7 @@ def test_existence_does_not_show_in_response_time(stack, alpha_job):
     assert abs(a - b) < max(0.0005, 0.15 * min(a, b)), (a, b)
 
 
+@pytest.mark.subprocess
 def test_checkpoints_load_with_weights_only_and_a_pickle_payload_runs_nothing(tmp_path):
     """Every torch.load in the code says weights_only=True; a checkpoint carrying code is refused unrun."""
     calls = []

@@ -1,4 +1,4 @@
-"""No single Redis: ISL_REDIS_URL names Redis Sentinel (service/redisconn.py), and the service rides through a
+"""No single Redis: ISL_REDIS_URL names Redis Sentinel (jobstore/redisconn.py), and the service rides through a
 failover. The URL's parsing is checked on its own; the failover against real processes on this machine: a primary
 (append-only file, fsync per write), its replica and three sentinels, the API and two `isl worker` processes; the
 primary is killed mid-queue and every job must still succeed exactly once."""
@@ -16,9 +16,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from test_faults import KEY, one_result, scan, submit, succeeded_once, wait_state
 
+from jobstore.records import FINAL, JobState
+from jobstore.redisconn import SentinelURL, broker, connect, parse_sentinel
 from service.queue import celery_config
-from service.records import FINAL, JobState
-from service.redisconn import SentinelURL, broker, connect, parse_sentinel
 from service.settings import Settings
 from worker.localstack import LocalStack, free_port, wait_for_redis, wait_until
 
@@ -77,7 +77,7 @@ def silent_port():
 
 
 @pytest.mark.parametrize("kind", ["sentinels", "redis"])
-def test_an_impatient_client_of_a_redis_or_sentinels_that_do_not_answer_gives_up_within_3_s(kind, silent_port):
+def test_an_impatient_client_of_a_redis_or_sentinels_that_do_not_answer_gives_up(kind, silent_port):
     """The API's side. Sentinels: one port is closed, the other silent, so no primary is known; a single Redis:
     silent."""
     if kind == "sentinels":
@@ -88,14 +88,13 @@ def test_an_impatient_client_of_a_redis_or_sentinels_that_do_not_answer_gives_up
     t0 = time.monotonic()
     with pytest.raises(error):
         client.ping()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 8  # the API's 2 s socket timeout with slack; a patient client waits 10 s or for ever
 
 
+@pytest.mark.compose
 def test_the_compose_profile_ha_offers_the_sentinels_its_url_names(tmp_path):
     """docker-compose.yml's `ha` profile is valid, and the URL its top comment gives names its sentinels."""
     exe, compose = shutil.which("docker-compose"), Path(__file__).resolve().parents[2] / "docker-compose.yml"
-    if exe is None:
-        pytest.skip("docker-compose is not installed (Debian package docker-compose)")
     env = {"PATH": "/usr/bin:/bin", "ISL_API_KEYS": "radiology:" + "0" * 64, "ATLAS_DIR": str(tmp_path)}
     out = subprocess.run([exe, "-f", str(compose), "--profile", "ha", "config"], env=env, capture_output=True,
                          text=True, timeout=120)
@@ -190,8 +189,6 @@ class SentinelGroup:
 
 @pytest.fixture
 def group(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
     g = SentinelGroup(tmp_path / "redis")
     try:
         g.start()
@@ -207,6 +204,7 @@ def progress(store, ids) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.redis
 @pytest.mark.parametrize("frozen, lease_s", [(None, 3), ("sentinel-0", 3), (None, 30)],
                          ids=["primary-killed", "and-first-sentinel-frozen", "default-lease"])
 def test_killing_the_primary_mid_queue_loses_and_duplicates_no_job(group, frozen, lease_s, tiny_bundle,

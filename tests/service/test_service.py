@@ -2,7 +2,6 @@
 `isl worker` process (Celery, prefork) and the API served by uvicorn (`isl serve`) on a port, over HTTP."""
 import gzip
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +84,7 @@ def test_events_stream_progress_until_the_end(service, phantom_dataset):
     assert {"registration", "finetune", "fusion"} & set(stages), stages
 
 
+@pytest.mark.dicom_peer("dciodvfy")
 def test_dicom_series_comes_back_as_dicom_seg(service, tmp_path):
     import highdicom as hd
     import pydicom
@@ -265,6 +265,7 @@ def test_isl_submit_uploads_in_parallel_resumes_and_reports_failures(service, ph
         assert c.get(base + "/v1/jobs").json()["total"] == before  # nothing queued twice
 
 
+@pytest.mark.dicom_peer("dciodvfy")
 def test_isl_submit_downloads_rtstruct_for_dicom_and_says_a_nifti_has_none(service, phantom_dataset, tmp_path):
     import json
     import zipfile
@@ -308,8 +309,8 @@ def test_two_workers_share_one_queue(stack, phantom_dataset):
 
 
 def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
-    from service.jobs import JobStore
-    from service.records import JobState
+    from jobstore.records import JobState
+    from jobstore.store import JobStore
 
     store = JobStore(redis_url)
     job, _ = store.create("alpha", [], {"model": "tiny"})
@@ -324,8 +325,8 @@ def test_a_job_delivered_too_often_ends_failed_with_a_reason(redis_url):
 def test_a_second_delivery_of_a_running_job_is_not_run(redis_url):
     """The lease: while its holder lives, copies of the job (visibility timeout, reconnects) are not run;
     once the lease lapses, the orphan is requeued and sent once."""
-    from service.jobs import JobStore
-    from service.records import JobState, now
+    from jobstore.records import JobState, now
+    from jobstore.store import JobStore
 
     store = JobStore(redis_url)
     job, _ = store.create("alpha", [], {"model": "tiny", "priority": 5})
@@ -374,6 +375,7 @@ def test_openapi_documents_every_route_and_field(service):
                 assert spec.get("description"), f"{name}.{field} has no description"
 
 
+@pytest.mark.subprocess
 def test_service_never_imports_torch():
     # the API, the DIMSE listener, and what the limited child reads uploads, studies and corrections with
     code = ("import sys, service.app, service.metrics, service.client, service.dimse, service.validate, "
@@ -383,13 +385,13 @@ def test_service_never_imports_torch():
 
 
 @pytest.mark.shared_data
+@pytest.mark.redis
+@pytest.mark.subprocess
 def test_real_hippocampus_scan_through_isl_submit_equals_isl_refine(hippocampus, tmp_path):
     """The committed few-label bundle behind a real API and worker: `isl submit` of a real held-out scan
     returns exactly what `isl refine` makes of it with the worker's settings (one thread)."""
     import json
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     from worker.localstack import LocalStack
 
     case = hippocampus / "imagesTr" / "hippocampus_001.nii.gz"

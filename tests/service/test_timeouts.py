@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 2.0  # ISL_HEADER_TIMEOUT_S of the server under test
 SLACK = 2.0  # every slow connection must be closed within TIMEOUT + SLACK of its opening
 PARTIAL_HEAD = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n"
+pytestmark = [pytest.mark.redis, pytest.mark.subprocess]  # `isl serve` and its Redis, for every test
 
 
 @pytest.fixture(scope="module")

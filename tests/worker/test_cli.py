@@ -3,13 +3,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.subprocess
 
 
 def isl(*args, timeout=600):
@@ -18,11 +18,13 @@ def isl(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_is_fast():
-    t0 = time.perf_counter()
-    out = isl("--help")
+def test_help_imports_no_torch():
+    """Lazy imports keep `isl --help` quick: it loads no torch (its time is benchmarks' to measure)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "worker.cli", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "refine" in out.stdout
-    assert time.perf_counter() - t0 < 5.0  # lazy imports: no torch at start-up
+    imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert "argparse" in imported and not [m for m in imported if m.split(".")[0] == "torch"]
 
 
 def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
@@ -49,6 +51,7 @@ def test_refine_writes_mask_and_report(tiny_bundle, phantom_dataset, tmp_path):
     assert all((tmp_path / "out" / "preview" / s["file"]).is_file() for v in index["planes"].values() for s in v)
 
 
+@pytest.mark.dicom_peer("dciodvfy")
 def test_dicom_exports_a_series_cannot_reference_are_skipped_with_the_reason_not_the_job(tiny_bundle,
                                                                                           phantom_dataset, tmp_path):
     """A series whose headers lack what a SEG and an RTSTRUCT must reference still gets its mask; the report says
@@ -149,7 +152,8 @@ def test_an_option_the_config_refuses_is_a_clear_error_before_any_work(tiny_bund
 def test_options_reach_the_config_through_one_table():
     from isl.config import ISLConfig
     from isl.training.train import BundleTrainConfig
-    from worker.cli import REFINE_OPTIONS, TRAIN_OPTIONS, build_parser, config_from
+    from worker.cli import build_parser
+    from worker.commands.model import REFINE_OPTIONS, TRAIN_OPTIONS, config_from
 
     args = build_parser().parse_args(["train", "--dataset", "d", "--out", "o", "--seed", "7", "--iterations", "9"])
     cfg = config_from(args, BundleTrainConfig, TRAIN_OPTIONS)

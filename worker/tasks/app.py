@@ -6,7 +6,7 @@ import functools
 
 from celery import Celery
 
-from service.jobs import JobStore, open_store
+from jobstore.store import JobStore, open_store
 from service.queue import celery_config
 from worker.tasks.settings import WorkerSettings
 
@@ -27,4 +27,4 @@ app.conf.update(worker_config(settings))
 @functools.cache
 def job_store() -> JobStore:
     """This worker process's job store (Redis and the database), opened once, after the fork."""
-    return open_store(settings)
+    return open_store(settings.redis_url, settings.database())

@@ -1,4 +1,4 @@
-"""A job runs only under its lease (service/jobs.py): who holds it (host:pid), whether a holder on this host
+"""A job runs only under its lease (jobstore/lease.py): who holds it (host:pid), whether a holder on this host
 still lives, the thread that renews a run's lease, and each worker process's heartbeat, which also requeues
 the jobs of dead workers."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ import time
 
 from celery.signals import worker_process_init
 
-from service.jobs import JobStore
-from service.queue import Queue
+from jobstore.errors import STORE_AWAY
+from jobstore.store import JobStore
+from service.queue import BROKER_AWAY, Queue
 from service.retention import purge_expired
 from service.storage import Storage
 from worker.tasks.app import job_store, settings
@@ -75,7 +76,7 @@ def heartbeat(store: JobStore, name: str) -> None:
             if store.turn("messages", 60):
                 for job_id in store.resend_lost_messages(settings.queue, queue.send, older_than_s=60):
                     log.warning("job %s: sent again (queued, but the broker held no message of it)", job_id)
-        except Exception:  # Redis away for a moment: the next beat retries
+        except (*STORE_AWAY, *BROKER_AWAY):  # Redis or the broker away for a moment: the next beat retries
             log.warning("heartbeat to Redis failed", exc_info=True)
         try:
             # one sweep at a time across workers: sync_records holds a lock while it runs (0 when another has it)
@@ -83,7 +84,7 @@ def heartbeat(store: JobStore, name: str) -> None:
                 log.info("wrote %d deferred records to the database", written)
             if settings.retention_days and store.turn("retention", settings.retention_sweep_s):
                 purge_expired(store, storage, settings.retention_days)
-        except Exception:  # the database away for a moment: the records wait in Redis, the files stay
+        except STORE_AWAY:  # the database away for a moment: the records wait in Redis, the files stay
             log.warning("database sweep failed; retried at the next beat", exc_info=True)
         time.sleep(min(10, max(1, settings.lease_s / 3)))
 
@@ -112,7 +113,7 @@ class Lease(threading.Thread):
                 if not self.store.renew(self.job_id, self.holder, settings.lease_s):
                     self.lost.set()
                     return
-            except Exception:  # noqa: BLE001 - Redis away: the lease may lapse; the next renewal tells
+            except STORE_AWAY:  # Redis away: the lease may lapse; the next renewal tells
                 log.warning("job %s: renewing the lease failed", self.job_id, exc_info=True)
 
     def check(self) -> None:

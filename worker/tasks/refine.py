@@ -15,9 +15,10 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.jobs import JobStore
+from jobstore.errors import STORE_AWAY
+from jobstore.records import Job, JobResult, JobState, now
+from jobstore.store import JobStore
 from service.queue import TASK
-from service.records import Job, JobResult, JobState, now
 from service.storage import Storage
 from worker.tasks.app import app, job_store, settings
 from worker.tasks.lease import Lease, LeaseLost, holder, holder_alive
@@ -42,7 +43,7 @@ def _refiner(store: JobStore, job: Job):
     try:
         folder, _ = live_bundle(store.records, *key)
         _live[key] = folder
-    except Exception:  # noqa: BLE001 - the database away: the job still runs, on the version last known
+    except STORE_AWAY:  # the database away: the job still runs, on the version last known
         folder = _live.get(key, Path(settings.models_dir) / job.options.model)
         log.warning("job %s: live model version not read (database unreachable); running %s", job.id, folder,
                     exc_info=True)
@@ -76,7 +77,7 @@ class _Progress:
             else:
                 self.t, self.stage = time.monotonic(), stage
                 current = self.store.update(self.job_id, stage=stage, progress=round(fraction, 3))
-        except Exception:  # noqa: BLE001 - redis errors after retries: progress is not worth the job
+        except STORE_AWAY:  # Redis away after its retries: progress is not worth the job
             log.warning("job %s: progress update failed", self.job_id, exc_info=True)
             return
         if current is not None and current.cancel_requested:
@@ -144,22 +145,24 @@ def _corrections(store: JobStore, job: Job, refiner):
         return None
     try:
         rows = store.records.corrections(job.tenant, model=job.options.model)
-    except Exception:  # noqa: BLE001 - the database away: this job is refined with the bundle's atlases only
+    except STORE_AWAY:  # the database away: this job is refined with the bundle's atlases only
         log.warning("job %s: corrections not read (database unreachable); the bundle's atlases only", job.id,
                     exc_info=True)
         return None
-    latest = {r["job_id"]: r for r in rows}
+    latest = {r.job_id: r for r in rows}
     bank = None
     for row in latest.values():
-        key = (refiner.bundle.version, row["id"])
+        key = (refiner.bundle.version, row.id)
         if key not in _correction_atlases:
-            folder = Path(settings.storage_root) / row["folder"]
+            folder = Path(settings.storage_root) / row.folder
             try:
-                stored = Correction.stored(row["id"], folder)
+                stored = Correction.stored(row.id, folder)
                 _correction_atlases[key] = refiner.bundle.case_atlas(
-                    CORRECTION_PREFIX + row["id"], [read_image(p) for p in stored.images], read_image(stored.label))
-            except Exception:  # noqa: BLE001 - one unreadable correction must not fail the job (said once)
-                log.warning("correction %s (job %s) cannot join the atlas bank", row["id"], row["job_id"],
+                    CORRECTION_PREFIX + row.id, [read_image(p) for p in stored.images], read_image(stored.label))
+            # broad on purpose: a stored file of any defect (truncated, foreign, another grid) is untrusted input,
+            # and one unreadable correction must not fail the job (said once)
+            except Exception:  # noqa: BLE001
+                log.warning("correction %s (job %s) cannot join the atlas bank", row.id, row.job_id,
                             exc_info=True)
                 _correction_atlases[key] = None
         atlas = _correction_atlases[key]

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from jobstore.database import Records
+from jobstore.errors import STORE_AWAY
+from jobstore.records import now
+from jobstore.rows import Training
 from service.queue import TRAIN_TASK
-from service.records import now
 from worker.tasks.app import app, job_store, settings
 from worker.tasks.lease import holder, holder_alive
 
@@ -30,26 +33,26 @@ def version_folder(tenant: str, model: str, training_id: str, attempt: str) -> s
     return f"models/{tenant}/{model}/{training_id}/{attempt}"
 
 
-def live_bundle(records, tenant: str, model: str) -> tuple[Path, str | None]:
+def live_bundle(records: Records | None, tenant: str, model: str) -> tuple[Path, str | None]:
     """(the bundle folder of the version of `model` that this tenant's jobs run on, its registry version or None
     for the base bundle under ISL_MODELS_DIR)."""
     row = records.live_version(tenant, model) if records is not None else None
     if row is None:
         return Path(settings.models_dir) / model, None
-    return Path(settings.storage_root) / row["folder"], row["version"]
+    return Path(settings.storage_root) / row.folder, row.version
 
 
-def corrected_cases(records, tenant: str, model: str) -> list:
+def corrected_cases(records: Records, tenant: str, model: str) -> list:
     """Every job's latest correction for this tenant and model, as retraining cases."""
     from isl.training.retrain import Correction
 
-    latest = {r["job_id"]: r for r in records.corrections(tenant, model=model)}
+    latest = {r.job_id: r for r in records.corrections(tenant, model=model)}
     root = Path(settings.storage_root)
-    return [Correction.stored(r["id"], root / r["folder"]) for r in latest.values()]
+    return [Correction.stored(r.id, root / r.folder) for r in latest.values()]
 
 
 class _Beat(threading.Thread):
-    def __init__(self, records, training_id: str, me: str):
+    def __init__(self, records: Records, training_id: str, me: str):
         super().__init__(daemon=True)
         self.records, self.training_id, self.me = records, training_id, me
         self.done, self.lost = threading.Event(), threading.Event()
@@ -60,27 +63,27 @@ class _Beat(threading.Thread):
                 if not self.records.beat_training(self.training_id, self.me, now()):
                     self.lost.set()
                     return
-            except Exception:  # noqa: BLE001 - the database away for a moment: the next beat retries
+            except STORE_AWAY:  # the database away for a moment: the next beat retries
                 log.warning("training %s: beat failed", self.training_id, exc_info=True)
 
 
-def _claim(task, records, training_id: str, me: str) -> dict | None:
+def _claim(task, records: Records, training_id: str, me: str) -> Training | None:
     """The training as this worker claimed it (queued, or taken over from a dead or silent worker); None when there
     is nothing to run: it has ended, or it was started more than ISL_MAX_DELIVERIES times (it then ends failed)."""
     row = records.claim_training(training_id, me, now() - 3 * settings.lease_s, now())
     if row is None:
         current = records.training(training_id)
-        if current is None or current["state"] != "running":
-            log.warning("training %s: delivery not run (%s)", training_id, current and current["state"])
+        if current is None or current.state != "running":
+            log.warning("training %s: delivery not run (%s)", training_id, current and current.state)
             return None
-        if holder_alive(current["worker"]):  # running elsewhere: look again later, taking it over if silent by then
+        if holder_alive(current.worker):  # running elsewhere: look again later, taking it over if silent by then
             raise task.retry(countdown=3 * settings.lease_s, max_retries=None)
         row = records.claim_training(training_id, me, now() + 1, now())  # its worker died on this host: now
         if row is None:  # another delivery took it over first
             return None
-    if row["attempts"] > settings.max_deliveries:  # it kills its worker, or its time limit does
+    if row.attempts > settings.max_deliveries:  # it kills its worker, or its time limit does
         records.finish_training(training_id, me, state="failed", finished=now(),
-                                error=f"started {row['attempts'] - 1} times without finishing: its worker died or it "
+                                error=f"started {row.attempts - 1} times without finishing: its worker died or it "
                                       f"ran past ISL_TRAIN_TIME_LIMIT_S ({settings.train_time_limit_s} s) each time")
         return None
     return row
@@ -103,7 +106,7 @@ def retrain_job(self, training_id: str) -> None:
         return
     beat = _Beat(records, training_id, me)
     beat.start()
-    tenant, model = row["tenant"], row["model"]
+    tenant, model = row.tenant, row.model
     folder = version_folder(tenant, model, training_id, uuid.uuid4().hex[:12])
     out = Path(settings.storage_root) / folder
     t0 = time.perf_counter()
@@ -114,7 +117,7 @@ def retrain_job(self, training_id: str) -> None:
                 raise RuntimeError("ISL_ATLAS_DIR is not set: retraining needs the base dataset the model was "
                                    "trained on")
             cases = corrected_cases(records, tenant, model)
-            result = retrain(parent_dir, settings.atlas_dir, cases, out, RetrainConfig(**row["options"]),
+            result = retrain(parent_dir, settings.atlas_dir, cases, out, RetrainConfig(**row.options),
                              pick_device(settings.device), progress=lambda m: log.info("training %s: %s",
                                                                                       training_id, m),
                              command=f"POST /v1/models/{model}/retrain (training {training_id})")

@@ -104,7 +104,7 @@ class Job(_Record):
     push: str = ""
     attempts: list[Attempt] = Field(default_factory=list)
     purged: float | None = None  # when the retention policy deleted its input and results (Unix seconds)
-    rev: int = 0  # bumped by every write of the record (service/jobs.py): the database keeps the newest
+    rev: int = 0  # bumped by every write of the record (jobstore/store.py): the database keeps the newest
 
     @property
     def received_by(self) -> str:

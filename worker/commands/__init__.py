@@ -1,0 +1,1 @@
+"""The `isl` subcommands, grouped by what they run on (worker/cli.py assembles them)."""
