@@ -80,12 +80,18 @@ class ISLBundle:
         refinement = self.info.refinement
         return ISLConfig.model_validate((refinement.config if refinement else {}) | (overrides or {}))
 
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        """bundle.json of the bundle at `path`, without loading its networks; BundleError when there is none."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise BundleError(f"{path}: not a model bundle (no {META_FILE})")
-        meta = json.loads((path / META_FILE).read_text())
+        return json.loads((path / META_FILE).read_text())
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> ISLBundle:
+        path = Path(path)
+        meta = cls.read_meta(path)
         seg = SegmentationModel.load(path / SEG_FILE, device)
         reg = Registrar.load(path / REG_FILE, device)
         try:  # a bad code map fails here, not at export after a scan was refined

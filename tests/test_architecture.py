@@ -99,3 +99,19 @@ def test_the_rules_see_what_they_forbid(tmp_path, monkeypatch):
     monkeypatch.setitem(MAY_IMPORT, "imaging", {"isl"})
     with pytest.raises(AssertionError, match="cycle: imaging -> isl -> (.* -> )?imaging"):
         test_no_cycle_between_packages()
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    """Rooms that each do one job stay small: a module past 400 lines or a function past 60 is split, not grown."""
+    too_long = []
+    for package in (*PACKAGES, "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            source = path.read_text()
+            where = path.relative_to(ROOT)
+            if len(source.splitlines()) > 400:
+                too_long.append(f"{where}: {len(source.splitlines())} lines")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and \
+                        node.end_lineno - node.lineno + 1 > 60:
+                    too_long.append(f"{where}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == [], "\n".join(too_long)

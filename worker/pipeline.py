@@ -15,6 +15,7 @@ import torch
 from imaging.files import atomic_write_text, file_sha256
 from imaging.io import Geometry, Volume, write_label_map
 from imaging.sequences import read_sequences
+from isl.bundle import ISLBundle
 from isl.config import ISLConfig
 from isl.refiner import Refiner, load_refiner
 from segmentation.preprocess import to_native
@@ -92,12 +93,13 @@ def refine_file(inputs: str | Path | list, model_dir: str | Path | None, out_dir
     t_start = time.perf_counter()
     inputs = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     seconds = {}
+    t0 = time.perf_counter()  # the input first: a file that cannot be read is refused before any model loads
+    channels = (refiner.bundle.meta if refiner else ISLBundle.read_meta(model_dir))["dataset"]["channels"]
+    volumes, sequences = read_sequences(inputs, series_uid, channels, sequence_series)
+    seconds["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     refiner = refiner or load_refiner(model_dir, atlas_dir, cfg)
     seconds["load_model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    volumes, sequences = read_sequences(inputs, series_uid, refiner.bundle.meta["dataset"]["channels"], sequence_series)
-    seconds["read"] = time.perf_counter() - t0
     refined, baseline, info = refine_volumes(refiner, volumes, progress, extra_atlases)
     if len(volumes) > 1:
         info["qa"]["sequences"] = sequences
