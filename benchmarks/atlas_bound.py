@@ -83,6 +83,7 @@ def score_case(refiner, ds, case_id: str, steps: list[int], fine: InstanceConfig
     start = initial_mask(refiner.net, pre.images(volumes)[0], pre, False, refiner.device)
     truth = crop(pre.label(label).astype(np.int64), start.center, pre.roi_size)
     t = time.perf_counter()
+    aligner, _ = aligner.global_stage(start.scan, start.mask, cfg.affine)
     al = aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
     coarse_s = time.perf_counter() - t
     scores = {"start": start.mask, "mix": mix}

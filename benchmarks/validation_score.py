@@ -1,6 +1,7 @@
 """Score refinement configs on a bundle's own validation cases (those its configuration searched on), to set a
 hand-made setting beside the configuration's choice without touching the test split; with the Dice of ISL's
-parts (the starting mask, the fusion alone, the tuned network alone) beside the final mix. Prints JSON (and
+parts (the starting mask, the fusion alone, the tuned network alone, the registered atlases' majority vote)
+beside the final mix. Prints JSON (and
 writes it with --json).
 
     python -m benchmarks.validation_score --model models/hippocampus_few --dataset ../shared/data/hippocampus \\
@@ -44,6 +45,7 @@ def score_variant(args, over: dict, ids: list[str]) -> dict:
         probs = {"isl": result.probs}
         if result.parts:  # an ISL run (not a bundle that returns the network's own mask)
             probs |= {k: result.start if p is None else result.part_on_grid(p) for k, p in PARTS.items()}
+            probs["majority_vote"] = result.atlas_vote
         rows[case_id] = {k: _mean_dice(v, truth, labels) for k, v in probs.items()}
     means = {k: round(float(np.mean([r[k] for r in rows.values()])), 5) for k in next(iter(rows.values()))}
     return {"overrides": over, "config": refiner.cfg.model_dump(mode="json"), "mean_dice": means,

@@ -13,6 +13,7 @@ import torch
 
 from isl.bundle import Atlases
 from isl.config import ISLConfig
+from registration import affine
 from registration.fusion import fuse_labels
 from registration.instance import InstanceConfig, instance_optimise
 from registration.model import Losses, Registrar
@@ -33,8 +34,8 @@ class Aligned:
 class Aligner:
     """The registration network and a bundle's atlases, on one device."""
 
-    def __init__(self, reg: Registrar, atlases: Atlases, device: torch.device):
-        self.reg, self.atlases, self.device = reg, atlases, device
+    def __init__(self, reg: Registrar, atlases: Atlases, device: torch.device, spacing=(1.0, 1.0, 1.0)):
+        self.reg, self.atlases, self.device, self.spacing = reg, atlases, device, tuple(spacing)
         self.images, self.onehot, self.ids = atlases.images.to(device), atlases.onehot.to(device), atlases.case_ids
         self.known = atlases.known.to(device)
         self.losses = Losses(reg.cfg.ncc_window)
@@ -42,7 +43,29 @@ class Aligner:
     def with_atlases(self, extra: Atlases | None) -> Aligner:
         """The same registration over this bank and `extra` atlases (e.g. radiologists' corrections)."""
         return self if extra is None or not extra.case_ids else Aligner(self.reg, self.atlases.plus(extra),
-                                                                         self.device)
+                                                                         self.device, self.spacing)
+
+    @torch.no_grad()
+    def global_stage(self, scan: torch.Tensor, probs: np.ndarray, cfg: affine.AffineConfig) -> tuple[Aligner, dict]:
+        """Every atlas brought onto the scan's region by one global transform (`cfg.kind`), fitted to the scan's
+        mask `probs` (L, *roi): an Aligner over the transformed atlases, less those whose transform is implausible
+        (left out, not fused; all kept untransformed when none is plausible), and per atlas id its transform's
+        scale, rotation and translation."""
+        if cfg.kind == "none":
+            return self, {}
+        mask, shape = _foreground(probs, scan.device), tuple(scan.shape[2:])
+        with torch.enable_grad():
+            th = torch.cat([affine.fit(self.images[i:i + 8, :1], self.onehot[i:i + 8, 1:], scan, mask, self.spacing,
+                                       cfg, self.known[i:i + 8, 1:], self.reg.cfg.ncc_window)
+                            for i in range(0, len(self.images), 8)])
+        described = affine.describe(th, shape, self.spacing, cfg)
+        keep = [i for i, d in enumerate(described) if d["plausible"]]
+        if not keep:
+            return self, dict(zip(self.ids, described))
+        idx = torch.tensor(keep, device=self.images.device)
+        moved = Atlases([self.ids[i] for i in keep], affine.warp(self.images[idx], th[idx], padding="border"),
+                        affine.warp(self.onehot[idx], th[idx]), self.known[idx])
+        return Aligner(self.reg, moved, self.device, self.spacing), dict(zip(self.ids, described))
 
     @torch.no_grad()
     def select(self, scan: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
+from registration.affine import AffineConfig
 from registration.instance import InstanceConfig
 
 
@@ -18,6 +19,8 @@ class ISLConfig(BaseModel):
                            "(baseline) mask, where `isl train`'s configuration found that no ISL setting beat them")
 
     atlases: int = Field(14, ge=1, description="K: deformed training cases per scan")
+    affine: AffineConfig = Field(default_factory=AffineConfig, description="a global transform per atlas before "
+                                 "the deformable registration, fitted to the scan's starting mask")
     # mask-weakly-supervised registration of the atlases toward the scan
     registration: InstanceConfig = Field(default_factory=InstanceConfig)
     mask_flips: bool = Field(True, description="start the scan's mask (weak supervision, EMA) from the baseline "
@@ -109,9 +112,10 @@ class ISLConfig(BaseModel):
         """The dump, less the EXPERIMENTS fields that hold their defaults (reading it back gives them again)."""
         data = handler(self)
         for name in EXPERIMENTS:
-            if name in data and getattr(self, name) == type(self).model_fields[name].default:
+            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(
+                    call_default_factory=True):
                 del data[name]
         return data
 
 
-EXPERIMENTS = ("atlas_alignment", "full_resolution_steps", "full_resolution_lr", "finetune_optimizer")
+EXPERIMENTS = ("affine", "atlas_alignment", "full_resolution_steps", "full_resolution_lr", "finetune_optimizer")

@@ -74,7 +74,7 @@ class Refiner:
         self.bundle, self.cfg, self.device = bundle, cfg, device
         self.net = bundle.segmentation.network.to(device).eval()
         self.pre = bundle.segmentation.preprocessing
-        self.aligner = Aligner(bundle.registrar.to(device).eval(), atlases, device)
+        self.aligner = Aligner(bundle.registrar.to(device).eval(), atlases, device, self.pre.spacing)
         labels = bundle.segmentation.labels
         names = [n for v, n in labels.items() if v != 0]
         unknown = sorted((set(cfg.keep_start) | set(cfg.label_fusion_weights)) - set(names))
@@ -99,6 +99,7 @@ class Refiner:
         report("registration", 0.05)
         aligner = self.aligner.with_atlases(extra_atlases)
         with timer.stage("registration"):
+            aligner, transforms = aligner.global_stage(start.scan, start.mask, cfg.affine)
             aligned = aligner.register(start.scan, start.mask, cfg.atlases, cfg.registration)
             vote, folding = majority_vote(aligned.labels, aligned.known), folding_fraction(aligned.displacement)
         report("finetune", 0.3)
@@ -114,7 +115,7 @@ class Refiner:
                                                cfg.min_agreement, keep, cfg.final_inference)
             tuned.ema.update(network)
         qa = self._qa(start, tuned, probs, folding, [aligner.ids[int(i)] for i in aligned.index]) | {
-            "safety": self._labelled(safety)}
+            "safety": self._labelled(safety)} | _global_qa(transforms, cfg)
         parts = {"baseline": start.mask, "ema": tuned.ema.probs, "network": network, "atlas": fused}
         return ISLResult(probs, start.baseline, roi_onehot_on(start.baseline, vote, start.center), qa,
                          timer.seconds, parts, tuple(start.center), start.start)
@@ -154,6 +155,19 @@ class Refiner:
                 "ema_changes": [round(c, 5) for c in tuned.ema.changes], "folding_fraction": folding,
                 "roi_center_voxel": list(start.center),
                 "baseline_vs_refined_dice": mean_dice(start.baseline.argmax(0), probs.argmax(0))}
+
+
+def _global_qa(transforms: dict, cfg: ISLConfig) -> dict:
+    """The report's part on the atlases' global transforms (none when the config has no global stage): each
+    atlas's scale, rotation and translation, those left out as implausible, and whether the stage was applied (not
+    when no atlas's transform was plausible: then every atlas went on as cropped)."""
+    if not transforms:
+        return {}
+    implausible = [a for a, d in transforms.items() if not d["plausible"]]
+    applied = len(implausible) < len(transforms)
+    return {"global_alignment": {"kind": cfg.affine.kind, "max_scale": cfg.affine.max_scale,
+                                 "max_rotation_deg": cfg.affine.max_rotation, "applied": applied,
+                                 "atlases": transforms, "left_out_as_implausible": implausible if applied else []}}
 
 
 def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLConfig | dict | None = None) -> Refiner:

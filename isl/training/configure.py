@@ -88,7 +88,8 @@ class CaseSearch:
                                                       "finetune_steps": max(STEPS), "min_steps": max(STEPS)})
         torch.manual_seed(cfg.seed)
         start = initial_mask(r.net, self.image, r.pre, mask_flips, r.device)
-        aligned = r.aligner.register(start.scan, start.mask, k, cfg.registration)
+        aligner, _ = r.aligner.global_stage(start.scan, start.mask, cfg.affine)
+        aligned = aligner.register(start.scan, start.mask, k, cfg.registration)
         whole = start.start.argmax(0).astype(np.int64)
 
         def snapshot(steps, network, aligned):
@@ -96,7 +97,7 @@ class CaseSearch:
                 self._mixes(mask_flips, k, steps, network, aligned, start, whole)
 
         snapshot(0, r.net, aligned)
-        finetune(r.net, start, aligned, r.aligner, cfg, np.random.default_rng(cfg.seed), Timer(),
+        finetune(r.net, start, aligned, aligner, cfg, np.random.default_rng(cfg.seed), Timer(),
                  lambda *_: None, snapshot)
 
     def _fusions(self, aligned, start) -> dict:

@@ -71,6 +71,30 @@ def test_refiner_runs_and_reports(tiny_bundle, phantom_dataset):
     assert len(res.qa["atlases_used"]) == 3 and 0.0 <= res.qa["folding_fraction"] < 0.05
     assert set(res.seconds) >= {"baseline", "registration", "finetune", "final"}
     assert res.qa["finetune_steps"] <= 10 and len(res.qa["ema_changes"]) >= 1
+    assert "global_alignment" not in res.qa  # no global stage configured
+
+
+def test_the_report_describes_each_atlas_s_global_transform(tiny_bundle, phantom_dataset):
+    from imaging.dataset import load_case, load_dataset
+    from isl.config import ISLConfig
+    from isl.refiner import load_refiner
+
+    cfg = ISLConfig(device="cpu", atlases=3, finetune_steps=5, min_steps=5, affine={"kind": "similarity"})
+    refiner = load_refiner(tiny_bundle, phantom_dataset, cfg)
+    ds = load_dataset(phantom_dataset)
+    vols, _, _ = load_case(ds, ds.case("phantom_000"))
+    report = refiner.refine(refiner.pre.images(vols)[0]).qa
+    qa = report["global_alignment"]
+    assert qa["kind"] == "similarity" and list(qa["atlases"]) == refiner.aligner.ids
+    kept = [a for a, d in qa["atlases"].items() if d["plausible"]]
+    # the phantoms' barely trained network over-segments: fitted to its mask, atlases may all be blown up beyond
+    # max_scale, and then all go on as cropped
+    assert qa["applied"] == bool(kept)
+    assert qa["left_out_as_implausible"] == ([a for a in refiner.aligner.ids if a not in kept] if kept else [])
+    kept = kept or refiner.aligner.ids
+    for d in qa["atlases"].values():
+        assert len(d["scale"]) == 3 and 0 <= d["rotation_deg"] <= 180 and len(d["translation_mm"]) == 3
+    assert set(report["atlases_used"]) <= set(kept)
 
 
 def test_the_untuned_network_in_the_roi_is_exactly_the_starting_mask(tiny_bundle, phantom_dataset):
