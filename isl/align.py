@@ -48,24 +48,40 @@ class Aligner:
     @torch.no_grad()
     def global_stage(self, scan: torch.Tensor, probs: np.ndarray, cfg: affine.AffineConfig) -> tuple[Aligner, dict]:
         """Every atlas brought onto the scan's region by one global transform (`cfg.kind`), fitted to the scan's
-        mask `probs` (L, *roi): an Aligner over the transformed atlases, less those whose transform is implausible
-        (left out, not fused; all kept untransformed when none is plausible), and per atlas id its transform's
-        scale, rotation and translation."""
+        mask `probs` (L, *roi) and sampled from the atlas's context crop where it has one (so that what a turn or a
+        zoom brings into the region is there): an Aligner over the transformed atlases, less those whose transform
+        is implausible (left out, not fused; all kept as cropped when none is plausible), and per atlas id its
+        transform's scale, rotation and translation."""
         if cfg.kind == "none":
             return self, {}
         mask, shape = _foreground(probs, scan.device), tuple(scan.shape[2:])
-        with torch.enable_grad():
-            th = torch.cat([affine.fit(self.images[i:i + 8, :1], self.onehot[i:i + 8, 1:], scan, mask, self.spacing,
-                                       cfg, self.known[i:i + 8, 1:], self.reg.cfg.ncc_window)
-                            for i in range(0, len(self.images), 8)])
-        described = affine.describe(th, shape, self.spacing, cfg)
+        context = self.atlases.context_images is not None
+        source = tuple(self.atlases.context_images.shape[2:]) if context else shape
+        images, onehots, described = [], [], []
+        for i in range(0, len(self.images), 8):
+            img, onehot = self._source(i, i + 8, context)
+            with torch.enable_grad():
+                th = affine.fit(img[:, :1], onehot[:, 1:], scan, mask, self.spacing, cfg, self.known[i:i + 8, 1:],
+                                self.reg.cfg.ncc_window)
+            described += affine.describe(th, shape, self.spacing, cfg, source)
+            images.append(affine.warp(img, th, shape, padding="border"))
+            onehots.append(affine.warp(onehot, th, shape))
+        transforms = dict(zip(self.ids, described))
         keep = [i for i, d in enumerate(described) if d["plausible"]]
         if not keep:
-            return self, dict(zip(self.ids, described))
+            return self, transforms
         idx = torch.tensor(keep, device=self.images.device)
-        moved = Atlases([self.ids[i] for i in keep], affine.warp(self.images[idx], th[idx], padding="border"),
-                        affine.warp(self.onehot[idx], th[idx]), self.known[idx])
-        return Aligner(self.reg, moved, self.device, self.spacing), dict(zip(self.ids, described))
+        moved = Atlases([self.ids[i] for i in keep], torch.cat(images)[idx], torch.cat(onehots)[idx], self.known[idx])
+        return Aligner(self.reg, moved, self.device, self.spacing), transforms
+
+    def _source(self, start: int, stop: int, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atlases start:stop as a global transform samples them: images and one-hot labels, on their context crop
+        when `context`, else on the region."""
+        if not context:
+            return self.images[start:stop], self.onehot[start:stop]
+        labels = self.atlases.context_labels[start:stop].to(self.device).long()
+        onehot = torch.nn.functional.one_hot(labels, self.onehot.shape[1]).permute(0, 4, 1, 2, 3).float()
+        return self.atlases.context_images[start:stop].to(self.device), onehot
 
     @torch.no_grad()
     def select(self, scan: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

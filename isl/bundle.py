@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,22 @@ log = logging.getLogger(__name__)
 SEG_FILE, REG_FILE, META_FILE, CARD_FILE = "model.pt", "registration.pt", "bundle.json", "MODEL_CARD.md"
 
 
+CONTEXT = 1.5  # an atlas's context crop spans this many times the ROI along each axis: what a global transform samples
+
+
+def context_size(roi_size) -> tuple[int, ...]:
+    """The context crop's size: about CONTEXT times the ROI, with each axis's parity kept so that both crops share
+    their centre voxel for voxel."""
+    return tuple(n + 2 * math.ceil(n * (CONTEXT - 1) / 2) for n in roi_size)
+
+
+def atlas_context(image: np.ndarray, label: np.ndarray, roi_size) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled case (C, z, y, x) + (z, y, x) cropped around its label's centre, as `atlas_roi` is, to the larger
+    context_size(roi_size): image and label map (uint8)."""
+    center, size = centroid(label > 0), context_size(roi_size)
+    return crop(image, center, size), crop(label, center, size).astype(np.uint8)
+
+
 def atlas_roi(image: np.ndarray, label: np.ndarray, roi_size, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """Crop a labelled case (C, z, y, x) + (z, y, x) to the ROI centred on its label: image and one-hot (L, ...)."""
     center = centroid(label > 0)
@@ -34,22 +51,29 @@ def atlas_roi(image: np.ndarray, label: np.ndarray, roi_size, n_labels: int) -> 
 @dataclass
 class Atlases:
     """Labelled training cases cropped to the ROI around their label: images (N, C, ...), one-hot (N, L, ...),
-    and which labels each contours (N, L) bool (partial labels: see imaging.dataset)."""
+    and which labels each contours (N, L) bool (partial labels: see imaging.dataset); and, for a global transform to
+    sample from, the same cases on a larger crop around the same centre (`atlas_context`): images (N, C, ...) and
+    label maps (N, ...) uint8, or None."""
 
     case_ids: list[str]
     images: torch.Tensor
     onehot: torch.Tensor
     known: torch.Tensor | None = None
+    context_images: torch.Tensor | None = None
+    context_labels: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.known is None:
             self.known = torch.ones(self.onehot.shape[:2], dtype=torch.bool)
 
     def plus(self, other: Atlases) -> Atlases:
-        """These atlases followed by `other`'s."""
+        """These atlases followed by `other`'s (with context crops where both have them)."""
+        both = self.context_images is not None and other.context_images is not None
         return Atlases(self.case_ids + other.case_ids, torch.cat([self.images, other.images.to(self.images)]),
                        torch.cat([self.onehot, other.onehot.to(self.onehot)]),
-                       torch.cat([self.known, other.known.to(self.known.device)]))
+                       torch.cat([self.known, other.known.to(self.known.device)]),
+                       torch.cat([self.context_images, other.context_images.to(self.context_images)]) if both else None,
+                       torch.cat([self.context_labels, other.context_labels.to(self.context_labels)]) if both else None)
 
 
 @dataclass
@@ -121,8 +145,11 @@ class ISLBundle:
         if values.max(initial=0) >= len(self.segmentation.labels):
             raise DatasetError(f"{case_id}: label values {values.tolist()} do not fit model {self.version}'s "
                                f"labels {self.segmentation.labels}")
-        img, onehot = atlas_roi(pre.images(volumes)[0], pre.label(label), pre.roi_size, len(self.segmentation.labels))
-        return Atlases([case_id], torch.from_numpy(img[None]), torch.from_numpy(onehot[None]))
+        image, label = pre.images(volumes)[0], pre.label(label)
+        img, onehot = atlas_roi(image, label, pre.roi_size, len(self.segmentation.labels))
+        ctx_img, ctx_lab = atlas_context(image, label, pre.roi_size)
+        return Atlases([case_id], torch.from_numpy(img[None]), torch.from_numpy(onehot[None]), None,
+                       torch.from_numpy(ctx_img[None]), torch.from_numpy(ctx_lab[None]))
 
     def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
         """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""
@@ -135,13 +162,17 @@ class ISLBundle:
         ds = load_dataset(atlas_dir)
         pre = self.segmentation.preprocessing
         n_labels = len(self.segmentation.labels)
-        images, onehots, known = [], [], []
+        images, onehots, known, ctx_images, ctx_labels = [], [], [], [], []
         for case_id in self.atlas_ids:
             case = ds.case(case_id)
             vols, label, _ = load_case(ds, case)
-            img, onehot = atlas_roi(pre.images(vols)[0], pre.label(label), pre.roi_size, n_labels)
+            image, label = pre.images(vols)[0], pre.label(label)
+            img, onehot = atlas_roi(image, label, pre.roi_size, n_labels)
             images.append(img)
             onehots.append(onehot)
             known.append(case.present(self.segmentation.labels))
-        return Atlases(self.atlas_ids, torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(onehots)),
-                       torch.from_numpy(np.stack(known)))
+            for out, part in zip((ctx_images, ctx_labels), atlas_context(image, label, pre.roi_size)):
+                out.append(part)
+        stack = lambda parts: torch.from_numpy(np.stack(parts))  # noqa: E731
+        return Atlases(self.atlas_ids, stack(images), stack(onehots), stack(known), stack(ctx_images),
+                       stack(ctx_labels))

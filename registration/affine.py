@@ -69,13 +69,19 @@ class Params(torch.nn.Module):
         return a, self.shift * self.extent / 10
 
 
-def theta(a: torch.Tensor, t: torch.Tensor, shape, spacing_xyz) -> torch.Tensor:
-    """(K, 3, 4) for `F.affine_grid` on a grid `shape` (z, y, x) of voxels `spacing_xyz` (x, y, z) mm, from mm
-    transforms about the grid's centre. Normalised coordinates run (x, y, z), -1..1 corner to corner."""
-    half = torch.tensor([(n - 1) / 2 * s for n, s in zip(reversed(shape), spacing_xyz)], dtype=a.dtype,
-                        device=a.device).clamp_min(1e-6)  # mm per normalised unit, per axis (x, y, z)
-    norm = a / half[None, :, None] * half[None, None, :]  # P^-1 A P with P = diag(half)
-    return torch.cat([norm, (t / half)[..., None]], -1)
+def _half(shape, spacing_xyz, like: torch.Tensor) -> torch.Tensor:
+    """mm per normalised unit along x, y, z of a grid `shape` (z, y, x)."""
+    return torch.tensor([(n - 1) / 2 * s for n, s in zip(reversed(shape), spacing_xyz)], dtype=like.dtype,
+                        device=like.device).clamp_min(1e-6)
+
+
+def theta(a: torch.Tensor, t: torch.Tensor, shape, spacing_xyz, source_shape=None) -> torch.Tensor:
+    """(K, 3, 4) for `F.affine_grid` on a grid `shape` (z, y, x) of voxels `spacing_xyz` (x, y, z) mm, sampling a
+    grid `source_shape` (default: `shape`) with the same centre and spacing, from mm transforms about that centre.
+    Normalised coordinates run (x, y, z), -1..1 corner to corner of each grid."""
+    out, src = _half(shape, spacing_xyz, a), _half(source_shape or shape, spacing_xyz, a)
+    norm = a / src[None, :, None] * out[None, None, :]  # P_src^-1 A P_out with P = diag(half)
+    return torch.cat([norm, (t / src)[..., None]], -1)
 
 
 def warp(x: torch.Tensor, th: torch.Tensor, shape=None, padding: str = "zeros") -> torch.Tensor:
@@ -87,14 +93,14 @@ def warp(x: torch.Tensor, th: torch.Tensor, shape=None, padding: str = "zeros") 
 
 def fit(atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tensor, scan_mask: torch.Tensor,
         spacing_xyz, cfg: AffineConfig, known: torch.Tensor | None = None, ncc_window: int = 5) -> torch.Tensor:
-    """One transform per atlas (K, 1, *roi) with foreground labels (K, L-1, *roi) toward the scan (1, 1, *roi)
-    and its current foreground probabilities (1, L-1, *roi): (K, 3, 4) for `warp` on the region's grid.
+    """One transform per atlas (K, 1, *src) with foreground labels (K, L-1, *src) toward the scan (1, 1, *roi)
+    and its current foreground probabilities (1, L-1, *roi): (K, 3, 4) for `warp` from the atlases' grid (the
+    region, or a larger crop about the same centre) onto the region's.
     loss = 1 - Dice(warped label, scan mask) [over the labels each atlas contours] + w_image * (1 - NCC)."""
     k = len(atlas_images)
-    shape = tuple(scan.shape[2:])
-    identity = theta(torch.eye(3).expand(k, 3, 3), torch.zeros(k, 3), shape, spacing_xyz).to(scan.device)
+    shape, source = tuple(scan.shape[2:]), tuple(atlas_images.shape[2:])
     if cfg.kind == "none" or cfg.steps == 0:
-        return identity
+        return theta(torch.eye(3).expand(k, 3, 3), torch.zeros(k, 3), shape, spacing_xyz, source).to(scan.device)
     pool = (lambda v: F.avg_pool3d(v, cfg.downsample)) if cfg.downsample > 1 else (lambda v: v)
     moving, moving_labels = pool(atlas_images), pool(atlas_labels)
     fixed, mask = pool(scan).expand(k, -1, -1, -1, -1), pool(scan_mask).expand(k, -1, -1, -1, -1)
@@ -103,25 +109,27 @@ def fit(atlas_images: torch.Tensor, atlas_labels: torch.Tensor, scan: torch.Tens
     params = Params(k, cfg.kind, extent).to(scan.device)
     losses = Losses(ncc_window)
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr)
+    coarse = tuple(fixed.shape[2:])
     for _ in range(cfg.steps):
-        th = theta(*params.matrix(), shape, spacing_xyz)
-        loss = losses.overlap(warp(moving_labels, th), mask, known).sum()
+        th = theta(*params.matrix(), shape, spacing_xyz, source)
+        loss = losses.overlap(warp(moving_labels, th, coarse), mask, known).sum()
         if cfg.w_image > 0:
-            loss = loss + cfg.w_image * losses.image(warp(moving, th, padding="border"), fixed).sum()
+            loss = loss + cfg.w_image * losses.image(warp(moving, th, coarse, padding="border"), fixed).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return theta(*params.matrix(), shape, spacing_xyz)
+        return theta(*params.matrix(), shape, spacing_xyz, source)
 
 
-def describe(th: torch.Tensor, shape, spacing_xyz, cfg: AffineConfig) -> list[dict]:
-    """Per transform (K, 3, 4): its scales along its principal axes, its rotation in degrees and its translation
-    in mm (scan to atlas, physical), and whether it is plausible under `cfg`'s limits."""
-    half = np.array([(n - 1) / 2 * s for n, s in zip(reversed(shape), spacing_xyz)])
+def describe(th: torch.Tensor, shape, spacing_xyz, cfg: AffineConfig, source_shape=None) -> list[dict]:
+    """Per transform (K, 3, 4) made by `theta` (same shapes): its scales along its principal axes, its rotation in
+    degrees and its translation in mm (scan to atlas, physical), and whether it is plausible under `cfg`'s limits."""
+    out_half = np.array([(n - 1) / 2 * s for n, s in zip(reversed(shape), spacing_xyz)])
+    half = np.array([(n - 1) / 2 * s for n, s in zip(reversed(source_shape or shape), spacing_xyz)])
     out = []
     for m in th.detach().cpu().double().numpy():
-        a = m[:, :3] * half[:, None] / half[None, :]  # back to mm: P A_norm P^-1
+        a = m[:, :3] * half[:, None] / out_half[None, :]  # back to mm: P_src A_norm P_out^-1
         u, s, vt = np.linalg.svd(a)
         rot = u @ vt
         if np.linalg.det(rot) < 0:  # a reflection: never plausible

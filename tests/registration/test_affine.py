@@ -12,10 +12,10 @@ SHAPE = (32, 40, 36)  # z, y, x
 SPACING = (1.0, 1.0, 2.0)  # x, y, z mm: anisotropic, so that a rotation in voxels would be a shear
 
 
-def _ellipsoid(a: np.ndarray, t=(0.0, 0.0, 0.0)) -> torch.Tensor:
+def _ellipsoid(a: np.ndarray, t=(0.0, 0.0, 0.0), shape=SHAPE) -> torch.Tensor:
     """An ellipsoid (semi-axes 14, 8, 5 mm along x, y, z) sampled through p_shape = A p + t (mm about the grid's
     centre), as (1, 1, z, y, x)."""
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING[::-1])]
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, SPACING[::-1])]
     z, y, x = np.meshgrid(*axes, indexing="ij")
     p = np.stack([x, y, z], -1) @ a.T + np.asarray(t)
     inside = (p[..., 0] / 14) ** 2 + (p[..., 1] / 8) ** 2 + (p[..., 2] / 5) ** 2 <= 1
@@ -93,3 +93,25 @@ def test_the_aligner_leaves_out_an_atlas_whose_transform_is_implausible():
         assert _dice((moved.onehot[i, 1:] > 0.5).float(), scan[0]) > 0.9
     same, none = aligner.global_stage(scan, probs, AffineConfig())
     assert same is aligner and none == {}  # no global stage: the atlases as they were
+
+
+def test_a_global_transform_samples_the_atlas_s_context_crop():
+    """An atlas 1.6 times the scan's size overflows the region (its x semi-axis 22 mm, the region's 18); zoomed out
+    from its context crop it lands whole on the scan, from the region's crop it loses its ends."""
+    from isl.align import Aligner
+    from isl.bundle import Atlases, context_size
+    from registration.model import Registrar, RegistrationConfig
+
+    big = np.eye(3) / 1.6
+    roi, ctx = _ellipsoid(big), _ellipsoid(big, shape=context_size(SHAPE))
+    scan = _ellipsoid(np.eye(3))
+    probs = torch.cat([1 - scan, scan], 1)[0].numpy()
+    cfg = AffineConfig(kind="similarity", steps=150, lr=0.03, downsample=1, max_scale=2.0)
+    dices = []
+    for context in (None, (ctx * 0.7 + 0.1, ctx[:, 0].to(torch.uint8))):
+        atlases = Atlases(["big"], roi * 0.7 + 0.1, torch.cat([1 - roi, roi], 1), None, *(context or (None, None)))
+        moved, described = Aligner(Registrar(RegistrationConfig()), atlases, torch.device("cpu"),
+                                   SPACING).global_stage(scan * 0.7 + 0.1, probs, cfg)
+        assert abs(described["big"]["scale"][0] - 1.6) < 0.1, described
+        dices.append(_dice((moved.onehot[0, 1:] > 0.5).float(), scan[0]))
+    assert dices[1] > 0.95 and dices[1] > dices[0] + 0.03, dices
