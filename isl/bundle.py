@@ -22,6 +22,7 @@ from segmentation.bundle import SegmentationModel
 from segmentation.preprocess import centroid, crop
 
 log = logging.getLogger(__name__)
+NESTED = ("registration", "affine")  # ISLConfig's fields that are configs of their own
 SEG_FILE, REG_FILE, META_FILE, CARD_FILE = "model.pt", "registration.pt", "bundle.json", "MODEL_CARD.md"
 
 
@@ -102,7 +103,11 @@ class ISLBundle:
         from isl.config import ISLConfig
 
         refinement = self.info.refinement
-        return ISLConfig.model_validate((refinement.config if refinement else {}) | (overrides or {}))
+        data = dict(refinement.config if refinement else {})
+        for name, value in (overrides or {}).items():  # a nested config (registration, affine) overridden field by field
+            nested = isinstance(value, dict) and isinstance(data.get(name), dict) and name in NESTED
+            data[name] = data[name] | value if nested else value
+        return ISLConfig.model_validate(data)
 
     @staticmethod
     def read_meta(path: str | Path) -> dict:

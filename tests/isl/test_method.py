@@ -237,3 +237,17 @@ def test_weight_space_blending_lands_between_the_network_and_its_tuned_copy():
         assert torch.allclose(q0, p), name
         assert torch.allclose(q25, p + 0.25), name
         assert torch.allclose(t, p + 1.0), name
+
+
+def test_an_override_of_a_nested_config_changes_only_the_fields_it_names():
+    from pathlib import Path
+
+    from isl.bundle import ISLBundle
+
+    meta = {"version": "m-1", "refinement": {"config": {
+        "atlases": 8, "affine": {"kind": "similarity", "steps": 40}, "registration": {"steps": 12},
+        "label_fusion_weights": {"a": 0.5, "b": 0.25}}}}
+    cfg = ISLBundle(None, None, meta, Path(".")).refinement_config(
+        {"affine": {"kind": "affine"}, "label_fusion_weights": {"a": 1.0}})
+    assert (cfg.affine.kind, cfg.affine.steps, cfg.registration.steps, cfg.atlases) == ("affine", 40, 12, 8)
+    assert cfg.label_fusion_weights == {"a": 1.0}  # a map is replaced, not merged

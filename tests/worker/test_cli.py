@@ -161,3 +161,7 @@ def test_options_reach_the_config_through_one_table():
     assert cfg.registration.iterations == BundleTrainConfig().registration.iterations  # not given: the default
     args = build_parser().parse_args(["refine", "x.nii.gz", "--model", "m", "--out", "o", "--atlases", "5"])
     assert config_from(args, ISLConfig, REFINE_OPTIONS) == ISLConfig(atlases=5)
+    args = build_parser().parse_args(["evaluate", "--dataset", "d", "--model", "m", "--json", "j",
+                                      "--global-alignment", "similarity"])
+    assert config_from(args, ISLConfig, REFINE_OPTIONS).model_dump(exclude_unset=True) == {
+        "affine": {"kind": "similarity"}}

@@ -21,7 +21,7 @@ def _setup(args) -> None:
 
 # The one path from options to configs: option (argparse dest) -> config field(s), dotted for nested fields.
 # An option left out (None) keeps the config's default; the config validates what is given.
-REFINE_OPTIONS = {"atlases": "atlases", "device": "device"}
+REFINE_OPTIONS = {"atlases": "atlases", "device": "device", "global_alignment": "affine.kind"}
 TRAIN_OPTIONS = {"holdout": "holdout", "cases": "cases", "validation": "validation", "atlas_pool": "atlas_pool",
                  "name": "name", "configure": "configure", "configure_minutes": "configure_minutes",
                  "iterations": "training.iterations", "reg_iterations": "registration.iterations", "lr": "training.lr",
@@ -186,12 +186,19 @@ def add_refine(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (mask + report.json)")
     p.add_argument("--atlas-dir", default=None, help="dataset folder holding the bundle's atlas cases")
     p.add_argument("--atlases", type=int, default=None, help="K atlases per scan (default: the config's)")
+    _global_alignment_arg(p)
     p.add_argument("--series-uid", default=None, help="which DICOM series, when the input holds several")
     p.add_argument("--sequence-series", action="append", default=[], metavar="SEQUENCE=UID",
                    help="for a model of several sequences given one DICOM study (folder or zip): the series of this "
                         "sequence (default: the series whose description names it); repeatable")
     _device_arg(p)
     p.set_defaults(func=cmd_refine)
+
+
+def _global_alignment_arg(p) -> None:
+    p.add_argument("--global-alignment", choices=["none", "rigid", "similarity", "affine"], default=None,
+                   help="a global transform per atlas before the deformable registration (default: the bundle's "
+                        "configuration)")
 
 
 def add_evaluate(sub) -> None:
@@ -202,6 +209,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--atlas-dir", default=None, help="dataset folder holding the atlases (default: --dataset)")
     p.add_argument("--cases", type=int, default=None, help="the first N eligible cases in sorted order")
     p.add_argument("--atlases", type=int, default=None)
+    _global_alignment_arg(p)
     p.add_argument("--figure", default=None, help="PNG figure path (default: beside the JSON)")
     _device_arg(p)
     p.set_defaults(func=cmd_evaluate)
