@@ -104,7 +104,7 @@ class ISLBundle:
 
         refinement = self.info.refinement
         data = dict(refinement.config if refinement else {})
-        for name, value in (overrides or {}).items():  # a nested config (registration, affine) overridden field by field
+        for name, value in (overrides or {}).items():  # a nested config (registration, affine): field by field
             nested = isinstance(value, dict) and isinstance(data.get(name), dict) and name in NESTED
             data[name] = data[name] | value if nested else value
         return ISLConfig.model_validate(data)
