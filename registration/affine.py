@@ -26,10 +26,11 @@ class AffineConfig(BaseModel):
 
     kind: Kind = Field("none", description="global transform per atlas before the deformable stage "
                                            "(none: atlases as cropped around their own label's centre)")
-    steps: int = Field(80, ge=0, description="Adam steps")
-    lr: float = Field(0.02, gt=0, description="step size (radians, log-scale, and tenths of the region in mm)")
+    steps: int = Field(40, ge=0, description="Adam steps")
+    lr: float = Field(0.04, gt=0, description="step size (radians, log-scale, and tenths of the region in mm)")
     w_image: float = Field(0.0, ge=0, description="weight of local 1 - NCC beside the label overlap")
-    downsample: int = Field(2, ge=1, description="optimised on a grid this many times coarser than the region")
+    downsample: int = Field(4, ge=1, description="optimised on a grid this many times coarser than the region (a "
+                                                 "global transform needs no fine detail: 4 costs an eighth of 2)")
     max_scale: float = Field(1.5, gt=1, description="an atlas scaled by more than this (or less than its "
                                                     "inverse) along any axis is implausible and left out")
     max_rotation: float = Field(45.0, gt=0, le=180, description="an atlas rotated by more degrees is "
