@@ -156,8 +156,10 @@ class ISLBundle:
         return Atlases([case_id], torch.from_numpy(img[None]), torch.from_numpy(onehot[None]), None,
                        torch.from_numpy(ctx_img[None]), torch.from_numpy(ctx_lab[None]))
 
-    def load_atlases(self, atlas_dir: str | Path | None) -> Atlases:
-        """Read this bundle's atlas cases by id from a dataset folder and crop each around its label."""
+    def load_atlases(self, atlas_dir: str | Path | None, context: bool = False) -> Atlases:
+        """Read this bundle's atlas cases by id from a dataset folder and crop each around its label; with
+        `context`, also on the larger crop a global transform samples (3.4 times the memory: only where the
+        configuration has a global stage)."""
         if atlas_dir is None:
             raise DatasetError(f"model {self.version} refines with atlases {self.atlas_ids[:3]}...: give --atlas-dir, "
                                f"the dataset folder that holds them")
@@ -176,8 +178,9 @@ class ISLBundle:
             images.append(img)
             onehots.append(onehot)
             known.append(case.present(self.segmentation.labels))
-            for out, part in zip((ctx_images, ctx_labels), atlas_context(image, label, pre.roi_size)):
-                out.append(part)
-        stack = lambda parts: torch.from_numpy(np.stack(parts))  # noqa: E731
+            if context:
+                for out, part in zip((ctx_images, ctx_labels), atlas_context(image, label, pre.roi_size)):
+                    out.append(part)
+        stack = lambda parts: torch.from_numpy(np.stack(parts)) if parts else None  # noqa: E731
         return Atlases(self.atlas_ids, stack(images), stack(onehots), stack(known), stack(ctx_images),
                        stack(ctx_labels))

@@ -182,4 +182,4 @@ def load_refiner(model_dir: str | Path, atlas_dir: str | Path | None, cfg: ISLCo
         dev = pick_device(cfg.device)
         bundle.segmentation.network.to(dev)
         bundle.registrar.to(dev)
-    return Refiner(bundle, bundle.load_atlases(atlas_dir), cfg, dev)
+    return Refiner(bundle, bundle.load_atlases(atlas_dir, context=cfg.affine.kind != "none"), cfg, dev)
