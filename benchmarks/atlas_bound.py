@@ -63,8 +63,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(ap, model=REQUIRED, dataset=REQUIRED, cases=3)
     ap.add_argument("--atlases", type=int, default=8)
-    ap.add_argument("--full-steps", type=int, nargs="+", default=[30],
-                    help="cumulative step counts at which the full-resolution atlases are scored")
+    ap.add_argument("--full-steps", type=int, nargs="*", default=[30],
+                    help="cumulative step counts at which the full-resolution atlases are scored (none: skip)")
+    ap.add_argument("--global-alignment", choices=["none", "rigid", "similarity", "affine"], default=None,
+                    help="the global stage before the registration (default: the bundle's configuration)")
+    ap.add_argument("--stages", action="store_true",
+                    help="also score the atlases after the global stage alone and under the network's field alone")
     ap.add_argument("--full-lr", type=float, default=0.1)
     ap.add_argument("--full-dice", type=float, default=None,
                     help="weak-supervision weight of the full-resolution steps (default: the bundle's)")
@@ -73,9 +77,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def score_case(refiner, ds, case_id: str, steps: list[int], fine: InstanceConfig, mix: list[float]) -> dict:
+def score_case(refiner, ds, case_id: str, steps: list[int], fine: InstanceConfig, mix: list[float],
+               stages: bool = False) -> dict:
     """One case: the starting mask, the atlases as the refinement aligns them (coarse), and the same atlases after
-    each cumulative count of full-resolution steps, with the seconds of each."""
+    each cumulative count of full-resolution steps, with the seconds of each. With `stages`, also the selected
+    atlases as the global stage leaves them (`global_only`) and under the network's own field (`network_field`)."""
     cfg, pre, aligner, names = refiner.cfg, refiner.pre, refiner.aligner, refiner.bundle.segmentation.labels
     case = ds.case(case_id)
     volumes, label, _ = load_case(ds, case)
@@ -89,6 +95,11 @@ def score_case(refiner, ds, case_id: str, steps: list[int], fine: InstanceConfig
     scores = {"start": start.mask, "mix": mix}
     row = {"start": _mean(dice(start.mask.argmax(0), truth, organs)),
            "coarse": atlas_scores(al.labels, al.images[:, :1], al.known, start.scan, truth, organs, **scores)}
+    if stages:  # the same atlases before the network's field, and with the network's field alone
+        no_steps = cfg.registration.model_copy(update={"steps": 0})
+        learned = aligner.register(start.scan, start.mask, cfg.atlases, no_steps)
+        for name, a in (("global_only", aligner.undeformed(al)), ("network_field", learned)):
+            row[name] = atlas_scores(a.labels, a.images[:, :1], a.known, start.scan, truth, organs, **scores)
     mask = torch.from_numpy(start.mask[1:])[None].to(refiner.device)
     current, done, spent, full_s = al, 0, 0.0, {}
     for n in steps:  # ISLConfig.full_resolution_steps' own optimisation, scored at each checkpoint
@@ -98,8 +109,9 @@ def score_case(refiner, ds, case_id: str, steps: list[int], fine: InstanceConfig
         full_s[n] = round(spent, 1)
         key = "full_resolution" if len(steps) == 1 else f"full_resolution_{n}"
         row[key] = atlas_scores(current.labels, current.images[:, :1], al.known, start.scan, truth, organs, **scores)
-    row["seconds"] = {"registration_as_configured": round(coarse_s, 1),
-                      "full_resolution_steps": full_s[steps[0]] if len(steps) == 1 else full_s}
+    row["seconds"] = {"registration_as_configured": round(coarse_s, 1)}
+    if steps:
+        row["seconds"]["full_resolution_steps"] = full_s[steps[0]] if len(steps) == 1 else full_s
     return row
 
 
@@ -107,6 +119,7 @@ def summarise(rows: dict, steps: list[int], mix: list[float]) -> dict:
     """Per grid (coarse, each full-resolution checkpoint), each score's mean over the cases."""
     summary = {"start": _mean({c: r["start"] for c, r in rows.items()})}
     grids = ["coarse"] + (["full_resolution"] if len(steps) == 1 else [f"full_resolution_{n}" for n in steps])
+    grids += [g for g in ("global_only", "network_field") if g in next(iter(rows.values()))]
     for grid in grids:
         keys = ["best_atlas", "mean_atlas", "fusion"] + [f"mix_{w:g}" for w in mix]
         summary[grid] = {k: _mean({c: r[grid][k] for c, r in rows.items()}) for k in keys}
@@ -116,8 +129,10 @@ def summarise(rows: dict, steps: list[int], mix: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    refiner = load_refiner(args.model, args.dataset, {"method": "isl", "atlases": args.atlases,
-                                                      "device": args.device})
+    overrides = {"method": "isl", "atlases": args.atlases, "device": args.device}
+    if args.global_alignment:
+        overrides["affine"] = {"kind": args.global_alignment}
+    refiner = load_refiner(args.model, args.dataset, overrides)
     cfg, names = refiner.cfg, refiner.bundle.segmentation.labels
     steps = sorted(set(args.full_steps))
     fine = cfg.registration.model_copy(update={"lr": args.full_lr} | (
@@ -125,10 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     ds = load_dataset(args.dataset)
     rows = {}
     for case_id in refiner.bundle.meta["refinement"]["validation_cases"][: args.cases]:
-        rows[case_id] = score_case(refiner, ds, case_id, steps, fine, args.mix)
+        rows[case_id] = score_case(refiner, ds, case_id, steps, fine, args.mix, args.stages)
         print(case_id, json.dumps(rows[case_id]), file=sys.stderr, flush=True)
     emit(stamped({"model": refiner.bundle.version, "atlases": args.atlases, "device": str(refiner.device),
-                  "registration": cfg.registration.model_dump(),
+                  "global_alignment": cfg.affine.model_dump(), "registration": cfg.registration.model_dump(),
                   "full_resolution_steps": fine.model_dump(exclude={"steps"}) | {"steps": steps},
                   "labels": {int(k): v for k, v in names.items()},
                   "summary": summarise(rows, steps, args.mix), "per_case": rows}, refiner.device), args.json, indent=1)

@@ -31,6 +31,7 @@ class Refinement(_Record):
     table: list[dict] = Field(default_factory=list)
     per_label: dict[str, dict] = Field(default_factory=dict)
     grid: dict = Field(default_factory=dict)
+    global_alignment: dict | None = None  # the global stage's choice (configure.choose_global_stage); None: not made
     seconds: int | float | None = None
     budget_seconds: int | float | None = None
 

@@ -88,6 +88,14 @@ def _transfer(record: dict | None) -> list[str]:
             f"iterations; learning rate {record['lr']}."]
 
 
+def _global_stage(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    means = ", ".join(f"{kind} {m:.4f}" for kind, m in record["fusion_mean_dice"].items())
+    return [f"Global stage before the registration: **{record['kind']}** (fusion of {record['atlases']} warped "
+            f"atlases alone, mean Dice on {record['cases']} validation cases: {means}).", ""]
+
+
 def _configuration(record: Refinement | None) -> list[str]:
     if not record:
         return ["## Refinement configuration", "Not configured: refinement runs ISL with the defaults of `ISLConfig`, "
@@ -107,6 +115,7 @@ def _configuration(record: Refinement | None) -> list[str]:
              f"safety threshold {cfg['min_agreement']}; per-label fusion weights "
              f"{', '.join(f'{k} {v}' for k, v in (cfg.get('label_fusion_weights') or {}).items()) or 'none'}; labels "
              f"left as the network's mask: {', '.join(cfg.get('keep_start') or []) or 'none'}.", "",
+             *_global_stage(record.global_alignment),
              "| candidate | mean Dice | improved | worsened |", "|---|---|---|---|"]
     lines += [f"| {r['candidate']} | {r['mean_dice']:.4f} | {r['improved']} | {r['worsened']} |"
               for r in record.table]

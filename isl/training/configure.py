@@ -7,7 +7,10 @@ alone. The network's own masks (plain and flip-averaged) are candidates too; whe
 bundle says so and refinement returns the best of them.
 
 Cost: the starting mask's mirror averaging is decided first, from the network alone (on when flip TTA beats
-the plain network on the validation cases: the weak supervision is only as good as that mask). K needs a run
+the plain network on the validation cases: the weak supervision is only as good as that mask). The global stage
+before the registration is decided next, from the atlases alone: one registration and fusion per case and kind
+(GLOBAL_KINDS), a stage kept only where its warped atlases' fusion scores higher than the atlases as cropped.
+K needs a run
 each; fine-tuning steps are snapshots of one run (a run stopped at 20 steps is the first 20 steps of a run of
 40, the stopping rule being off in configured bundles); the final mix (weight, fusion sharpness and search, the
 tuned network's mirror averaging and where it is inferred, the per-case safety threshold) is recomputed from
@@ -41,6 +44,7 @@ FUSIONS = ((30.0, 1), (0.0, 0))  # (fusion_beta, fusion_search): non-local weigh
 AGREEMENTS = (0.0, 0.5, 0.7)  # per-case safety threshold (0: off)
 INFERENCE = ("scan", "roi")  # the tuned network's final prediction: over the whole scan, or the ROI crop alone
 MAX_WORSENED = 0.2  # share of validation cases a setting may make worse than the baseline
+GLOBAL_KINDS = ("none", "affine")  # the global stage per atlas before the registration (registration/affine.py)
 
 
 def atlas_counts(pool: int) -> tuple[int, ...]:
@@ -83,6 +87,16 @@ class CaseSearch:
         """Dice per label the reference contours (the search keeps labels apart; a case's score is their mean)."""
         return dice(pred, self.truth, self.labels)
 
+    def fusion(self, mask_flips: bool, k: int, cfg: ISLConfig) -> float:
+        """This case's mean Dice of the fusion of the k warped atlases alone (no fine-tuning), aligned under
+        `cfg` (its global stage, registration and fusion)."""
+        r = self.refiner
+        start = initial_mask(r.net, self.image, r.pre, mask_flips, r.device)
+        aligner, _ = r.aligner.global_stage(start.scan, start.mask, cfg.affine)
+        aligned = aligner.register(start.scan, start.mask, k, cfg.registration)
+        fused = fuse(aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
+        return case_mean(self._dice(paste(start.start.argmax(0).astype(np.int64), fused.argmax(0), start.center)))
+
     def run(self, mask_flips: bool, k: int, base: ISLConfig) -> None:
         r, cfg = self.refiner, base.model_copy(update={"mask_flips": mask_flips, "atlases": k,
                                                       "finetune_steps": max(STEPS), "min_steps": max(STEPS)})
@@ -119,6 +133,23 @@ class CaseSearch:
                     pred = paste(whole.copy(), roi.argmax(0), start.center)
                     key = Setting(mask_flips, k, steps, final_flips, f[0], f[1], w, tau, where)
                     self.scores[key] = self._dice(pred)
+
+
+def choose_global_stage(searches: list[CaseSearch], mask_flips: bool, k: int, base: ISLConfig,
+                        progress=print) -> tuple[ISLConfig, dict]:
+    """The global stage, decided before the search as the starting mask is, from the atlases alone: on every
+    validation case, the fusion of the k warped atlases (no fine-tuning) under each kind of GLOBAL_KINDS; a stage
+    is kept only where its mean Dice is higher than without one. Returns `base` with that stage, and the record."""
+    means = {}
+    for kind in GLOBAL_KINDS:
+        cfg = base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})})
+        means[kind] = round(float(np.mean([s.fusion(mask_flips, k, cfg) for s in searches])), 5)
+    kind = max(GLOBAL_KINDS, key=lambda g: (means[g], g == "none"))  # a tie keeps the atlases as cropped
+    progress(f"configuration: global stage {kind} (fusion of {k} warped atlases, mean Dice on {len(searches)} "
+             f"validation cases: " + ", ".join(f"{g} {m:.4f}" for g, m in means.items()) + ")")
+    record = {"kind": kind, "fusion_mean_dice": means, "atlases": k, "cases": len(searches),
+              "rule": "the kind whose warped atlases' fusion scores the highest mean Dice; none on a tie"}
+    return base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})}), record
 
 
 def case_mean(scores: dict[int, float]) -> float:
@@ -326,6 +357,7 @@ def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.
     mask_flips = bool(tta >= plain)
     progress(f"configuration: starting mask {'flip-averaged' if mask_flips else 'plain'} (flip TTA "
              f"{tta:.4f} vs baseline {plain:.4f} on {len(searches)} validation cases)")
+    base, global_record = choose_global_stage(searches, mask_flips, min(ks), base, progress)
     per_case, used = [], []
     for i, (case_id, search) in enumerate(zip(case_ids, searches)):
         if i >= 2 and time.perf_counter() - t0 > budget_s:
@@ -341,7 +373,8 @@ def configure(refiner: Refiner, ds, case_ids: list[str], budget_s: float = 1800.
         if scores_path:
             save_scores(scores_path, used, per_case)
     record = decision_record(per_case, used, {int(v): n for v, n in names.items()}, base, progress)
-    return record | {"seconds": round(time.perf_counter() - t0, 1), "budget_seconds": budget_s}
+    return record | {"global_alignment": global_record, "seconds": round(time.perf_counter() - t0, 1),
+                     "budget_seconds": budget_s}
 
 
 def decision_record(per_case: list[dict], case_ids: list[str], names: dict[int, str], base: ISLConfig,
@@ -357,6 +390,7 @@ def decision_record(per_case: list[dict], case_ids: list[str], names: dict[int, 
             "decision": {"method": method, "reason": reason}, "validation_cases": case_ids, "table": table,
             "per_label": per_label_table(per_case, best, names),
             "grid": {"mask_flips": "flip TTA vs baseline on the validation cases",
+                     "global_alignment": list(GLOBAL_KINDS),
                      "atlases": sorted({k.atlases for k in settings}), "finetune_steps": list(STEPS),
                      "final_flips": sorted({k.final_flips for k in settings}),
                      "fusion_beta_search": [list(f) for f in FUSIONS], "fusion_weight": list(WEIGHTS),

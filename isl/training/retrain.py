@@ -139,8 +139,9 @@ def score(bundle: ISLBundle, ds, case_ids: list[str], device: torch.device, atla
     from isl.refiner import Refiner
     from segmentation.preprocess import to_native
 
-    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root),
-                      bundle.refinement_config({"device": device.type}), device)
+    cfg = bundle.refinement_config({"device": device.type})
+    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root, context=cfg.affine.kind != "none"), cfg,
+                      device)
     names = bundle.segmentation.labels
     out = {}
     for case_id in case_ids:

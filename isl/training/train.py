@@ -256,7 +256,7 @@ def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget
     from isl.refiner import Refiner
     from isl.training.configure import configure
 
-    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root),
+    refiner = Refiner(bundle, bundle.load_atlases(atlas_dir or ds.root, context=True),  # the global stage's choice
                       bundle.refinement_config({"device": device.type}), device)
     record = configure(refiner, ds, case_ids, budget_s, progress, bundle.path / SCORES_FILE)
     bundle.meta["refinement"] = record
@@ -285,7 +285,8 @@ def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, bu
         ids, per_case = load_scores(path)
         previous = meta.get("refinement") or {}
         record = decision_record(per_case, ids, bundle.segmentation.labels, bundle.refinement_config(), progress)
-        meta["refinement"] = record | {k: previous[k] for k in ("seconds", "budget_seconds") if k in previous}
+        meta["refinement"] = record | {k: previous[k] for k in ("global_alignment", "seconds", "budget_seconds")
+                                       if k in previous}
         bundle.save()
         write_model_card(bundle.path, meta, dataset_metadata(ds.root))
         progress(f"wrote {bundle.path} ({bundle.version})")

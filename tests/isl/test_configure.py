@@ -190,6 +190,30 @@ def test_decide_does_not_trust_a_choice_that_only_its_own_cases_support():
     assert method == "baseline" and "left out" in reason
 
 
+class _Fusions:
+    """A validation case whose warped atlases' fusion scores `by_kind[kind]` under each global stage."""
+
+    def __init__(self, by_kind: dict[str, float]):
+        self.by_kind, self.asked = by_kind, []
+
+    def fusion(self, mask_flips, k, cfg):
+        self.asked.append((mask_flips, k, cfg.affine.kind))
+        return self.by_kind[cfg.affine.kind]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("affine, chosen", [(0.7, "affine"), (0.6, "none"), (0.5, "none")])
+def test_a_global_stage_is_kept_only_where_its_atlases_fuse_better(affine, chosen):
+    from isl.config import ISLConfig
+    from isl.training.configure import choose_global_stage
+
+    cases = [_Fusions({"none": 0.6, "affine": affine}), _Fusions({"none": 0.6, "affine": affine})]
+    cfg, record = choose_global_stage(cases, True, 8, ISLConfig(), progress=lambda m: None)
+    assert cfg.affine.kind == record["kind"] == chosen
+    assert record["fusion_mean_dice"] == {"none": 0.6, "affine": affine} and record["cases"] == 2
+    assert cases[0].asked == [(True, 8, "none"), (True, 8, "affine")]
+
+
 def test_safe_mix_leaves_a_kept_label_exactly_as_the_start_has_it():
     from isl.mask import safe_mix
 
@@ -246,6 +270,11 @@ def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp
     again = reconfigure(tmp_path / "m", partial_dataset, 3, 60.0, torch.device("cpu"), lambda m: None,
                         from_scores=True)
     assert again["config"] == record["config"] and again["table"] == record["table"]
+    # the global stage was decided on the same cases, and the bundle runs what was decided
+    stage = record["global_alignment"]
+    assert set(stage["fusion_mean_dice"]) == {"none", "affine"} and stage["cases"] == 3
+    assert record["config"].get("affine", {}).get("kind", "none") == stage["kind"] == refiner.cfg.affine.kind
+    assert again["global_alignment"] == stage and f"Global stage before the registration: **{stage['kind']}**" in card
     with pytest.raises(InputError, match="does not segment"):
         load_refiner(tmp_path / "m", partial_dataset, {"device": "cpu", "keep_start": ["spleen"]})
     assert not refiner.aligner.known[refiner.aligner.ids.index("phantom_005"), 2]
