@@ -16,7 +16,8 @@ def write_model_card(bundle_dir: Path, meta: dict, dataset_meta: dict) -> Path:
         f"# Model card: {meta['name']}",
         "",
         f"- Version: `{meta['version']}`; created {meta['created']} with torch {train['torch']} on {train['device']}.",
-        f"- Made by: `{meta.get('command') or 'the Python API (isl.training.train.train_bundle)'}`",
+        f"- Made by: `{meta.get('command') or 'the Python API (isl.training.train.train_bundle)'}`"
+        + (f", then `{meta['configure_command']}`" if meta.get("configure_command") else ""),
         f"- Task: segmentation of {', '.join(v for k, v in meta['dataset']['labels'].items() if k != '0')} "
         f"on {', '.join(meta['dataset']['channels'])} images, refined per scan by inference-specific learning.",
         "",

@@ -88,8 +88,7 @@ class CaseSearch:
         return dice(pred, self.truth, self.labels)
 
     def fusion(self, mask_flips: bool, k: int, cfg: ISLConfig) -> float:
-        """This case's mean Dice of the fusion of the k warped atlases alone (no fine-tuning), aligned under
-        `cfg` (its global stage, registration and fusion)."""
+        """This case's mean Dice of the k warped atlases' fusion alone, aligned and fused as `cfg` says."""
         r = self.refiner
         start = initial_mask(r.net, self.image, r.pre, mask_flips, r.device)
         aligner, _ = r.aligner.global_stage(start.scan, start.mask, cfg.affine)
@@ -140,16 +139,15 @@ def choose_global_stage(searches: list[CaseSearch], mask_flips: bool, k: int, ba
     """The global stage, decided before the search as the starting mask is, from the atlases alone: on every
     validation case, the fusion of the k warped atlases (no fine-tuning) under each kind of GLOBAL_KINDS; a stage
     is kept only where its mean Dice is higher than without one. Returns `base` with that stage, and the record."""
-    means = {}
-    for kind in GLOBAL_KINDS:
-        cfg = base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})})
-        means[kind] = round(float(np.mean([s.fusion(mask_flips, k, cfg) for s in searches])), 5)
+    def staged(kind: str) -> ISLConfig:
+        return base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})})
+
+    means = {g: round(float(np.mean([s.fusion(mask_flips, k, staged(g)) for s in searches])), 5) for g in GLOBAL_KINDS}
     kind = max(GLOBAL_KINDS, key=lambda g: (means[g], g == "none"))  # a tie keeps the atlases as cropped
     progress(f"configuration: global stage {kind} (fusion of {k} warped atlases, mean Dice on {len(searches)} "
              f"validation cases: " + ", ".join(f"{g} {m:.4f}" for g, m in means.items()) + ")")
-    record = {"kind": kind, "fusion_mean_dice": means, "atlases": k, "cases": len(searches),
-              "rule": "the kind whose warped atlases' fusion scores the highest mean Dice; none on a tie"}
-    return base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})}), record
+    return staged(kind), {"kind": kind, "fusion_mean_dice": means, "atlases": k, "cases": len(searches),
+                          "rule": "the kind whose warped atlases' fusion scores the highest mean Dice; none on a tie"}
 
 
 def case_mean(scores: dict[int, float]) -> float:

@@ -267,14 +267,17 @@ def configure_bundle(bundle: ISLBundle, ds: Dataset, case_ids: list[str], budget
 
 
 def reconfigure(model_dir: str | Path, dataset_dir: str | Path, n_cases: int, budget_s: float, device: torch.device,
-                progress=print, from_scores: bool = False, resample: bool = False) -> dict:
+                progress=print, from_scores: bool = False, resample: bool = False, command: str | None = None) -> dict:
     """`isl configure`: configure an existing bundle on its validation cases, or, for a bundle trained without any
     (or with `resample`), on a seeded sample of `n_cases` cases of the dataset that it neither trained on, uses as
-    atlases, nor holds out as its test split. `from_scores`: no search; re-make the decision by the current rule
+    atlases, nor holds out as its test split (`command`: the command line, recorded for the card).
+    `from_scores`: no search; re-make the decision by the current rule
     from the scores the last search left beside the bundle."""
     bundle = ISLBundle.load(model_dir)
     ds = load_dataset(dataset_dir)
     meta = bundle.meta
+    if command:
+        meta["configure_command"] = command
     if from_scores:
         from isl.training.configure import decision_record, load_scores
 

@@ -268,7 +268,8 @@ def test_train_configures_refinement_and_the_bundle_uses_it(partial_dataset, tmp
     from isl.training.train import reconfigure
 
     again = reconfigure(tmp_path / "m", partial_dataset, 3, 60.0, torch.device("cpu"), lambda m: None,
-                        from_scores=True)
+                        from_scores=True, command="isl configure --model m --from-scores")
+    assert ", then `isl configure --model m --from-scores`" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
     assert again["config"] == record["config"] and again["table"] == record["table"]
     # the global stage was decided on the same cases, and the bundle runs what was decided
     stage = record["global_alignment"]

@@ -68,12 +68,15 @@ def cmd_train(args) -> int:
     return 0
 
 def cmd_configure(args) -> int:
+    import shlex
+
     _setup(args)
     from isl.refiner import pick_device
     from isl.training.train import reconfigure
 
     record = reconfigure(args.model, args.dataset, args.validation, args.minutes * 60,
-                         pick_device(args.device or "auto"), from_scores=args.from_scores, resample=args.resample)
+                         pick_device(args.device or "auto"), from_scores=args.from_scores, resample=args.resample,
+                         command=shlex.join(["isl", *sys.argv[1:]]))
     print(json.dumps({"decision": record["decision"], "config": record["config"], "table": record["table"]}, indent=2))
     return 0
 
