@@ -6,15 +6,13 @@ Dice on them, subject to the rule a hospital needs: no more than a fifth of the 
 alone. The network's own masks (plain and flip-averaged) are candidates too; when no ISL setting beats them, the
 bundle says so and refinement returns the best of them.
 
-Cost: the starting mask's mirror averaging is decided first, from the network alone (on when flip TTA beats
-the plain network on the validation cases: the weak supervision is only as good as that mask). The global stage
-before the registration is decided next, from the atlases alone: one registration and fusion per case and kind
-(GLOBAL_KINDS), a stage kept only where its warped atlases' fusion scores higher than the atlases as cropped.
-K needs a run
-each; fine-tuning steps are snapshots of one run (a run stopped at 20 steps is the first 20 steps of a run of
-40, the stopping rule being off in configured bundles); the final mix (weight, fusion sharpness and search, the
-tuned network's mirror averaging and where it is inferred, the per-case safety threshold) is recomputed from
-each snapshot's ingredients.
+Cost: the starting mask's mirror averaging is decided first, from the network alone (on when flip TTA beats the
+plain network on the validation cases: the weak supervision is only as good as that mask). The global stage before
+the registration is decided next, from the atlases alone (one registration and fusion per case and kind of
+GLOBAL_KINDS; a stage is kept only where the fusion beats the atlases as cropped). K needs a run each; fine-tuning
+steps are snapshots of one run (a run stopped at 20 steps is the first 20 steps of a run of 40, the stopping rule
+being off in configured bundles); the final mix (weight, fusion sharpness and search, the tuned network's mirror
+averaging and where it is inferred, the per-case safety threshold) is recomputed from each snapshot's ingredients.
 So a validation case costs 2 ISL runs plus the extra fusions and mixes, about 3x one refinement.
 """
 from __future__ import annotations
@@ -87,14 +85,17 @@ class CaseSearch:
         """Dice per label the reference contours (the search keeps labels apart; a case's score is their mean)."""
         return dice(pred, self.truth, self.labels)
 
-    def fusion(self, mask_flips: bool, k: int, cfg: ISLConfig) -> float:
-        """This case's mean Dice of the k warped atlases' fusion alone, aligned and fused as `cfg` says."""
+    def fusions(self, mask_flips: bool, k: int, cfgs: list[ISLConfig]) -> list[float]:
+        """This case's mean Dice of the k warped atlases' fusion alone, aligned and fused as each of `cfgs` says."""
         r = self.refiner
         start = initial_mask(r.net, self.image, r.pre, mask_flips, r.device)
-        aligner, _ = r.aligner.global_stage(start.scan, start.mask, cfg.affine)
-        aligned = aligner.register(start.scan, start.mask, k, cfg.registration)
-        fused = fuse(aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
-        return case_mean(self._dice(paste(start.start.argmax(0).astype(np.int64), fused.argmax(0), start.center)))
+        whole, out = start.start.argmax(0).astype(np.int64), []
+        for cfg in cfgs:
+            aligner, _ = r.aligner.global_stage(start.scan, start.mask, cfg.affine)
+            aligned = aligner.register(start.scan, start.mask, k, cfg.registration)
+            fused = fuse(aligned, start.scan, cfg.fusion_beta, cfg.fusion_window, cfg.fusion_search)
+            out.append(case_mean(self._dice(paste(whole.copy(), fused.argmax(0), start.center))))
+        return out
 
     def run(self, mask_flips: bool, k: int, base: ISLConfig) -> None:
         r, cfg = self.refiner, base.model_copy(update={"mask_flips": mask_flips, "atlases": k,
@@ -136,13 +137,12 @@ class CaseSearch:
 
 def choose_global_stage(searches: list[CaseSearch], mask_flips: bool, k: int, base: ISLConfig,
                         progress=print) -> tuple[ISLConfig, dict]:
-    """The global stage, decided before the search as the starting mask is, from the atlases alone: on every
-    validation case, the fusion of the k warped atlases (no fine-tuning) under each kind of GLOBAL_KINDS; a stage
-    is kept only where its mean Dice is higher than without one. Returns `base` with that stage, and the record."""
+    """The global stage, decided from the atlases alone: per kind of GLOBAL_KINDS, the k warped atlases' fusion
+    (no fine-tuning) on every validation case; kept only where it beats none. `base` with it, and the record."""
     def staged(kind: str) -> ISLConfig:
         return base.model_copy(update={"affine": base.affine.model_copy(update={"kind": kind})})
-
-    means = {g: round(float(np.mean([s.fusion(mask_flips, k, staged(g)) for s in searches])), 5) for g in GLOBAL_KINDS}
+    scores = np.array([s.fusions(mask_flips, k, [staged(g) for g in GLOBAL_KINDS]) for s in searches])
+    means = {g: round(float(m), 5) for g, m in zip(GLOBAL_KINDS, scores.mean(0))}
     kind = max(GLOBAL_KINDS, key=lambda g: (means[g], g == "none"))  # a tie keeps the atlases as cropped
     progress(f"configuration: global stage {kind} (fusion of {k} warped atlases, mean Dice on {len(searches)} "
              f"validation cases: " + ", ".join(f"{g} {m:.4f}" for g, m in means.items()) + ")")

@@ -196,9 +196,9 @@ class _Fusions:
     def __init__(self, by_kind: dict[str, float]):
         self.by_kind, self.asked = by_kind, []
 
-    def fusion(self, mask_flips, k, cfg):
-        self.asked.append((mask_flips, k, cfg.affine.kind))
-        return self.by_kind[cfg.affine.kind]
+    def fusions(self, mask_flips, k, cfgs):
+        self.asked += [(mask_flips, k, cfg.affine.kind) for cfg in cfgs]
+        return [self.by_kind[cfg.affine.kind] for cfg in cfgs]
 
 
 @pytest.mark.fast
